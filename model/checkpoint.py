@@ -1,0 +1,104 @@
+"""A training run on disk, and building the network a config describes.
+
+RUN_DIR/
+  config.yaml    the validated training config
+  schema.json    the fitted FeatureSchema (vocabularies, statistics)
+  weights.pt     the best state_dict (loaded with weights_only=True: no pickled code runs)
+  metrics.json   per-epoch losses and validation metrics, and the best epoch
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from model.config import RunConfig, parse_config
+from model.network import MMoE, PLE, FeatureSpec, RankingModel, TaskHead
+from model.schema import FeatureSchema
+
+
+def build_model(config: RunConfig, schema: FeatureSchema) -> RankingModel:
+    """The RankingModel for a config and a fitted schema (weights freshly initialised)."""
+    specs = [
+        FeatureSpec(
+            name=f.name,
+            kind=f.kind,
+            table=(f.table or f.name) if f.embedded else None,
+            pooling=f.pooling or "mean",
+        )
+        for f in schema.features
+    ]
+    tasks = [TaskHead(t.name, t.kind, tuple(t.tower), t.num_class) for t in config.tasks]
+    m = config.model
+    input_dim = sum(schema.tables[s.table][1] if s.table else 1 for s in specs)
+    common: dict[str, Any] = dict(
+        expert_units=m.expert_units,
+        tasks=tasks,
+        gate_units=m.gate_units,
+        activation=m.activation,
+        dropout=m.dropout,
+        batch_norm=m.batch_norm,
+    )
+    net: MMoE | PLE
+    if m.kind == "ple":
+        net = PLE(
+            input_dim,
+            num_shared_experts=m.experts,
+            num_task_experts=m.task_experts,
+            num_layers=m.ple_layers,
+            **common,
+        )
+    else:
+        net = MMoE(input_dim, num_experts=m.experts, gate=m.gate, **common)
+    reduction = m.senet.reduction_ratio if m.senet else None
+    return RankingModel(specs, schema.tables, net, senet_reduction=reduction)
+
+
+def config_hash(config: RunConfig) -> str:
+    text = json.dumps(config.model_dump(mode="json"), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@dataclass
+class Run:
+    config: RunConfig
+    schema: FeatureSchema
+    model: RankingModel
+    metrics: dict[str, Any]
+    path: Path
+
+
+def save_config(config: RunConfig, run_dir: Path) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(
+        yaml.safe_dump(config.model_dump(mode="json", exclude_none=True), sort_keys=False)
+    )
+
+
+def save_weights(model: RankingModel, run_dir: Path) -> None:
+    tmp = run_dir / "weights.pt.tmp"
+    torch.save(model.state_dict(), tmp)
+    tmp.replace(run_dir / "weights.pt")
+
+
+def load_run(run_dir: str | Path) -> Run:
+    """Load a finished run; the model is in eval mode."""
+    run_dir = Path(run_dir)
+    for name in ("config.yaml", "schema.json", "weights.pt"):
+        if not (run_dir / name).exists():
+            raise FileNotFoundError(f"{run_dir} is not a training run: {name} is missing")
+    config = parse_config(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    schema = FeatureSchema.load(run_dir / "schema.json")
+    model = build_model(config, schema)
+    state = torch.load(run_dir / "weights.pt", map_location="cpu", weights_only=True)
+    model.load_state_dict(state)
+    model.eval()
+    metrics_path = run_dir / "metrics.json"
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
+    return Run(config, schema, model, metrics, run_dir)

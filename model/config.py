@@ -1,0 +1,282 @@
+"""The training config: a typed contract for the YAML file (features, tasks, model, train).
+
+Every section forbids unknown keys, so a typo fails when the file is read, and every error names
+its key path (``tasks[1].kind``) so the user knows what to change.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be used; the message names the key path and the reason."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class VocabConfig(_Strict):
+    """Vocabulary fitted from the training data; values outside it share one OOV bucket."""
+
+    min_count: int = Field(1, ge=1)
+    max_size: int | None = Field(None, ge=1)
+
+
+class _IdFeature(_Strict):
+    """Shared options of features that are looked up in an embedding table."""
+
+    name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    column: str | None = None  # source column in the data; defaults to `name`
+    vocab: VocabConfig | None = None
+    hash_buckets: int | None = Field(None, ge=1)
+    embedding_dim: int = Field(16, ge=1)
+    # Features with the same embedding_name share one table (and one vocabulary).
+    embedding_name: str | None = None
+    group: str = "all"
+
+    @model_validator(mode="after")
+    def _vocab_or_hash(self) -> _IdFeature:
+        if self.vocab is not None and self.hash_buckets is not None:
+            raise ValueError("set either `vocab` or `hash_buckets`, not both")
+        return self
+
+    @property
+    def uses_hashing(self) -> bool:
+        return self.hash_buckets is not None
+
+    @property
+    def vocab_config(self) -> VocabConfig:
+        return self.vocab or VocabConfig()
+
+
+class CategoricalFeature(_IdFeature):
+    kind: Literal["categorical"]
+    # Value used when a request omits the feature; without one the feature is required.
+    default: str | None = None
+
+
+class TagsFeature(_IdFeature):
+    kind: Literal["tags"]
+    separator: str = Field("|", min_length=1)
+    pooling: Literal["mean", "sum"] = "mean"
+    max_len: int = Field(20, ge=1)
+    default: list[str] | None = None
+
+
+class NumericFeature(_Strict):
+    kind: Literal["numeric"]
+    name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    column: str | None = None
+    # Used for missing values (null/NaN); without one the feature is required when serving.
+    default: float | None = None
+    transform: Literal["none", "log1p", "standard"] = "none"
+    # With boundaries the value is bucketised (searchsorted, right) and embedded.
+    boundaries: list[float] | None = None
+    embedding_dim: int = Field(8, ge=1)
+    group: str = "all"
+
+    @field_validator("boundaries")
+    @classmethod
+    def _sorted(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None and (len(v) == 0 or any(b >= a for a, b in zip(v[1:], v, strict=False))):
+            raise ValueError("boundaries must be a non-empty, strictly increasing list")
+        return v
+
+    @model_validator(mode="after")
+    def _transform_or_boundaries(self) -> NumericFeature:
+        if self.boundaries is not None and self.transform != "none":
+            raise ValueError("`boundaries` bucketise the raw value; leave `transform` as none")
+        return self
+
+
+FeatureConfig = Annotated[
+    CategoricalFeature | NumericFeature | TagsFeature, Field(discriminator="kind")
+]
+
+
+class TaskConfig(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    label: str
+    kind: Literal["binary", "regression", "multiclass"] = "binary"
+    num_class: int | None = Field(None, ge=2)
+    weight: float = Field(1.0, ge=0)
+    tower: list[int] = Field(default_factory=lambda: [64], min_length=0)
+    metrics: list[Literal["auc", "logloss", "mse", "mae", "accuracy"]] = Field(
+        default_factory=list
+    )
+    # Column with a per-row loss weight for this task.
+    sample_weight: str | None = None
+    # ESMM-style task space: only rows where every listed column equals its value count,
+    # e.g. {clk: 1} for a conversion task trained on clicked rows.
+    only_where: dict[str, float] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check(self) -> TaskConfig:
+        if self.kind == "multiclass" and self.num_class is None:
+            raise ValueError("multiclass tasks need `num_class`")
+        if self.kind != "multiclass" and self.num_class is not None:
+            raise ValueError("`num_class` is only for multiclass tasks")
+        bad = {
+            "binary": {"mse", "mae"},
+            "regression": {"auc", "logloss", "accuracy"},
+            "multiclass": {"auc", "mse", "mae"},
+        }[self.kind] & set(self.metrics)
+        if bad:
+            raise ValueError(f"metrics {sorted(bad)} do not apply to a {self.kind} task")
+        return self
+
+    @property
+    def default_metrics(self) -> list[str]:
+        if self.metrics:
+            return list(self.metrics)
+        return {"binary": ["auc", "logloss"], "regression": ["mse"], "multiclass": ["accuracy"]}[
+            self.kind
+        ]
+
+
+class SENetConfig(_Strict):
+    reduction_ratio: int = Field(4, ge=1)
+
+
+class ModelConfig(_Strict):
+    # mmoe: one gate per task over shared experts; ple: CGC/PLE layers with task-specific and
+    # shared experts.
+    kind: Literal["mmoe", "ple"] = "mmoe"
+    experts: int = Field(4, ge=1)
+    expert_units: list[int] = Field(default_factory=lambda: [128, 64], min_length=1)
+    gate_units: list[int] = Field(default_factory=list)
+    # per_task: MMoE. shared: one gate for all tasks (OMoE). With experts: 1 either is the
+    # Shared-Bottom baseline.
+    gate: Literal["per_task", "shared"] = "per_task"
+    activation: Literal["relu", "gelu", "silu", "tanh", "sigmoid", "leaky_relu"] = "relu"
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    batch_norm: bool = False
+    l2: float = Field(0.0, ge=0.0)
+    embedding_l2: float = Field(0.0, ge=0.0)
+    senet: SENetConfig | None = None
+    # ple only: task-specific experts per task and the number of extraction layers.
+    task_experts: int = Field(1, ge=1)
+    ple_layers: int = Field(1, ge=1)
+    # Feature groups (each feature's `group`) that feed the experts; default: all of them.
+    groups: list[str] | None = None
+
+
+class EarlyStoppingConfig(_Strict):
+    metric: str  # e.g. auc_ctr or loss
+    patience: int = Field(2, ge=1)
+    mode: Literal["max", "min"] = "max"
+
+
+class TrainConfig(_Strict):
+    batch_size: int = Field(1024, ge=1)
+    epochs: int = Field(3, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    optimizer: Literal["adam", "adamw"] = "adam"
+    weight_decay: float = Field(0.0, ge=0.0)
+    lr_schedule: Literal["constant", "cosine", "step"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    step_gamma: float = Field(0.5, gt=0, le=1)  # lr multiplier per epoch for `step`
+    seed: int = 1024
+    # Rows read from the file at a time; rows are shuffled within each chunk.
+    read_rows: int = Field(262144, ge=1)
+    # Fraction of the training file held out for validation when no --valid file is given.
+    valid_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    early_stopping: EarlyStoppingConfig | None = None
+    progress: bool = True
+
+
+class RunConfig(_Strict):
+    """The whole YAML file."""
+
+    name: str = "mmoe"
+    version: str = "1"
+    features: list[FeatureConfig] = Field(min_length=1)
+    tasks: list[TaskConfig] = Field(min_length=1)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> RunConfig:
+        for what, names in (
+            ("feature", [f.name for f in self.features]),
+            ("task", [t.name for t in self.tasks]),
+        ):
+            dupes = sorted({n for n in names if names.count(n) > 1})
+            if dupes:
+                raise ValueError(f"duplicate {what} names: {dupes}")
+        tables: dict[str, Any] = {}
+        for f in self.features:
+            if isinstance(f, NumericFeature) or f.embedding_name is None:
+                continue
+            key = (f.embedding_dim, f.hash_buckets)
+            if tables.setdefault(f.embedding_name, key) != key:
+                raise ValueError(
+                    f"features sharing embedding_name {f.embedding_name!r} must have the same "
+                    "embedding_dim and hash_buckets"
+                )
+        if self.model.groups is not None:
+            known = {f.group for f in self.features}
+            unknown = sorted(set(self.model.groups) - known)
+            if unknown:
+                raise ValueError(f"model.groups names unknown groups {unknown}; known: {sorted(known)}")
+        return self
+
+    @property
+    def input_features(self) -> list[CategoricalFeature | NumericFeature | TagsFeature]:
+        """Features that feed the network (all, or those in `model.groups`)."""
+        if self.model.groups is None:
+            return list(self.features)
+        return [f for f in self.features if f.group in self.model.groups]
+
+
+_UNION_TAGS = {"categorical", "numeric", "tags"}
+
+
+def _key_path(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for i, part in enumerate(loc):
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif i > 0 and isinstance(loc[i - 1], int) and part in _UNION_TAGS:
+            continue  # the discriminator pydantic inserts for tagged unions
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "<root>"
+
+
+def format_validation_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        msg = e["msg"].removeprefix("Value error, ")
+        lines.append(f"{_key_path(tuple(e['loc']))}: {msg}")
+    return "; ".join(lines)
+
+
+def parse_config(data: dict[str, Any]) -> RunConfig:
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err)) from None
+
+
+def load_config(path: str | Path) -> RunConfig:
+    """Read and validate a YAML config; raises ConfigError naming the key path on any problem."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping with features, tasks, model, train")
+    try:
+        return parse_config(data)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None

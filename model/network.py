@@ -1,0 +1,397 @@
+"""The network: Multi-gate Mixture-of-Experts (Ma et al., KDD 2018), plain PyTorch.
+
+    x ──> experts_k(x), k = 1..K          (one ExpertBank: batched matmuls, not K small MLPs)
+      └─> gate_t(x) = softmax(W_t x)      (one gate per task; `gate="shared"` gives OMoE)
+    task input f_t(x) = sum_k gate_t(x)_k * expert_k(x)  ->  tower_t  ->  logits_t
+
+`MMoE` and `PLE` take a dense input vector and return per-task logits; they know nothing of
+features. `RankingModel` puts the feature embeddings (and optional SENet) in front and the
+output heads (sigmoid / softmax / identity) behind, and is what training and export use.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "relu": nn.ReLU,
+    "gelu": nn.GELU,
+    "silu": nn.SiLU,
+    "tanh": nn.Tanh,
+    "sigmoid": nn.Sigmoid,
+    "leaky_relu": nn.LeakyReLU,
+}
+
+
+@dataclass(frozen=True)
+class TaskHead:
+    """One task's output: `binary` (1 logit), `regression` (1 value), `multiclass` (num_class)."""
+
+    name: str
+    kind: str = "binary"
+    tower: tuple[int, ...] = (64,)
+    num_class: int | None = None
+
+    @property
+    def out_dim(self) -> int:
+        return self.num_class if self.kind == "multiclass" and self.num_class else 1
+
+
+def mlp(
+    in_dim: int,
+    units: Sequence[int],
+    activation: str = "relu",
+    dropout: float = 0.0,
+    batch_norm: bool = False,
+) -> nn.Sequential:
+    """Linear -> [BatchNorm] -> activation -> [Dropout], once per entry of `units`."""
+    layers: list[nn.Module] = []
+    for out_dim in units:
+        layers.append(nn.Linear(in_dim, out_dim))
+        if batch_norm:
+            layers.append(nn.BatchNorm1d(out_dim))
+        layers.append(ACTIVATIONS[activation]())
+        if dropout > 0:
+            layers.append(nn.Dropout(dropout))
+        in_dim = out_dim
+    return nn.Sequential(*layers)
+
+
+class ExpertBank(nn.Module):
+    """K expert MLPs of the same shape evaluated together.
+
+    Layer 0 is one [in, K*h] matmul (all experts read the same input); later layers are one
+    batched matmul over [K, B, h]. Each expert's weights are initialised independently, exactly as
+    K separate `nn.Linear`s would be. Output: [K, B, units[-1]].
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        num_experts: int,
+        units: Sequence[int],
+        activation: str = "relu",
+        dropout: float = 0.0,
+        batch_norm: bool = False,
+    ) -> None:
+        super().__init__()
+        if not units:
+            raise ValueError("experts need at least one hidden layer")
+        self.num_experts = num_experts
+        self.units = list(units)
+        self.weights = nn.ParameterList()
+        self.biases = nn.ParameterList()
+        self.norms = nn.ModuleList()
+        dims = [in_dim, *units]
+        for fan_in, fan_out in zip(dims[:-1], dims[1:], strict=True):
+            w = torch.empty(num_experts, fan_in, fan_out)
+            b = torch.empty(num_experts, fan_out)
+            for k in range(num_experts):  # nn.Linear's default init, per expert
+                wk = torch.empty(fan_out, fan_in)
+                nn.init.kaiming_uniform_(wk, a=math.sqrt(5))
+                w[k] = wk.T
+                nn.init.uniform_(b[k], -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
+            self.weights.append(nn.Parameter(w))
+            self.biases.append(nn.Parameter(b))
+            if batch_norm:
+                self.norms.append(nn.BatchNorm1d(num_experts * fan_out))
+        self.act = ACTIVATIONS[activation]()
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k = self.num_experts
+        h = torch.empty(0)
+        for i, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
+            if i == 0:
+                out = w.shape[2]
+                # [B, in] @ [in, K*out] -> [K, B, out]
+                h = (x @ w.permute(1, 0, 2).reshape(w.shape[1], k * out)).view(-1, k, out)
+                h = h.transpose(0, 1) + b.unsqueeze(1)
+            else:
+                h = torch.matmul(h, w) + b.unsqueeze(1)
+            if self.norms:
+                kk, batch, out = h.shape
+                h = self.norms[i](h.transpose(0, 1).reshape(batch, kk * out))
+                h = h.view(batch, kk, out).transpose(0, 1)
+            h = self.dropout(self.act(h))
+        return h
+
+    def as_modules(self) -> list[nn.Sequential]:
+        """The same experts as K separate MLPs (for equivalence tests and benchmarks)."""
+        experts = []
+        for k in range(self.num_experts):
+            layers: list[nn.Module] = []
+            for i, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
+                lin = nn.Linear(w.shape[1], w.shape[2])
+                with torch.no_grad():
+                    lin.weight.copy_(w[k].T)
+                    lin.bias.copy_(b[k])
+                layers.append(lin)
+                if self.norms:
+                    bn = self.norms[i]
+                    out = w.shape[2]
+                    sub = nn.BatchNorm1d(out)
+                    sl = slice(k * out, (k + 1) * out)
+                    with torch.no_grad():
+                        sub.weight.copy_(bn.weight[sl])
+                        sub.bias.copy_(bn.bias[sl])
+                        sub.running_mean.copy_(bn.running_mean[sl])
+                        sub.running_var.copy_(bn.running_var[sl])
+                    layers.append(sub)
+                layers.append(type(self.act)())
+            experts.append(nn.Sequential(*layers).eval())
+        return experts
+
+
+class Gate(nn.Module):
+    """softmax(W x) over experts, with an optional MLP before it (`gate_units`)."""
+
+    def __init__(self, in_dim: int, num_experts: int, units: Sequence[int], activation: str):
+        super().__init__()
+        self.hidden = mlp(in_dim, units, activation)
+        self.out = nn.Linear(units[-1] if units else in_dim, num_experts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.softmax(self.out(self.hidden(x)), dim=-1)
+
+
+def _mix(gate: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+    """gate [B, K], experts [K, B, H] -> [B, H]."""
+    return (gate.T.unsqueeze(-1) * experts).sum(0)
+
+
+class MMoE(nn.Module):
+    """Multi-gate Mixture-of-Experts over a dense input; returns per-task logits.
+
+    >>> net = MMoE(input_dim=32, num_experts=4, expert_units=[64, 32],
+    ...            tasks=[TaskHead("ctr"), TaskHead("cvr")])
+    >>> sorted(net(torch.randn(8, 32)))
+    ['ctr', 'cvr']
+    """
+
+    def __init__(
+        self,
+        input_dim: int,
+        num_experts: int,
+        expert_units: Sequence[int],
+        tasks: Sequence[TaskHead],
+        gate_units: Sequence[int] = (),
+        gate: str = "per_task",
+        activation: str = "relu",
+        dropout: float = 0.0,
+        batch_norm: bool = False,
+    ) -> None:
+        super().__init__()
+        self.tasks = list(tasks)
+        self.experts = ExpertBank(
+            input_dim, num_experts, expert_units, activation, dropout, batch_norm
+        )
+        n_gates = 1 if gate == "shared" else len(self.tasks)
+        self.gates = nn.ModuleList(
+            Gate(input_dim, num_experts, gate_units, activation) for _ in range(n_gates)
+        )
+        self.towers = nn.ModuleList(
+            nn.Sequential(
+                mlp(expert_units[-1], t.tower, activation, dropout, batch_norm),
+                nn.Linear(t.tower[-1] if t.tower else expert_units[-1], t.out_dim),
+            )
+            for t in self.tasks
+        )
+
+    def gate_weights(self, x: torch.Tensor) -> torch.Tensor:
+        """[tasks, B, K] gate distributions (for analysis)."""
+        g = torch.stack([gate(x) for gate in self.gates])
+        return g.expand(len(self.tasks), -1, -1) if len(self.gates) == 1 else g
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        experts = self.experts(x)
+        gates = [gate(x) for gate in self.gates]
+        out = {}
+        for i, (task, tower) in enumerate(zip(self.tasks, self.towers, strict=True)):
+            g = gates[0] if len(gates) == 1 else gates[i]
+            out[task.name] = tower(_mix(g, experts))
+        return out
+
+
+class PLE(nn.Module):
+    """Progressive Layered Extraction (Tang et al., RecSys 2020); one layer is CGC.
+
+    Each layer has shared experts and per-task experts; task t's gate mixes its own experts and
+    the shared ones, and (below the last layer) a shared gate mixes all of them for the next layer.
+    """
+
+    def __init__(
+        self,
+        input_dim: int,
+        num_shared_experts: int,
+        num_task_experts: int,
+        expert_units: Sequence[int],
+        tasks: Sequence[TaskHead],
+        num_layers: int = 1,
+        gate_units: Sequence[int] = (),
+        activation: str = "relu",
+        dropout: float = 0.0,
+        batch_norm: bool = False,
+    ) -> None:
+        super().__init__()
+        self.tasks = list(tasks)
+        n_t = len(self.tasks)
+        self.layers = nn.ModuleList()
+        in_dim = input_dim
+        for layer in range(num_layers):
+            last = layer == num_layers - 1
+            block = nn.Module()
+            block.shared = ExpertBank(
+                in_dim, num_shared_experts, expert_units, activation, dropout, batch_norm
+            )
+            block.specific = nn.ModuleList(
+                ExpertBank(in_dim, num_task_experts, expert_units, activation, dropout, batch_norm)
+                for _ in range(n_t)
+            )
+            block.task_gates = nn.ModuleList(
+                Gate(in_dim, num_task_experts + num_shared_experts, gate_units, activation)
+                for _ in range(n_t)
+            )
+            block.shared_gate = (
+                None
+                if last
+                else Gate(in_dim, n_t * num_task_experts + num_shared_experts, gate_units, activation)
+            )
+            self.layers.append(block)
+            in_dim = expert_units[-1]
+        self.towers = nn.ModuleList(
+            nn.Sequential(
+                mlp(expert_units[-1], t.tower, activation, dropout, batch_norm),
+                nn.Linear(t.tower[-1] if t.tower else expert_units[-1], t.out_dim),
+            )
+            for t in self.tasks
+        )
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        task_in = [x] * len(self.tasks)
+        shared_in = x
+        for block in self.layers:
+            shared = block.shared(shared_in)
+            specific = [bank(h) for bank, h in zip(block.specific, task_in, strict=True)]
+            new_task_in = [
+                _mix(gate(h), torch.cat([own, shared]))
+                for gate, h, own in zip(block.task_gates, task_in, specific, strict=True)
+            ]
+            if block.shared_gate is not None:
+                shared_in = _mix(block.shared_gate(shared_in), torch.cat([*specific, shared]))
+            task_in = new_task_in
+        return {
+            t.name: tower(h) for t, tower, h in zip(self.tasks, self.towers, task_in, strict=True)
+        }
+
+
+class SENet(nn.Module):
+    """Squeeze-and-excitation over feature fields (FiBiNET): reweights each field's vector."""
+
+    def __init__(self, num_fields: int, reduction_ratio: int = 4) -> None:
+        super().__init__()
+        hidden = max(1, num_fields // reduction_ratio)
+        self.excite = nn.Sequential(
+            nn.Linear(num_fields, hidden), nn.ReLU(), nn.Linear(hidden, num_fields), nn.Sigmoid()
+        )
+
+    def forward(self, fields: list[torch.Tensor]) -> list[torch.Tensor]:
+        z = torch.stack([f.mean(dim=1) for f in fields], dim=1)  # [B, F]
+        w = self.excite(z)
+        return [f * w[:, i : i + 1] for i, f in enumerate(fields)]
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """How one encoded input enters the network (built from the fitted schema)."""
+
+    name: str
+    kind: str  # categorical | tags | numeric
+    table: str | None = None  # embedding table, for embedded features
+    pooling: str = "mean"  # tags
+
+
+class FeatureEmbedding(nn.Module):
+    """Encoded inputs -> one vector per field: embeddings (tags pooled, padding ignored), and
+    each dense numeric value as a 1-d field."""
+
+    def __init__(self, features: Sequence[FeatureSpec], tables: dict[str, tuple[int, int]]):
+        super().__init__()
+        self.features = list(features)
+        self.tables = nn.ModuleDict({name: nn.Embedding(n, d) for name, (n, d) in tables.items()})
+        for emb in self.tables.values():
+            nn.init.normal_(emb.weight, std=0.05)
+        self.output_dim = sum(
+            tables[f.table][1] if f.table is not None else 1 for f in self.features
+        )
+
+    def forward(self, inputs: dict[str, torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Returns the field vectors and the looked-up embeddings' squared norm (for L2)."""
+        fields: list[torch.Tensor] = []
+        sq = torch.zeros(())
+        for f in self.features:
+            x = inputs[f.name]
+            if f.table is None:
+                fields.append(x.unsqueeze(1))
+                continue
+            e = self.tables[f.table](x)
+            if self.training:
+                sq = sq + (e * e).sum() / x.shape[0]
+            if f.kind == "tags":
+                mask = (x != 0).unsqueeze(-1).to(e.dtype)
+                e = (e * mask).sum(1)
+                if f.pooling == "mean":
+                    e = e / mask.sum(1).clamp(min=1.0)
+            fields.append(e)
+        return fields, sq
+
+
+class RankingModel(nn.Module):
+    """Encoded features -> [SENet] -> MMoE or PLE -> per-task logits."""
+
+    def __init__(
+        self,
+        features: Sequence[FeatureSpec],
+        tables: dict[str, tuple[int, int]],
+        net: nn.Module,
+        senet_reduction: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.embedding = FeatureEmbedding(features, tables)
+        self.senet = (
+            SENet(len(self.embedding.features), senet_reduction) if senet_reduction else None
+        )
+        self.net = net
+        self.tasks: list[TaskHead] = list(net.tasks)  # type: ignore[arg-type]
+
+    def dense_input(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        fields, sq = self.embedding(inputs)
+        if self.senet is not None:
+            fields = self.senet(fields)
+        return torch.cat(fields, dim=1), sq
+
+    def forward(
+        self, inputs: dict[str, torch.Tensor], with_embedding_l2: bool = False
+    ) -> Any:
+        """Per-task logits; with `with_embedding_l2`, also the squared norm of the embeddings
+        looked up for this batch (the embedding L2 term, computed in one pass)."""
+        x, sq = self.dense_input(inputs)
+        logits = self.net(x)
+        return (logits, sq) if with_embedding_l2 else logits
+
+
+def task_outputs(task: TaskHead, logits: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The exported outputs of one task, named as in EasyRec."""
+    if task.kind == "binary":
+        z = logits[:, 0]
+        return {f"probs_{task.name}": torch.sigmoid(z), f"logits_{task.name}": z}
+    if task.kind == "multiclass":
+        return {f"probs_{task.name}": F.softmax(logits, dim=-1), f"logits_{task.name}": logits}
+    return {f"y_{task.name}": logits[:, 0]}

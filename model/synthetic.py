@@ -1,0 +1,105 @@
+"""Generated data sets (seeded, deterministic): a click/conversion ranking log, and the MMoE
+paper's two-task regression data with controllable task correlation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-z))
+
+
+def synthetic_ranking(rows: int, seed: int = 7) -> pa.Table:
+    """An impression log with string ids, numbers, a tag list and labels `clk` and `buy`.
+
+    Clicks depend on user-category affinity (through age and gender), price, brand and hour;
+    purchases happen only after a click and depend on price and brand quality differently, so
+    the two tasks are related but not the same.
+    """
+    rng = np.random.default_rng(seed)
+    n_users, n_items, n_cats, n_brands = 4000, 20000, 40, 300
+    user_age = rng.integers(0, 7, n_users)
+    user_gender = rng.integers(0, 2, n_users)
+    user_bias = rng.normal(0, 0.5, n_users)
+    item_cat = rng.integers(0, n_cats, n_items)
+    item_price = np.round(rng.lognormal(3.0, 1.0, n_items), 2)
+    item_brands = [rng.choice(n_brands, size=rng.integers(0, 4), replace=False) for _ in range(n_items)]
+    age_cat = rng.normal(0, 1.0, (7, n_cats))
+    gender_cat = rng.normal(0, 0.7, (2, n_cats))
+    brand_pop = rng.normal(0, 0.6, n_brands)
+    brand_quality = rng.normal(0, 0.8, n_brands)
+    hour_effect = 0.4 * np.sin(np.arange(24) / 24 * 2 * np.pi)
+
+    users = np.minimum(rng.zipf(1.3, rows) - 1, n_users - 1)
+    users = rng.permutation(n_users)[users]
+    items = rng.integers(0, n_items, rows)
+    hours = rng.integers(0, 24, rows)
+    cats = item_cat[items]
+    price = item_price[items]
+    pop = np.array([brand_pop[b].mean() if len(b) else 0.0 for b in item_brands])[items]
+    quality = np.array([brand_quality[b].mean() if len(b) else -0.5 for b in item_brands])[items]
+
+    affinity = age_cat[user_age[users], cats] + gender_cat[user_gender[users], cats]
+    z_click = (
+        -1.6 + 0.9 * affinity + user_bias[users] + pop - 0.25 * np.log1p(price) + hour_effect[hours]
+    )
+    clk = rng.random(rows) < _sigmoid(z_click)
+    z_buy = -1.2 + 0.5 * affinity + 1.2 * quality - 0.5 * np.log1p(price) + 0.3 * user_age[users] / 6
+    buy = clk & (rng.random(rows) < _sigmoid(z_buy))
+
+    # Some missing values, as in real logs.
+    price_col = price.astype(np.float64)
+    price_col[rng.random(rows) < 0.02] = np.nan
+    brands = [[f"b{b}" for b in item_brands[i]] for i in items]
+    return pa.table(
+        {
+            "user_id": pa.array([f"u{u}" for u in users]),
+            "item_id": pa.array([f"i{i}" for i in items]),
+            "category": pa.array([f"c{c}" for c in cats]),
+            "age_level": pa.array(user_age[users].astype(np.int64)),
+            "gender": pa.array(np.where(user_gender[users] == 1, "F", "M")),
+            "price": pa.array(price_col, from_pandas=True),
+            "hour": pa.array(hours.astype(np.float64)),
+            "tag_brand_list": pa.array(brands, pa.list_(pa.string())),
+            "clk": pa.array(clk.astype(np.int64)),
+            "buy": pa.array(buy.astype(np.int64)),
+        }
+    )
+
+
+def paper_synthetic(
+    rows: int,
+    correlation: float,
+    dim: int = 100,
+    num_sines: int = 10,
+    scale: float = 1.0,
+    noise_std: float = 0.01,
+    seed: int = 0,
+) -> pa.Table:
+    """Two regression tasks whose correlation is controlled (Ma et al., KDD 2018, section 3.2).
+
+    u1, u2: random orthogonal unit vectors in R^d. w1 = c*u1, w2 = c*(p*u1 + sqrt(1-p^2)*u2).
+    x ~ N(0, I). y_i = w_i.x + sum_{j<m} sin(alpha_j * w_i.x + beta_j) + N(0, noise_std^2),
+    with alpha_j, beta_j ~ N(0, 1) shared by both tasks. Columns x0..x{d-1}, y1, y2.
+    """
+    if not -1.0 <= correlation <= 1.0:
+        raise ValueError("correlation must be in [-1, 1]")
+    rng = np.random.default_rng(seed)
+    q, _ = np.linalg.qr(rng.normal(size=(dim, 2)))
+    u1, u2 = q[:, 0], q[:, 1]
+    w1 = scale * u1
+    w2 = scale * (correlation * u1 + np.sqrt(1 - correlation**2) * u2)
+    alpha = rng.normal(size=num_sines)
+    beta = rng.normal(size=num_sines)
+    x = rng.normal(size=(rows, dim))
+
+    def target(w: np.ndarray) -> np.ndarray:
+        z = x @ w
+        return z + np.sin(np.outer(z, alpha) + beta).sum(1) + rng.normal(0, noise_std, rows)
+
+    cols = {f"x{i}": pa.array(x[:, i]) for i in range(dim)}
+    cols["y1"] = pa.array(target(w1))
+    cols["y2"] = pa.array(target(w2))
+    return pa.table(cols)
