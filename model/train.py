@@ -332,8 +332,8 @@ class Trainer:
                     scheduler.step()
                     steps += 1
                     for name, v in per_task.items():
-                        sums[name] += float(v)
-                    sums["total"] += float(loss)
+                        sums[name] += v.item()
+                    sums["total"] += loss.item()  # type: ignore[union-attr]
                     bar.update(1)
                     bar.set_postfix({k: f"{v / steps:.4f}" for k, v in sums.items()})
         bar.close()
@@ -405,3 +405,27 @@ def train(
 ) -> History:
     """Train and write RUN_DIR; returns the per-epoch history."""
     return Trainer(config, train_path, out_dir, valid_path).run()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point for `torchrun -m model.train --config ... --data ... --out ...`."""
+    import argparse
+
+    from model.config import ConfigError, load_config
+
+    p = argparse.ArgumentParser(prog="python -m model.train")
+    p.add_argument("--config", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--valid")
+    p.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+    try:
+        train(load_config(args.config), args.data, args.out, args.valid)
+    except (ConfigError, ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,178 @@
+"""Getting arrays through onnxruntime without blocking the event loop, with a bounded queue.
+
+Two runners with one interface (`infer`):
+- DirectRunner: each request is one runtime call on the inference thread pool.
+- MicroBatcher: concurrent requests are merged into one runtime call (up to `max_rows` rows,
+  waiting at most `wait_s` for company) and the outputs split back, in order.
+Both refuse work beyond `max_queue` waiting requests (Overloaded -> 503 + Retry-After) instead of
+letting latency grow without bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from service.predictor import Predictor
+
+Feeds = dict[str, np.ndarray]
+Outputs = dict[str, np.ndarray]
+RunObserver = Callable[[int, float], None]  # (rows in the runtime call, seconds)
+
+
+class Overloaded(Exception):
+    """The queue is full; the caller should retry later."""
+
+
+class _Runner:
+    def __init__(
+        self,
+        predictor: Predictor,
+        executor: ThreadPoolExecutor,
+        workers: int,
+        max_queue: int,
+        observe: RunObserver | None,
+    ) -> None:
+        self.predictor = predictor
+        self.executor = executor
+        self.workers = workers
+        self.max_queue = max_queue
+        self.observe = observe
+        self.waiting = 0  # requests accepted but not yet in a runtime call
+        self.inflight = 0  # runtime calls in progress
+
+    def _run(self, feeds: Feeds) -> Outputs:
+        t0 = time.perf_counter()
+        out = self.predictor.run(feeds)
+        if self.observe is not None:
+            self.observe(len(next(iter(feeds.values()))), time.perf_counter() - t0)
+        return out
+
+    async def infer(self, feeds: Feeds, n: int) -> Outputs:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        """Stop taking work; what is accepted still completes."""
+
+
+class DirectRunner(_Runner):
+    def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(*args, **kwargs)
+        self._slots = asyncio.Semaphore(self.workers)
+
+    async def infer(self, feeds: Feeds, n: int) -> Outputs:
+        if self.waiting >= self.max_queue:
+            raise Overloaded
+        self.waiting += 1
+        try:
+            await self._slots.acquire()
+        finally:
+            self.waiting -= 1
+        self.inflight += 1
+        loop = asyncio.get_running_loop()
+        fut = loop.run_in_executor(self.executor, self._run, feeds)
+
+        def release(_: object) -> None:  # when the run really ends, even if the caller gave up
+            self.inflight -= 1
+            self._slots.release()
+
+        fut.add_done_callback(release)
+        return await asyncio.shield(fut)
+
+
+@dataclass
+class _Item:
+    feeds: Feeds
+    n: int
+    future: asyncio.Future[Outputs] = field(repr=False)
+
+
+class MicroBatcher(_Runner):
+    def __init__(self, *args, max_rows: int, wait_s: float, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(*args, **kwargs)
+        self.max_rows = max_rows
+        self.wait_s = wait_s
+        self._queue: deque[_Item] = deque()
+        self._arrived = asyncio.Event()
+        self._closed = False
+        self._tasks = [asyncio.create_task(self._worker()) for _ in range(self.workers)]
+
+    async def infer(self, feeds: Feeds, n: int) -> Outputs:
+        if self._closed:
+            raise Overloaded
+        if self.waiting >= self.max_queue:
+            raise Overloaded
+        item = _Item(feeds, n, asyncio.get_running_loop().create_future())
+        self._queue.append(item)
+        self.waiting += 1
+        self._arrived.set()
+        return await item.future
+
+    def _take(self) -> list[_Item]:
+        """Queued requests for one runtime call: at least one, up to max_rows rows."""
+        batch: list[_Item] = []
+        rows = 0
+        while self._queue:
+            item = self._queue[0]
+            if batch and rows + item.n > self.max_rows:
+                break
+            self._queue.popleft()
+            self.waiting -= 1
+            if item.future.done():  # the caller timed out or went away
+                continue
+            batch.append(item)
+            rows += item.n
+        return batch
+
+    async def _worker(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            while not self._queue:
+                if self._closed:
+                    return
+                self._arrived.clear()
+                await self._arrived.wait()
+            if self.wait_s > 0:
+                deadline = loop.time() + self.wait_s
+                while sum(i.n for i in self._queue) < self.max_rows:
+                    remaining = deadline - loop.time()
+                    if remaining <= 0:
+                        break
+                    self._arrived.clear()
+                    try:
+                        await asyncio.wait_for(self._arrived.wait(), remaining)
+                    except TimeoutError:
+                        break
+            batch = self._take()
+            if not batch:
+                continue
+            self.inflight += 1
+            try:
+                merged = {
+                    k: np.concatenate([b.feeds[k] for b in batch]) if len(batch) > 1 else batch[0].feeds[k]
+                    for k in batch[0].feeds
+                }
+                outputs = await loop.run_in_executor(self.executor, self._run, merged)
+            except Exception as err:  # hand the failure to every caller in the batch
+                for b in batch:
+                    if not b.future.done():
+                        b.future.set_exception(err)
+                continue
+            finally:
+                self.inflight -= 1
+            start = 0
+            for b in batch:
+                if not b.future.done():
+                    b.future.set_result({k: v[start : start + b.n] for k, v in outputs.items()})
+                start += b.n
+
+    async def close(self) -> None:
+        self._closed = True
+        self._arrived.set()
+        await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -1,0 +1,273 @@
+"""Request bodies -> the ONNX graph's input arrays, in bulk.
+
+The body types are generated from the model's metadata as msgspec Structs, so decoding and type
+checking happen in one C pass (no per-item pydantic objects), and their JSON Schema documents the
+request in OpenAPI. The rules (DESIGN.md section 3):
+
+- columnar: `candidates` holds one list per feature, all of the same length N; `context` holds
+  scalars broadcast to all N rows. Row form: `instances`, a list of objects.
+- categorical values are strings or integers (integers are scored as their decimal string);
+  numeric values are numbers; tags are a list of ids or one string split on the separator.
+- null, or leaving a feature out, means "use the default"; features without one are required.
+- unknown categorical values are fine (the out-of-vocabulary bucket); anything else wrong is a
+  PayloadError naming the field.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import msgspec
+import numpy as np
+
+from export.metadata import FeatureInfo, ModelMetadata
+from service.errors import PayloadError
+
+_ID = str | int
+
+
+def _column_type(f: FeatureInfo) -> Any:
+    if f.kind == "numeric":
+        return list[float | None]
+    if f.kind == "tags":
+        return list[list[_ID] | str | None]
+    return list[_ID | None]
+
+
+def _scalar_type(f: FeatureInfo) -> Any:
+    if f.kind == "numeric":
+        return float | None
+    if f.kind == "tags":
+        return list[_ID] | str | None
+    return _ID | None
+
+
+def _struct(name: str, features: Sequence[FeatureInfo], typ: Any, forbid: bool) -> Any:
+    fields = [(f"f{i}", typ(f) | msgspec.UnsetType, msgspec.UNSET) for i, f in enumerate(features)]
+    rename = {f"f{i}": f.name for i, f in enumerate(features)}
+    return msgspec.defstruct(name, fields, rename=rename, forbid_unknown_fields=forbid)
+
+
+@dataclass
+class Decoded:
+    n: int
+    feeds: dict[str, np.ndarray]
+    tasks: list[str]
+
+
+def _msgspec_error(err: msgspec.ValidationError) -> PayloadError:
+    text = str(err)
+    reason, _, path = text.partition(" - at `")
+    field = path.rstrip("`").removeprefix("$").lstrip(".") or None
+    unknown = re.fullmatch(r"Object contains unknown field `(.+)`", reason)
+    if unknown:
+        name = unknown.group(1)
+        field = f"{field}.{name}" if field else name
+        return PayloadError(field, "unknown field (the model's features are listed at GET /metadata)")
+    return PayloadError(field, reason.replace("`", ""))
+
+
+class RequestDecoder:
+    """Decodes /predict bodies for one model."""
+
+    def __init__(
+        self,
+        meta: ModelMetadata,
+        max_rows: int,
+        unknown_features: Literal["error", "ignore"] = "error",
+    ) -> None:
+        self.meta = meta
+        self.features = list(meta.features)
+        self.max_rows = max_rows
+        forbid = unknown_features == "error"
+        self.candidates_type = _struct("Candidates", self.features, _column_type, forbid)
+        self.context_type = _struct("Context", self.features, _scalar_type, forbid)
+        self.row_type = _struct("Instance", self.features, _scalar_type, forbid)
+        task_names = tuple(t.name for t in meta.tasks)
+        self.request_type = msgspec.defstruct(
+            "PredictRequest",
+            [
+                ("candidates", self.candidates_type | None, None),
+                ("context", self.context_type | None, None),
+                ("instances", list[self.row_type] | None, None),  # type: ignore[name-defined]
+                ("tasks", list[Literal[task_names]] | None, None),  # type: ignore[valid-type]
+            ],
+            forbid_unknown_fields=True,
+        )
+        self._decoder = msgspec.json.Decoder(self.request_type)
+
+    def json_schema(self) -> dict[str, Any]:
+        """JSON Schema of the request body (for OpenAPI), with its definitions inlined under $defs."""
+        return msgspec.json.schema(self.request_type)
+
+    # ------------------------------------------------------------------------------ decode
+
+    def decode(self, body: bytes) -> Decoded:
+        try:
+            req = self._decoder.decode(body)
+        except msgspec.ValidationError as err:
+            raise _msgspec_error(err) from None
+        except msgspec.DecodeError as err:
+            raise PayloadError(None, f"malformed JSON: {err}", 400, "malformed_json") from None
+        tasks = list(req.tasks) if req.tasks else [t.name for t in self.meta.tasks]
+        if req.instances is not None:
+            if req.candidates is not None or req.context is not None:
+                raise PayloadError(
+                    "instances", "give `instances`, or `candidates` (with optional `context`), not both"
+                )
+            return Decoded(*self._from_rows(req.instances), tasks)
+        if req.candidates is None:
+            raise PayloadError("candidates", "required: one list per feature (or use `instances`)")
+        return Decoded(*self._from_columns(req.candidates, req.context), tasks)
+
+    def _check_rows(self, n: int, field: str) -> None:
+        if n == 0:
+            raise PayloadError(field, "empty batch: send at least one candidate")
+        if n > self.max_rows:
+            raise PayloadError(
+                field, f"{n} rows is more than the limit of {self.max_rows} per request",
+                413, "too_many_rows",
+            )
+
+    def _from_columns(self, cands: Any, ctx: Any) -> tuple[int, dict[str, np.ndarray]]:
+        columns: dict[str, tuple[FeatureInfo, list[Any]]] = {}
+        n = -1
+        first = ""
+        for i, f in enumerate(self.features):
+            values = getattr(cands, f"f{i}")
+            if values is msgspec.UNSET:
+                continue
+            if n < 0:
+                n, first = len(values), f.name
+            elif len(values) != n:
+                raise PayloadError(
+                    f"candidates.{f.name}",
+                    f"has {len(values)} values but candidates.{first} has {n}: "
+                    "every candidate column must have one value per candidate",
+                )
+            columns[f.name] = (f, values)
+        if n < 0:
+            raise PayloadError("candidates", "no feature columns given")
+        self._check_rows(n, "candidates")
+        feeds: dict[str, np.ndarray] = {}
+        for i, f in enumerate(self.features):
+            scalar = getattr(ctx, f"f{i}") if ctx is not None else msgspec.UNSET
+            if f.name in columns:
+                if scalar is not msgspec.UNSET:
+                    raise PayloadError(
+                        f"context.{f.name}", "also given in candidates: give a feature once"
+                    )
+                feeds[f.name] = column_array(f, columns[f.name][1], f"candidates.{f.name}")
+            elif scalar is not msgspec.UNSET:
+                feeds[f.name] = broadcast_array(f, scalar, n, f"context.{f.name}")
+            else:
+                feeds[f.name] = default_array(f, n, f"candidates.{f.name}")
+        return n, feeds
+
+    def _from_rows(self, rows: list[Any]) -> tuple[int, dict[str, np.ndarray]]:
+        n = len(rows)
+        self._check_rows(n, "instances")
+        feeds: dict[str, np.ndarray] = {}
+        for i, f in enumerate(self.features):
+            attr = f"f{i}"
+            values = [getattr(r, attr) for r in rows]
+            unset = [j for j, v in enumerate(values) if v is msgspec.UNSET]
+            if unset:
+                if f.required:
+                    raise PayloadError(
+                        f"instances[{unset[0]}].{f.name}", "required feature missing (no default)"
+                    )
+                values = [None if v is msgspec.UNSET else v for v in values]
+            feeds[f.name] = column_array(f, values, f"instances[].{f.name}")
+        return n, feeds
+
+
+# ------------------------------------------------------------------------ values -> arrays
+
+
+def _required_null(f: FeatureInfo, field: str) -> PayloadError:
+    return PayloadError(field, f"null is not allowed: {f.name} has no default and is required")
+
+
+def column_array(f: FeatureInfo, values: list[Any], field: str) -> np.ndarray:
+    """One feature's values for N rows -> the graph input ([N] or [N, max_len])."""
+    if f.kind == "numeric":
+        return _numeric(f, values, field)
+    if f.kind == "tags":
+        return _tags(f, values, field)
+    default = f.default
+    out = np.array(
+        [v if v.__class__ is str else _id_string(v, default, f, field, j) for j, v in enumerate(values)],
+        dtype=object,
+    )
+    return out
+
+
+def _id_string(v: Any, default: Any, f: FeatureInfo, field: str, j: int) -> str:
+    if v is None:
+        if default is None:
+            raise _required_null(f, f"{field}[{j}]")
+        return str(default)
+    return str(v)  # an int (msgspec admits nothing else here); bool is rejected by the type
+
+
+def _numeric(f: FeatureInfo, values: Sequence[Any], field: str) -> np.ndarray:
+    arr = np.array(values, dtype=np.float64)  # None -> NaN; the graph maps NaN to the default
+    if f.default is None:
+        nan = np.isnan(arr)
+        if nan.any():
+            raise _required_null(f, f"{field}[{int(nan.argmax())}]")
+    out = arr.astype(np.float32)
+    inf = np.isinf(out)
+    if inf.any():
+        j = int(inf.argmax())
+        raise PayloadError(f"{field}[{j}]", f"{values[j]!r} is outside the float32 range")
+    return out
+
+
+def tag_tokens(f: FeatureInfo, value: Any, field: str) -> list[str]:
+    """Tags for one row: a list of ids or one string split on the separator; empty tokens
+    dropped, the first max_len kept (the rule training applies)."""
+    if value is None:
+        if f.default is None:
+            raise _required_null(f, field)
+        value = f.default
+    if value.__class__ is str:
+        value = value.split(f.separator or "|")
+    return [t if t.__class__ is str else str(t) for t in value if t != ""][: f.max_len]
+
+
+def _tags(f: FeatureInfo, values: Sequence[Any], field: str) -> np.ndarray:
+    assert f.max_len is not None
+    out = np.full((len(values), f.max_len), "", dtype=object)
+    for j, v in enumerate(values):
+        tokens = tag_tokens(f, v, f"{field}[{j}]")
+        out[j, : len(tokens)] = tokens
+    return out
+
+
+def broadcast_array(f: FeatureInfo, value: Any, n: int, field: str) -> np.ndarray:
+    if f.kind == "numeric":
+        return np.repeat(_numeric(f, [value], field), n)
+    if f.kind == "tags":
+        assert f.max_len is not None
+        row = np.full((1, f.max_len), "", dtype=object)
+        tokens = tag_tokens(f, value, field)
+        row[0, : len(tokens)] = tokens
+        return np.repeat(row, n, axis=0)
+    if value is None and f.default is None:
+        raise _required_null(f, field)
+    s = str(f.default if value is None else value)
+    return np.full(n, s, dtype=object)
+
+
+def default_array(f: FeatureInfo, n: int, field: str) -> np.ndarray:
+    """Input for a feature the request left out: its default, or an error if it has none."""
+    if f.default is None:
+        raise PayloadError(
+            field, "required feature missing: give it in candidates or context (it has no default)"
+        )
+    return broadcast_array(f, None, n, field)

@@ -1,0 +1,45 @@
+"""POST /admin/reload: load the model file again, or another file in the model directory."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+from fastapi import APIRouter, Depends, Request
+
+from service.deps import get_holder, read_json_body, require_api_key
+from service.errors import ApiError, PayloadError
+from service.predictor import ModelLoadError
+from service.state import ModelHolder
+
+router = APIRouter(tags=["operations"], dependencies=[Depends(require_api_key)])
+
+
+class ReloadRequest(msgspec.Struct, forbid_unknown_fields=True):
+    path: str | None = None
+
+
+@router.post(
+    "/admin/reload",
+    summary="Reload the model (atomically; a bad file is rejected and the old model keeps serving)",
+    openapi_extra={
+        "requestBody": {
+            "required": False,
+            "content": {"application/json": {"schema": msgspec.json.schema(ReloadRequest)}},
+        }
+    },
+)
+async def reload(request: Request, holder: ModelHolder = Depends(get_holder)) -> dict[str, Any]:
+    body = await read_json_body(request, 4096)
+    try:
+        req = msgspec.json.decode(body, type=ReloadRequest) if body.strip() else ReloadRequest()
+    except msgspec.ValidationError as err:
+        raise PayloadError("path", str(err)) from None
+    except msgspec.DecodeError as err:
+        raise PayloadError(None, f"malformed JSON: {err}", 400, "malformed_json") from None
+    path = holder.resolve(req.path)
+    try:
+        model = await holder.load(path)
+    except ModelLoadError as err:
+        raise ApiError(422, "model_rejected", f"{err}; still serving the previous model", "path") from None
+    return {"status": "reloaded", "model": model.name, "version": model.version, "path": str(path)}

@@ -1,0 +1,314 @@
+"""The KServe V2 / Triton HTTP protocol, so existing Triton and KServe clients can call the model.
+
+Inputs are named after the raw features (BYTES for ids and tags, FP32 for numbers; tags are
+[N, max_len], empty strings being padding). Both JSON tensors and Triton's binary tensor data
+extension (`Inference-Header-Content-Length`) are understood, in requests and responses.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+import msgspec
+import numpy as np
+import orjson
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import Response
+
+from export.metadata import FeatureInfo
+from service.deps import get_holder, get_settings, read_json_body, require_api_key, run_inference
+from service.errors import ApiError, PayloadError
+from service.payload import column_array, default_array
+from service.state import LoadedModel, ModelHolder
+
+router = APIRouter(prefix="/v2", tags=["kserve-v2"])
+
+_NUMERIC_TYPES = {
+    "FP16": "<f2", "FP32": "<f4", "FP64": "<f8", "INT8": "i1", "INT16": "<i2", "INT32": "<i4",
+    "INT64": "<i8", "UINT8": "u1", "UINT16": "<u2", "UINT32": "<u4", "UINT64": "<u8",
+}
+_HEADER = "inference-header-content-length"
+
+
+class V2Error(ApiError):
+    """KServe V2 errors are `{"error": "<message>"}`."""
+
+    def body(self) -> dict[str, Any]:  # type: ignore[override]
+        return {"error": f"{self.field}: {self.reason}" if self.field else self.reason}
+
+
+def _v2(err: ApiError) -> V2Error:
+    return V2Error(err.status, err.code, err.reason, err.field, err.headers)
+
+
+class _Tensor(msgspec.Struct):
+    name: str
+    shape: list[int]
+    datatype: str
+    data: Any = None
+    parameters: dict[str, Any] = {}
+
+
+class _Output(msgspec.Struct):
+    name: str
+    parameters: dict[str, Any] = {}
+
+
+class _InferRequest(msgspec.Struct):
+    inputs: list[_Tensor]
+    id: str | None = None
+    outputs: list[_Output] | None = None
+    parameters: dict[str, Any] = {}
+
+
+def _model(holder: ModelHolder, name: str, version: str | None = None) -> LoadedModel:
+    model = holder.current
+    if model is None:
+        raise V2Error(503, "not_ready", holder.not_ready_reason)
+    if name != model.name:
+        raise V2Error(404, "unknown_model", f"unknown model {name!r}; serving {model.name!r}")
+    if version is not None and version != model.version:
+        raise V2Error(404, "unknown_version", f"model {name!r} has version {model.version!r}")
+    return model
+
+
+@router.get("", summary="Server metadata")
+async def server_metadata() -> dict[str, Any]:
+    return {"name": "mmoe-ranking", "version": "1", "extensions": ["binary_tensor_data"]}
+
+
+@router.get("/health/live", summary="Server is live")
+async def live() -> dict[str, bool]:
+    return {"live": True}
+
+
+@router.get("/health/ready", summary="Server is ready")
+async def ready(holder: ModelHolder = Depends(get_holder)) -> Response:
+    ok = holder.current is not None
+    return Response(orjson.dumps({"ready": ok}), 200 if ok else 503, media_type="application/json")
+
+
+def _input_meta(f: FeatureInfo) -> dict[str, Any]:
+    shape = [-1, f.max_len] if f.kind == "tags" else [-1]
+    return {"name": f.name, "datatype": "FP32" if f.kind == "numeric" else "BYTES", "shape": shape}
+
+
+@router.get("/models/{name}", summary="Model metadata")
+@router.get("/models/{name}/versions/{version}", summary="Model metadata")
+async def model_metadata(
+    name: str, version: str | None = None, holder: ModelHolder = Depends(get_holder)
+) -> dict[str, Any]:
+    model = _model(holder, name, version)
+    outputs = [
+        {"name": o.name, "datatype": "FP32", "shape": [-1, *o.shape[1:]]}
+        for o in model.predictor.session.get_outputs()
+    ]
+    return {
+        "name": model.name,
+        "versions": [model.version],
+        "platform": "onnxruntime_onnx",
+        "inputs": [_input_meta(f) for f in model.predictor.meta.features],
+        "outputs": outputs,
+    }
+
+
+@router.get("/models/{name}/ready", summary="Model is ready")
+@router.get("/models/{name}/versions/{version}/ready", summary="Model is ready")
+async def model_ready(
+    name: str, version: str | None = None, holder: ModelHolder = Depends(get_holder)
+) -> dict[str, Any]:
+    model = _model(holder, name, version)
+    return {"name": model.name, "ready": True}
+
+
+@router.post("/models/{name}/infer", summary="Inference", dependencies=[Depends(require_api_key)])
+@router.post(
+    "/models/{name}/versions/{version}/infer", summary="Inference",
+    dependencies=[Depends(require_api_key)],
+)
+async def infer(
+    name: str, request: Request, version: str | None = None, holder: ModelHolder = Depends(get_holder)
+) -> Response:
+    model = _model(holder, name, version)
+    try:
+        body = await read_json_body(
+            request, get_settings(request).max_body_bytes, ("application/octet-stream",)
+        )
+        req, binary = _split_body(body, request.headers.get(_HEADER))
+        n, feeds = _feeds(model, req, binary, get_settings(request).max_batch_rows)
+        wanted = _wanted_outputs(model, req)
+        outputs = await run_inference(request, model, feeds, n)
+    except V2Error:
+        raise
+    except ApiError as err:
+        raise _v2(err) from None
+    return _response(model, req, {k: outputs[k] for k, _ in wanted}, dict(wanted))
+
+
+def _split_body(body: bytes, header_len: str | None) -> tuple[_InferRequest, bytes]:
+    json_part, binary = body, b""
+    if header_len is not None:
+        if not header_len.isdigit() or int(header_len) > len(body):
+            raise V2Error(400, "bad_header", f"Inference-Header-Content-Length {header_len!r} is not a valid length")
+        json_part, binary = body[: int(header_len)], body[int(header_len) :]
+    try:
+        return msgspec.json.decode(json_part, type=_InferRequest), binary
+    except msgspec.ValidationError as err:
+        raise V2Error(422, "invalid_request", str(err)) from None
+    except msgspec.DecodeError as err:
+        raise V2Error(400, "malformed_json", f"malformed JSON: {err}") from None
+
+
+def _tensor_array(t: _Tensor, binary: memoryview, offset: int) -> tuple[np.ndarray, int]:
+    """One input tensor -> numpy (object array of str for BYTES), and the new binary offset."""
+    field = f"inputs[{t.name}]"
+    if any(d < 0 for d in t.shape):
+        raise PayloadError(field, f"shape {t.shape} has a negative dimension")
+    count = int(np.prod(t.shape)) if t.shape else 1
+    size = t.parameters.get("binary_data_size")
+    if size is not None:
+        if not isinstance(size, int) or size < 0 or offset + size > len(binary):
+            raise PayloadError(field, "binary_data_size runs past the end of the body")
+        raw = binary[offset : offset + size]
+        offset += size
+        if t.datatype == "BYTES":
+            values: list[Any] = []
+            pos = 0
+            while pos < len(raw):
+                if pos + 4 > len(raw):
+                    raise PayloadError(field, "truncated BYTES element")
+                (length,) = struct.unpack_from("<I", raw, pos)
+                pos += 4
+                if pos + length > len(raw):
+                    raise PayloadError(field, "truncated BYTES element")
+                values.append(bytes(raw[pos : pos + length]))
+                pos += length
+            arr = np.array(values, dtype=object)
+        elif t.datatype in _NUMERIC_TYPES:
+            dt = np.dtype(_NUMERIC_TYPES[t.datatype])
+            if len(raw) != count * dt.itemsize:
+                raise PayloadError(field, f"{len(raw)} bytes do not hold {count} {t.datatype} values")
+            arr = np.frombuffer(raw, dtype=dt)
+        else:
+            raise PayloadError(field, f"unsupported datatype {t.datatype}")
+    else:
+        if t.data is None:
+            raise PayloadError(field, "no data and no binary_data_size")
+        arr = np.array(t.data, dtype=object if t.datatype == "BYTES" else None)
+        if t.datatype not in _NUMERIC_TYPES and t.datatype != "BYTES":
+            raise PayloadError(field, f"unsupported datatype {t.datatype}")
+    if arr.size != count:
+        raise PayloadError(field, f"{arr.size} values do not fill shape {t.shape}")
+    arr = arr.reshape(t.shape)
+    if t.datatype == "BYTES":
+        try:
+            arr = np.vectorize(_as_text, otypes=[object])(arr) if arr.size else arr.astype(object)
+        except (UnicodeDecodeError, TypeError) as err:
+            raise PayloadError(field, f"BYTES values must be UTF-8 strings: {err}") from None
+    elif arr.dtype.kind not in "iuf":
+        raise PayloadError(field, f"values are not {t.datatype} numbers")
+    return arr, offset
+
+
+def _as_text(v: Any) -> str:
+    if isinstance(v, bytes):
+        return v.decode("utf-8")
+    if isinstance(v, str):
+        return v
+    if isinstance(v, int) and not isinstance(v, bool):
+        return str(v)
+    raise TypeError(f"{v!r} is not a string")
+
+
+def _feeds(
+    model: LoadedModel, req: _InferRequest, binary: bytes, max_rows: int
+) -> tuple[int, dict[str, np.ndarray]]:
+    features = {f.name: f for f in model.predictor.meta.features}
+    view = memoryview(binary)
+    offset = 0
+    given: dict[str, np.ndarray] = {}
+    for t in req.inputs:
+        if t.name not in features:
+            raise PayloadError(f"inputs[{t.name}]", f"unknown input; the model takes {sorted(features)}")
+        if t.name in given:
+            raise PayloadError(f"inputs[{t.name}]", "given twice")
+        given[t.name], offset = _tensor_array(t, view, offset)
+    if not given:
+        raise PayloadError("inputs", "no inputs given")
+    sizes = {k: v.shape[0] if v.ndim else 1 for k, v in given.items()}
+    n = next(iter(sizes.values()))
+    for k, size in sizes.items():
+        if size != n:
+            raise PayloadError(f"inputs[{k}]", f"batch size {size} differs from the other inputs' {n}")
+    if n == 0:
+        raise PayloadError("inputs", "empty batch")
+    if n > max_rows:
+        raise PayloadError("inputs", f"{n} rows is more than the limit of {max_rows}", 413, "too_many_rows")
+    feeds: dict[str, np.ndarray] = {}
+    for name, f in features.items():
+        field = f"inputs[{name}]"
+        if name not in given:
+            feeds[name] = default_array(f, n, field)
+            continue
+        arr = given[name]
+        if f.kind == "tags":
+            if arr.ndim != 2:
+                raise PayloadError(field, f"tags are [batch, tokens] (max {f.max_len}); got shape {list(arr.shape)}")
+            feeds[name] = column_array(f, [list(row) for row in arr], field)
+        else:
+            if arr.ndim == 2 and arr.shape[1] == 1:
+                arr = arr[:, 0]
+            if arr.ndim != 1:
+                raise PayloadError(field, f"expected shape [batch] or [batch, 1]; got {list(arr.shape)}")
+            if f.kind == "numeric":
+                if arr.dtype == object:
+                    raise PayloadError(field, "numeric feature needs a numeric datatype (FP32)")
+                values = arr.astype(np.float64)
+                feeds[name] = column_array(f, [None if np.isnan(v) else v for v in values.tolist()], field)
+            else:
+                feeds[name] = column_array(f, arr.tolist(), field)
+    return n, feeds
+
+
+def _wanted_outputs(model: LoadedModel, req: _InferRequest) -> list[tuple[str, bool]]:
+    """(output name, send as binary) for each requested output; all outputs by default."""
+    available = model.predictor.outputs
+    default_binary = bool(req.parameters.get("binary_data_output", False))
+    if not req.outputs:
+        return [(name, default_binary) for name in available]
+    wanted = []
+    for o in req.outputs:
+        if o.name not in available:
+            raise PayloadError(f"outputs[{o.name}]", f"unknown output; the model has {available}")
+        wanted.append((o.name, bool(o.parameters.get("binary_data", default_binary))))
+    return wanted
+
+
+def _response(
+    model: LoadedModel, req: _InferRequest, outputs: dict[str, np.ndarray], binary: dict[str, bool]
+) -> Response:
+    header: dict[str, Any] = {"model_name": model.name, "model_version": model.version}
+    if req.id is not None:
+        header["id"] = req.id
+    tensors = []
+    chunks: list[bytes] = []
+    for name, arr in outputs.items():
+        arr = np.ascontiguousarray(arr, dtype="<f4")
+        entry: dict[str, Any] = {"name": name, "datatype": "FP32", "shape": list(arr.shape)}
+        if binary[name]:
+            data = arr.tobytes()
+            entry["parameters"] = {"binary_data_size": len(data)}
+            chunks.append(data)
+        else:
+            entry["data"] = arr.reshape(-1)
+        tensors.append(entry)
+    header["outputs"] = tensors
+    head = orjson.dumps(header, option=orjson.OPT_SERIALIZE_NUMPY)
+    if not chunks:
+        return Response(head, media_type="application/json")
+    return Response(
+        head + b"".join(chunks),
+        media_type="application/octet-stream",
+        headers={"Inference-Header-Content-Length": str(len(head))},
+    )

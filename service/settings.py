@@ -1,0 +1,45 @@
+"""Server settings: environment variables with the MMOE_ prefix, overridden by `mmoe serve` flags."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MMOE_", frozen=True, extra="ignore")
+
+    model_path: Path = Path("models/model.onnx")
+    # Directory that /admin/reload may load from (default: the model file's directory). A
+    # request can never make the server read a file outside it.
+    model_dir: Path | None = None
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+
+    provider: Literal["auto", "cpu", "cuda"] = "auto"
+    intra_op_threads: int = Field(0, ge=0, description="0: onnxruntime's default (all cores)")
+    # Concurrent onnxruntime runs; with 1, requests queue and each run uses intra_op_threads.
+    inference_workers: int = Field(1, ge=1)
+
+    max_batch_rows: int = Field(4096, ge=1, description="most rows one request may carry")
+    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+    # Dynamic batching: merge concurrent requests into one runtime call (0 = off).
+    batch_max_rows: int = Field(0, ge=0)
+    batch_wait_ms: float = Field(1.0, ge=0.0)
+    max_queue: int = Field(64, ge=1, description="requests waiting for the runtime before 503")
+    request_timeout_ms: int = Field(10_000, ge=1)
+    retry_after_s: int = Field(1, ge=1)
+
+    api_key: SecretStr | None = None
+    unknown_features: Literal["error", "ignore"] = "error"
+    warmup_rows: int = Field(32, ge=1)
+    load_retry_s: float = Field(2.0, gt=0, description="retry interval while no model is loaded")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    access_log: bool = True
+
+    @property
+    def reload_dir(self) -> Path:
+        return (self.model_dir or self.model_path.parent).resolve()

@@ -1,0 +1,121 @@
+"""The model being served, swapped atomically on reload.
+
+A request takes `holder.current` once and uses that model (its decoder, its runner) to the end,
+so a reload never mixes two models in one answer. A new file is loaded and warmed up beside the
+old one; only if that succeeds does it replace it. The old runner then drains what it accepted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from service.batching import DirectRunner, MicroBatcher, _Runner
+from service.errors import ApiError
+from service.metrics import ServiceMetrics
+from service.payload import RequestDecoder
+from service.predictor import ModelLoadError, Predictor
+from service.settings import Settings
+
+log = logging.getLogger("mmoe.service")
+
+
+@dataclass
+class LoadedModel:
+    predictor: Predictor
+    decoder: RequestDecoder
+    runner: _Runner
+    loaded_at: float
+
+    @property
+    def name(self) -> str:
+        return self.predictor.meta.name
+
+    @property
+    def version(self) -> str:
+        return self.predictor.meta.version
+
+
+class ModelHolder:
+    def __init__(self, settings: Settings, metrics: ServiceMetrics, executor: ThreadPoolExecutor):
+        self.settings = settings
+        self.metrics = metrics
+        self.executor = executor
+        self.current: LoadedModel | None = None
+        self.not_ready_reason = "model not loaded yet"
+        self._lock = asyncio.Lock()
+        self.on_swap: list = []  # callbacks(LoadedModel), e.g. to refresh the OpenAPI schema
+
+    def require(self) -> LoadedModel:
+        model = self.current
+        if model is None:
+            raise ApiError(
+                503, "not_ready", self.not_ready_reason, None,
+                {"Retry-After": str(self.settings.retry_after_s)},
+            )
+        return model
+
+    def resolve(self, path: str | None) -> Path:
+        """The file to (re)load: the configured one, or a path inside the model directory."""
+        if path is None:
+            return self.settings.model_path
+        root = self.settings.reload_dir
+        candidate = Path(path)
+        target = (candidate if candidate.is_absolute() else root / candidate).resolve()
+        if not target.is_relative_to(root):
+            raise ApiError(403, "path_not_allowed", f"reload paths must be inside {root}", "path")
+        return target
+
+    async def load(self, path: Path) -> LoadedModel:
+        """Load, warm up and swap in `path`; on any failure the current model stays."""
+        async with self._lock:
+            s = self.settings
+            loop = asyncio.get_running_loop()
+            try:
+                predictor = await loop.run_in_executor(
+                    None, Predictor, path, s.provider, s.intra_op_threads, s.warmup_rows
+                )
+            except ModelLoadError as err:
+                self.metrics.reloads.labels("failed").inc()
+                if self.current is None:
+                    self.not_ready_reason = str(err)
+                log.error("model load failed", extra={"event": "model_load_failed", "reason": str(err)})
+                raise
+            runner: _Runner
+            common = dict(
+                workers=s.inference_workers, max_queue=s.max_queue, observe=self.metrics.observe_run
+            )
+            if s.batch_max_rows > 0:
+                runner = MicroBatcher(
+                    predictor, self.executor, max_rows=s.batch_max_rows,
+                    wait_s=s.batch_wait_ms / 1000, **common,
+                )
+            else:
+                runner = DirectRunner(predictor, self.executor, **common)
+            decoder = RequestDecoder(predictor.meta, s.max_batch_rows, s.unknown_features)
+            new = LoadedModel(predictor, decoder, runner, time.time())
+            old, self.current = self.current, new
+            self.metrics.reloads.labels("ok").inc()
+            self.metrics.model_info.clear()
+            self.metrics.model_info.labels(new.name, new.version, predictor.provider, str(path)).set(1)
+            for callback in self.on_swap:
+                callback(new)
+            if old is not None:
+                await old.runner.close()
+            return new
+
+    async def keep_loading(self) -> None:
+        """At start-up: try the configured file until it loads (it may not exist yet)."""
+        while self.current is None:
+            try:
+                await self.load(self.settings.model_path)
+            except ModelLoadError:
+                await asyncio.sleep(self.settings.load_retry_s)
+
+    async def close(self) -> None:
+        if self.current is not None:
+            await self.current.runner.close()
