@@ -13,9 +13,17 @@ def register(sub: Any) -> None:
     ex.add_argument("--out", required=True)
     ex.add_argument("--tolerance", type=float, default=1e-5, help="max |torch - onnxruntime|")
     ex.add_argument("--rows", type=int, default=1024, help="generated rows for the parity check")
-    ex.add_argument("--optimize", action="store_true", help="also write an onnxruntime-optimized graph (.opt.onnx)")
-    ex.add_argument("--int8", action="store_true", help="also write a dynamically quantized graph (.int8.onnx)")
-    ex.add_argument("--fp16", action="store_true", help="also write a float16 graph for CUDA (.fp16.onnx)")
+    ex.add_argument(
+        "--optimize",
+        action="store_true",
+        help="also write an onnxruntime-optimized graph (.opt.onnx)",
+    )
+    ex.add_argument(
+        "--int8", action="store_true", help="also write a dynamically quantized graph (.int8.onnx)"
+    )
+    ex.add_argument(
+        "--fp16", action="store_true", help="also write a float16 graph for CUDA (.fp16.onnx)"
+    )
     ex.set_defaults(func=_export)
     ins = sub.add_parser("inspect", help="print a model.onnx's schema, tasks, inputs and outputs")
     ins.add_argument("model")
@@ -28,8 +36,13 @@ def _export(args: argparse.Namespace) -> int:
 
     try:
         report = export_run(
-            args.run_dir, args.out, tolerance=args.tolerance, parity_rows=args.rows,
-            optimize=args.optimize, int8=args.int8, fp16=args.fp16,
+            args.run_dir,
+            args.out,
+            tolerance=args.tolerance,
+            parity_rows=args.rows,
+            optimize=args.optimize,
+            int8=args.int8,
+            fp16=args.fp16,
         )
     except ParityError as err:
         print(f"error: export refused, parity check failed: {err}", file=sys.stderr)
@@ -39,7 +52,8 @@ def _export(args: argparse.Namespace) -> int:
         return 2
     print(
         f"wrote {report.path} ({report.size_bytes / 1e6:.2f} MB) in {report.seconds:.1f}s; "
-        f"parity on {report.rows_checked} rows: max |torch - onnxruntime| = {report.parity_max_abs_diff:.2e}"
+        f"parity on {report.rows_checked} rows: "
+        f"max |torch - onnxruntime| = {report.parity_max_abs_diff:.2e}"
     )
     for name, v in report.variants.items():
         print(

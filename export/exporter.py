@@ -26,7 +26,14 @@ import torch
 from onnx import compose
 from torch import nn
 
-from export.graph import IR_VERSION, OPSET, OPSET_IMPORTS, encoded_name, encoding_text, preprocessing_graph
+from export.graph import (
+    IR_VERSION,
+    OPSET,
+    OPSET_IMPORTS,
+    encoded_name,
+    encoding_text,
+    preprocessing_graph,
+)
 from export.metadata import FeatureInfo, ModelMetadata, TaskInfo
 from export.parity import RawColumn, check_parity, generate_rows, to_onnx_inputs
 from model.checkpoint import Run, config_hash, load_run
@@ -205,8 +212,10 @@ def export_run(
     data = proto.SerializeToString()
     cols = generate_rows(run.schema, parity_rows)
     if extra_rows:
-        cols = {k: v + list(extra_rows.get(k, [None] * len(next(iter(extra_rows.values())))))
-                for k, v in cols.items()}
+        cols = {
+            k: v + list(extra_rows.get(k, [None] * len(next(iter(extra_rows.values())))))
+            for k, v in cols.items()
+        }
     worst = check_parity(run.model, run.schema, data, cols, tolerance)
     out = Path(out)
     _write_atomic(out, data)
@@ -233,7 +242,9 @@ def _variant_path(path: Path, tag: str) -> Path:
     return path.with_name(f"{path.stem}.{tag}{path.suffix}")
 
 
-def _compare(base: Path, variant: Path, schema: FeatureSchema, cols: dict[str, RawColumn]) -> dict[str, float]:
+def _compare(
+    base: Path, variant: Path, schema: FeatureSchema, cols: dict[str, RawColumn]
+) -> dict[str, float]:
     """Max output drift against the base file and the speed ratio (base time / variant time)."""
     feeds = to_onnx_inputs(schema, cols)
     results = {}
@@ -263,7 +274,9 @@ def _quantized(path: Path, schema: FeatureSchema, cols: dict[str, RawColumn]) ->
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     target = _variant_path(path, "int8")
-    quantize_dynamic(path, target, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
+    quantize_dynamic(
+        path, target, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"]
+    )
     return _compare(path, target, schema, cols)
 
 
@@ -272,7 +285,17 @@ def _float16(path: Path, schema: FeatureSchema, cols: dict[str, RawColumn]) -> d
 
     target = _variant_path(path, "fp16")
     model = onnx.load(path)
-    keep = ["LabelEncoder", "MurmurHash3", "IsNaN", "Where", "GreaterOrEqual", "ReduceSum", "Log", "Max", "Mod"]
+    keep = [
+        "LabelEncoder",
+        "MurmurHash3",
+        "IsNaN",
+        "Where",
+        "GreaterOrEqual",
+        "ReduceSum",
+        "Log",
+        "Max",
+        "Mod",
+    ]
     half = convert_float_to_float16(model, keep_io_types=True, op_block_list=keep)
     _write_atomic(target, half.SerializeToString())
     return _compare(path, target, schema, cols)

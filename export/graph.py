@@ -12,7 +12,14 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from model.schema import HASH_SEED, MISSING_INDEX, OOV_INDEX, VOCAB_OFFSET, FeatureSchema, FittedFeature
+from model.schema import (
+    HASH_SEED,
+    MISSING_INDEX,
+    OOV_INDEX,
+    VOCAB_OFFSET,
+    FeatureSchema,
+    FittedFeature,
+)
 
 OPSET = 18  # the default domain; onnxruntime >= 1.14 implements it
 ML_OPSET = 3  # ai.onnx.ml: LabelEncoder v2 (string keys, int64 values)
@@ -44,14 +51,14 @@ class _GraphBuilder:
         self.initializers.append(numpy_helper.from_array(value, name))
         return name
 
-    def op(self, op_type: str, inputs: list[str], base: str, domain: str = "", **attrs) -> str:  # type: ignore[no-untyped-def]
+    def op(self, op_type: str, inputs: list[str], base: str, domain: str = "", **attrs) -> str:
         out = self.name(base)
         self.nodes.append(
             helper.make_node(op_type, inputs, [out], name=out, domain=domain, **attrs)
         )
         return out
 
-    def output(self, op_type: str, inputs: list[str], out: str, domain: str = "", **attrs) -> None:  # type: ignore[no-untyped-def]
+    def output(self, op_type: str, inputs: list[str], out: str, domain: str = "", **attrs) -> None:
         self.nodes.append(
             helper.make_node(op_type, inputs, [out], name=out, domain=domain, **attrs)
         )
@@ -63,16 +70,28 @@ class _GraphBuilder:
             keys = ["", *f.vocab]
             values = [MISSING_INDEX, *range(VOCAB_OFFSET, VOCAB_OFFSET + len(f.vocab))]
             self.output(
-                "LabelEncoder", [x], out, domain="ai.onnx.ml",
-                keys_strings=keys, values_int64s=values, default_int64=OOV_INDEX,
+                "LabelEncoder",
+                [x],
+                out,
+                domain="ai.onnx.ml",
+                keys_strings=keys,
+                values_int64s=values,
+                default_int64=OOV_INDEX,
             )
             return
         # 1 + murmur3(x) % buckets, and 0 where x == "" (the present-mask is a one-key encoder).
         present = self.op(
-            "LabelEncoder", [x], f"{f.name}_present", domain="ai.onnx.ml",
-            keys_strings=[""], values_int64s=[0], default_int64=1,
+            "LabelEncoder",
+            [x],
+            f"{f.name}_present",
+            domain="ai.onnx.ml",
+            keys_strings=[""],
+            values_int64s=[0],
+            default_int64=1,
         )
-        h = self.op("MurmurHash3", [x], f"{f.name}_hash", domain="com.microsoft", seed=HASH_SEED, positive=1)
+        h = self.op(
+            "MurmurHash3", [x], f"{f.name}_hash", domain="com.microsoft", seed=HASH_SEED, positive=1
+        )
         h = self.op("Cast", [h], f"{f.name}_hash64", to=TensorProto.INT64)
         buckets = self.const(f"{f.name}_buckets", np.array(f.hash_buckets, dtype=np.int64))
         h = self.op("Mod", [h, buckets], f"{f.name}_bucket")
@@ -121,7 +140,9 @@ def encoding_text(f: FittedFeature) -> str:
     if f.kind == "numeric":
         if f.boundaries is not None:
             return f"bucketised by {len(f.boundaries)} boundaries"
-        return {"none": "as is", "log1p": "log1p(max(x, 0))", "standard": "standardised"}[f.transform]
+        return {"none": "as is", "log1p": "log1p(max(x, 0))", "standard": "standardised"}[
+            f.transform
+        ]
     if f.hash_buckets is not None:
         return f"murmur3 hash into {f.hash_buckets} buckets"
     assert f.vocab is not None

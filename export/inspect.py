@@ -9,7 +9,11 @@ import onnx
 
 from export.metadata import read_metadata
 
-_TYPES = {onnx.TensorProto.STRING: "string", onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.INT64: "int64"}
+_TYPES = {
+    onnx.TensorProto.STRING: "string",
+    onnx.TensorProto.FLOAT: "float32",
+    onnx.TensorProto.INT64: "int64",
+}
 
 
 def _shape(v: onnx.ValueInfoProto) -> str:
@@ -25,7 +29,8 @@ def describe(path: str | Path) -> str:
     meta = read_metadata({p.key: p.value for p in model.metadata_props})
     lines = [
         f"{path}  ({path.stat().st_size / 1e6:.2f} MB)",
-        f"model      {meta.name} v{meta.version}  (config {meta.config_hash}, exported {meta.exported_at})",
+        f"model      {meta.name} v{meta.version}  "
+        f"(config {meta.config_hash}, exported {meta.exported_at})",
         f"format     IR {model.ir_version}, opsets "
         + ", ".join(f"{o.domain or 'ai.onnx'} {o.version}" for o in model.opset_import),
         "",
@@ -42,13 +47,22 @@ def describe(path: str | Path) -> str:
     lines += ["", "tasks"]
     for t in meta.tasks:
         extra = f", {t.num_class} classes" if t.num_class else ""
-        lines.append(f"  {t.name:<22} {t.kind:<12} -> {t.output}{extra}" + (f" (+ {t.logits})" if t.logits else ""))
+        lines.append(
+            f"  {t.name:<22} {t.kind:<12} -> {t.output}{extra}"
+            + (f" (+ {t.logits})" if t.logits else "")
+        )
     lines += ["", "outputs"]
     for o in model.graph.output:
-        lines.append(f"  {o.name:<22} {_TYPES.get(o.type.tensor_type.elem_type, '?'):<8}{_shape(o)}")
+        lines.append(
+            f"  {o.name:<22} {_TYPES.get(o.type.tensor_type.elem_type, '?'):<8}{_shape(o)}"
+        )
     if meta.metrics:
         lines += ["", "training metrics (best epoch)"]
         lines += [f"  {k:<22} {v:.4f}" for k, v in meta.metrics.items()]
     ops = Counter(f"{n.domain + '.' if n.domain else ''}{n.op_type}" for n in model.graph.node)
-    lines += ["", f"graph      {len(model.graph.node)} nodes: " + ", ".join(f"{k} x{v}" for k, v in ops.most_common())]
+    lines += [
+        "",
+        f"graph      {len(model.graph.node)} nodes: "
+        + ", ".join(f"{k} x{v}" for k, v in ops.most_common()),
+    ]
     return "\n".join(lines)

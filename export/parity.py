@@ -76,15 +76,13 @@ def to_onnx_inputs(schema: FeatureSchema, cols: dict[str, RawColumn]) -> dict[st
     for f in schema.features:
         values = cols[f.name]
         if f.kind == "numeric":
-            feeds[f.name] = np.array(
-                [np.nan if v is None else v for v in values], dtype=np.float32
-            )
+            feeds[f.name] = np.array([np.nan if v is None else v for v in values], dtype=np.float32)
         elif f.kind == "tags":
             assert f.max_len is not None
             arr = np.full((len(values), f.max_len), "", dtype=object)
             for i, v in enumerate(values):
-                tokens = f.default if v is None else v
-                tokens = [t for t in (tokens or []) if t != ""][: f.max_len]  # type: ignore[union-attr]
+                raw = f.default if v is None else v
+                tokens = [t for t in (raw if isinstance(raw, list) else []) if t != ""][: f.max_len]
                 arr[i, : len(tokens)] = tokens
             feeds[f.name] = arr
         else:

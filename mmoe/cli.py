@@ -19,7 +19,9 @@ def build_parser() -> argparse.ArgumentParser:
     model_cli.register(sub)
     export_cli.register(sub)
     service_cli.register(sub)
-    bench = sub.add_parser("bench", help="benchmark the service against a floor and a baseline", add_help=False)
+    bench = sub.add_parser(
+        "bench", help="benchmark the service against a floor and a baseline", add_help=False
+    )
     bench.set_defaults(func=_bench)
     return parser
 

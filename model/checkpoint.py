@@ -19,7 +19,7 @@ import torch
 import yaml
 
 from model.config import RunConfig, parse_config
-from model.network import MMoE, PLE, FeatureSpec, RankingModel, TaskHead
+from model.network import PLE, FeatureSpec, MMoE, RankingModel, TaskHead
 from model.schema import FeatureSchema
 
 

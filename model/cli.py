@@ -12,7 +12,9 @@ from typing import Any
 def register(sub: Any) -> None:
     data = sub.add_parser("data", help="generate a data set")
     kinds = data.add_subparsers(dest="dataset", required=True, metavar="DATASET")
-    rank = kinds.add_parser("synthetic-ranking", help="click/conversion log with ids, numbers, tags")
+    rank = kinds.add_parser(
+        "synthetic-ranking", help="click/conversion log with ids, numbers, tags"
+    )
     rank.add_argument("--rows", type=int, default=200_000)
     rank.add_argument("--seed", type=int, default=7)
     rank.add_argument("--out", required=True, help="FILE.parquet or FILE.csv")
@@ -21,7 +23,9 @@ def register(sub: Any) -> None:
         "paper-synthetic",
         help="the MMoE paper's two regression tasks with controlled correlation (KDD 2018, 3.2)",
     )
-    paper.add_argument("--correlation", type=float, required=True, help="task correlation p in [-1, 1]")
+    paper.add_argument(
+        "--correlation", type=float, required=True, help="task correlation p in [-1, 1]"
+    )
     paper.add_argument("--rows", type=int, default=10_000)
     paper.add_argument("--dim", type=int, default=100, help="input dimension d (default 100)")
     paper.add_argument("--sines", type=int, default=10, help="number of sine terms m (default 10)")
@@ -33,7 +37,9 @@ def register(sub: Any) -> None:
 
     train = sub.add_parser("train", help="fit the feature schema and train the model")
     train.add_argument("--config", required=True)
-    train.add_argument("--data", required=True, help="training data (.parquet, .csv, or a directory)")
+    train.add_argument(
+        "--data", required=True, help="training data (.parquet, .csv, or a directory)"
+    )
     train.add_argument("--valid", help="validation data (default: hold out train.valid_fraction)")
     train.add_argument("--out", required=True, help="RUN_DIR to write")
     train.add_argument("--nproc", type=int, default=1, help="processes (DDP via torchrun)")
@@ -53,8 +59,13 @@ def _data(args: argparse.Namespace) -> int:
         table = synthetic_ranking(args.rows, args.seed)
     else:
         table = paper_synthetic(
-            args.rows, args.correlation, dim=args.dim, num_sines=args.sines, scale=args.scale,
-            noise_std=args.noise, seed=args.seed,
+            args.rows,
+            args.correlation,
+            dim=args.dim,
+            num_sines=args.sines,
+            scale=args.scale,
+            noise_std=args.noise,
+            seed=args.seed,
         )
     write_table(table, args.out)
     print(f"wrote {table.num_rows} rows to {args.out}")
@@ -64,9 +75,19 @@ def _data(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         cmd = [
-            sys.executable, "-m", "torch.distributed.run", "--standalone",
-            f"--nproc_per_node={args.nproc}", "-m", "model.train",
-            "--config", args.config, "--data", args.data, "--out", args.out,
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={args.nproc}",
+            "-m",
+            "model.train",
+            "--config",
+            args.config,
+            "--data",
+            args.data,
+            "--out",
+            args.out,
         ]
         if args.valid:
             cmd += ["--valid", args.valid]

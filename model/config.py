@@ -107,9 +107,7 @@ class TaskConfig(_Strict):
     num_class: int | None = Field(None, ge=2)
     weight: float = Field(1.0, ge=0)
     tower: list[int] = Field(default_factory=lambda: [64], min_length=0)
-    metrics: list[Literal["auc", "logloss", "mse", "mae", "accuracy"]] = Field(
-        default_factory=list
-    )
+    metrics: list[Literal["auc", "logloss", "mse", "mae", "accuracy"]] = Field(default_factory=list)
     # Column with a per-row loss weight for this task.
     sample_weight: str | None = None
     # ESMM-style task space: only rows where every listed column equals its value count,
@@ -224,7 +222,9 @@ class RunConfig(_Strict):
             known = {f.group for f in self.features}
             unknown = sorted(set(self.model.groups) - known)
             if unknown:
-                raise ValueError(f"model.groups names unknown groups {unknown}; known: {sorted(known)}")
+                raise ValueError(
+                    f"model.groups names unknown groups {unknown}; known: {sorted(known)}"
+                )
         return self
 
     @property

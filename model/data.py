@@ -24,7 +24,8 @@ def data_format(path: str | Path) -> str:
 
 def needed_columns(config: RunConfig) -> tuple[list[str], list[str]]:
     """(columns read as strings: ids and tags; all other needed columns: numeric and labels)."""
-    strings, numbers = [], []
+    strings: list[str] = []
+    numbers: list[str] = []
     for f in config.input_features:
         col = f.column or f.name
         (numbers if isinstance(f, NumericFeature) else strings).append(col)

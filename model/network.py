@@ -11,6 +11,7 @@ output heads (sigmoid / softmax / identity) behind, and is what training and exp
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -90,7 +91,7 @@ class ExpertBank(nn.Module):
         self.biases = nn.ParameterList()
         self.norms = nn.ModuleList()
         dims = [in_dim, *units]
-        for fan_in, fan_out in zip(dims[:-1], dims[1:], strict=True):
+        for fan_in, fan_out in itertools.pairwise(dims):
             w = torch.empty(num_experts, fan_in, fan_out)
             b = torch.empty(num_experts, fan_out)
             for k in range(num_experts):  # nn.Linear's default init, per expert
@@ -136,14 +137,16 @@ class ExpertBank(nn.Module):
                 layers.append(lin)
                 if self.norms:
                     bn = self.norms[i]
+                    assert isinstance(bn, nn.BatchNorm1d)
+                    assert bn.running_mean is not None and bn.running_var is not None
                     out = w.shape[2]
                     sub = nn.BatchNorm1d(out)
                     sl = slice(k * out, (k + 1) * out)
                     with torch.no_grad():
                         sub.weight.copy_(bn.weight[sl])
                         sub.bias.copy_(bn.bias[sl])
-                        sub.running_mean.copy_(bn.running_mean[sl])
-                        sub.running_var.copy_(bn.running_var[sl])
+                        sub.get_buffer("running_mean").copy_(bn.running_mean[sl])
+                        sub.get_buffer("running_var").copy_(bn.running_var[sl])
                     layers.append(sub)
                 layers.append(type(self.act)())
             experts.append(nn.Sequential(*layers).eval())
@@ -220,6 +223,53 @@ class MMoE(nn.Module):
         return out
 
 
+class CGCLayer(nn.Module):
+    """One PLE extraction layer (Customized Gate Control): shared and per-task experts."""
+
+    def __init__(
+        self,
+        in_dim: int,
+        num_tasks: int,
+        num_shared: int,
+        num_specific: int,
+        expert_units: Sequence[int],
+        gate_units: Sequence[int],
+        last: bool,
+        activation: str,
+        dropout: float,
+        batch_norm: bool,
+    ) -> None:
+        super().__init__()
+        opts = (activation, dropout, batch_norm)
+        self.shared = ExpertBank(in_dim, num_shared, expert_units, *opts)
+        self.specific = nn.ModuleList(
+            ExpertBank(in_dim, num_specific, expert_units, *opts) for _ in range(num_tasks)
+        )
+        self.task_gates = nn.ModuleList(
+            Gate(in_dim, num_specific + num_shared, gate_units, activation)
+            for _ in range(num_tasks)
+        )
+        # Below the last layer a shared gate mixes every expert for the next layer's shared input.
+        self.shared_gate = (
+            None
+            if last
+            else Gate(in_dim, num_tasks * num_specific + num_shared, gate_units, activation)
+        )
+
+    def forward(
+        self, task_in: list[torch.Tensor], shared_in: torch.Tensor
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        shared = self.shared(shared_in)
+        specific = [bank(h) for bank, h in zip(self.specific, task_in, strict=True)]
+        task_out = [
+            _mix(gate(h), torch.cat([own, shared]))
+            for gate, h, own in zip(self.task_gates, task_in, specific, strict=True)
+        ]
+        if self.shared_gate is not None:
+            shared_in = _mix(self.shared_gate(shared_in), torch.cat([*specific, shared]))
+        return task_out, shared_in
+
+
 class PLE(nn.Module):
     """Progressive Layered Extraction (Tang et al., RecSys 2020); one layer is CGC.
 
@@ -242,30 +292,21 @@ class PLE(nn.Module):
     ) -> None:
         super().__init__()
         self.tasks = list(tasks)
-        n_t = len(self.tasks)
-        self.layers = nn.ModuleList()
-        in_dim = input_dim
-        for layer in range(num_layers):
-            last = layer == num_layers - 1
-            block = nn.Module()
-            block.shared = ExpertBank(
-                in_dim, num_shared_experts, expert_units, activation, dropout, batch_norm
+        self.layers = nn.ModuleList(
+            CGCLayer(
+                input_dim if i == 0 else expert_units[-1],
+                len(self.tasks),
+                num_shared_experts,
+                num_task_experts,
+                expert_units,
+                gate_units,
+                i == num_layers - 1,
+                activation,
+                dropout,
+                batch_norm,
             )
-            block.specific = nn.ModuleList(
-                ExpertBank(in_dim, num_task_experts, expert_units, activation, dropout, batch_norm)
-                for _ in range(n_t)
-            )
-            block.task_gates = nn.ModuleList(
-                Gate(in_dim, num_task_experts + num_shared_experts, gate_units, activation)
-                for _ in range(n_t)
-            )
-            block.shared_gate = (
-                None
-                if last
-                else Gate(in_dim, n_t * num_task_experts + num_shared_experts, gate_units, activation)
-            )
-            self.layers.append(block)
-            in_dim = expert_units[-1]
+            for i in range(num_layers)
+        )
         self.towers = nn.ModuleList(
             nn.Sequential(
                 mlp(expert_units[-1], t.tower, activation, dropout, batch_norm),
@@ -277,16 +318,8 @@ class PLE(nn.Module):
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         task_in = [x] * len(self.tasks)
         shared_in = x
-        for block in self.layers:
-            shared = block.shared(shared_in)
-            specific = [bank(h) for bank, h in zip(block.specific, task_in, strict=True)]
-            new_task_in = [
-                _mix(gate(h), torch.cat([own, shared]))
-                for gate, h, own in zip(block.task_gates, task_in, specific, strict=True)
-            ]
-            if block.shared_gate is not None:
-                shared_in = _mix(block.shared_gate(shared_in), torch.cat([*specific, shared]))
-            task_in = new_task_in
+        for layer in self.layers:
+            task_in, shared_in = layer(task_in, shared_in)
         return {
             t.name: tower(h) for t, tower, h in zip(self.tasks, self.towers, task_in, strict=True)
         }
@@ -327,6 +360,7 @@ class FeatureEmbedding(nn.Module):
         self.features = list(features)
         self.tables = nn.ModuleDict({name: nn.Embedding(n, d) for name, (n, d) in tables.items()})
         for emb in self.tables.values():
+            assert isinstance(emb, nn.Embedding)
             nn.init.normal_(emb.weight, std=0.05)
         self.output_dim = sum(
             tables[f.table][1] if f.table is not None else 1 for f in self.features
@@ -377,9 +411,7 @@ class RankingModel(nn.Module):
             fields = self.senet(fields)
         return torch.cat(fields, dim=1), sq
 
-    def forward(
-        self, inputs: dict[str, torch.Tensor], with_embedding_l2: bool = False
-    ) -> Any:
+    def forward(self, inputs: dict[str, torch.Tensor], with_embedding_l2: bool = False) -> Any:
         """Per-task logits; with `with_embedding_l2`, also the squared norm of the embeddings
         looked up for this batch (the embedding L2 term, computed in one pass)."""
         x, sq = self.dense_input(inputs)

@@ -8,8 +8,8 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
 
 def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:
@@ -53,7 +53,9 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> list
         ax.set_xticks(range(g.shape[1]), [f"e{k}" for k in range(g.shape[1])])
         ax.set_yticks(range(len(tasks)), tasks)
         for (i, k), v in np.ndenumerate(g):
-            ax.text(k, i, f"{v:.2f}", ha="center", va="center", color="w" if v < g.max() * 0.6 else "k")
+            ax.text(
+                k, i, f"{v:.2f}", ha="center", va="center", color="w" if v < g.max() * 0.6 else "k"
+            )
         ax.set_title("mean gate weight (validation)")
         fig.colorbar(im, ax=ax)
         fig.tight_layout()

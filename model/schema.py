@@ -183,8 +183,10 @@ def _hash_strings(values: pa.Array, buckets: int) -> np.ndarray:
         [0 if u == "" else 1 + mmh3.hash(u, HASH_SEED, signed=False) % buckets for u in uniq],
         dtype=np.int64,
     )
-    return codes[encoded.indices.to_numpy(zero_copy_only=False)] if len(uniq) else np.zeros(
-        len(values), dtype=np.int64
+    return (
+        codes[encoded.indices.to_numpy(zero_copy_only=False)]
+        if len(uniq)
+        else np.zeros(len(values), dtype=np.int64)
     )
 
 
@@ -304,8 +306,14 @@ class SchemaFitter:
                     std = float(np.sqrt(var)) or 1.0
                 fitted.append(
                     FittedFeature(
-                        name=f.name, kind="numeric", column=column, default=f.default,
-                        transform=f.transform, mean=mean, std=std, boundaries=f.boundaries,
+                        name=f.name,
+                        kind="numeric",
+                        column=column,
+                        default=f.default,
+                        transform=f.transform,
+                        mean=mean,
+                        std=std,
+                        boundaries=f.boundaries,
                         embedding_dim=f.embedding_dim if f.boundaries is not None else None,
                     )
                 )
@@ -325,9 +333,15 @@ class SchemaFitter:
             assert isinstance(f, CategoricalFeature | TagsFeature)
             fitted.append(
                 FittedFeature(
-                    name=f.name, kind=f.kind, column=column, default=f.default,
-                    table=f.embedding_name or f.name, vocab=vocab, hash_buckets=f.hash_buckets,
-                    embedding_dim=f.embedding_dim, **extra,
+                    name=f.name,
+                    kind=f.kind,
+                    column=column,
+                    default=f.default,
+                    table=f.embedding_name or f.name,
+                    vocab=vocab,
+                    hash_buckets=f.hash_buckets,
+                    embedding_dim=f.embedding_dim,
+                    **extra,
                 )
             )
         return FeatureSchema(features=fitted)

@@ -25,7 +25,9 @@ def synthetic_ranking(rows: int, seed: int = 7) -> pa.Table:
     user_bias = rng.normal(0, 0.5, n_users)
     item_cat = rng.integers(0, n_cats, n_items)
     item_price = np.round(rng.lognormal(3.0, 1.0, n_items), 2)
-    item_brands = [rng.choice(n_brands, size=rng.integers(0, 4), replace=False) for _ in range(n_items)]
+    item_brands = [
+        rng.choice(n_brands, size=rng.integers(0, 4), replace=False) for _ in range(n_items)
+    ]
     age_cat = rng.normal(0, 1.0, (7, n_cats))
     gender_cat = rng.normal(0, 0.7, (2, n_cats))
     brand_pop = rng.normal(0, 0.6, n_brands)
@@ -46,7 +48,9 @@ def synthetic_ranking(rows: int, seed: int = 7) -> pa.Table:
         -1.6 + 0.9 * affinity + user_bias[users] + pop - 0.25 * np.log1p(price) + hour_effect[hours]
     )
     clk = rng.random(rows) < _sigmoid(z_click)
-    z_buy = -1.2 + 0.5 * affinity + 1.2 * quality - 0.5 * np.log1p(price) + 0.3 * user_age[users] / 6
+    z_buy = (
+        -1.2 + 0.5 * affinity + 1.2 * quality - 0.5 * np.log1p(price) + 0.3 * user_age[users] / 6
+    )
     buy = clk & (rng.random(rows) < _sigmoid(z_buy))
 
     # Some missing values, as in real logs.

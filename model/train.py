@@ -83,7 +83,9 @@ def encode_table(
     return Batch(inputs, labels, weights)
 
 
-def task_loss(task: TaskConfig, logits: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def task_loss(
+    task: TaskConfig, logits: torch.Tensor, y: torch.Tensor, w: torch.Tensor
+) -> torch.Tensor:
     """Weighted mean loss over the rows that count for this task (w > 0)."""
     y = torch.nan_to_num(y, nan=0.0)
     if task.kind == "binary":
@@ -187,11 +189,11 @@ class Trainer:
 
         torch.manual_seed(cfg.train.seed)
         model = build_model(cfg, schema)
-        ddp: nn.Module = (
-            nn.parallel.DistributedDataParallel(model) if distributed else model
-        )
+        ddp: nn.Module = nn.parallel.DistributedDataParallel(model) if distributed else model
         opt_cls = torch.optim.AdamW if cfg.train.optimizer == "adamw" else torch.optim.Adam
-        optimizer = opt_cls(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        optimizer = opt_cls(
+            model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
+        )
         steps_per_epoch = math.ceil(n_rows / self.world / cfg.train.batch_size)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, self._lr_lambda(steps_per_epoch * cfg.train.epochs, steps_per_epoch)
@@ -203,7 +205,9 @@ class Trainer:
         stale = 0
         gen = torch.Generator().manual_seed(cfg.train.seed + self.rank)
         for epoch in range(1, cfg.train.epochs + 1):
-            losses = self._train_epoch(ddp, model, optimizer, scheduler, schema, gen, epoch, steps_per_epoch)
+            losses = self._train_epoch(
+                ddp, model, optimizer, scheduler, schema, gen, epoch, steps_per_epoch
+            )
             record: dict[str, Any] = {"epoch": epoch, "train_loss": losses}
             if valid is not None:
                 record["valid"] = evaluate(model, cfg, valid)
@@ -264,7 +268,7 @@ class Trainer:
             return -value if lower_better else value
         return -float(record["train_loss"]["total"])
 
-    def _lr_lambda(self, total_steps: int, steps_per_epoch: int):  # type: ignore[no-untyped-def]
+    def _lr_lambda(self, total_steps: int, steps_per_epoch: int):
         t = self.config.train
 
         def factor(step: int) -> float:
@@ -301,11 +305,7 @@ class Trainer:
             file=sys.stderr,
             leave=False,
         )
-        join = (
-            ddp.join()  # type: ignore[operator]
-            if isinstance(ddp, nn.parallel.DistributedDataParallel)
-            else nullcontext()
-        )
+        join = ddp.join() if isinstance(ddp, nn.parallel.DistributedDataParallel) else nullcontext()
         with join:
             for chunk in self._train_chunks():
                 if self.world > 1:
@@ -318,7 +318,9 @@ class Trainer:
                     batch = data.take(order[start : start + cfg.train.batch_size])
                     logits, emb_sq = ddp(batch.inputs, with_embedding_l2=True)
                     per_task = {
-                        t.name: task_loss(t, logits[t.name], batch.labels[t.name], batch.weights[t.name])
+                        t.name: task_loss(
+                            t, logits[t.name], batch.labels[t.name], batch.weights[t.name]
+                        )
                         for t in cfg.tasks
                     }
                     loss = sum(t.weight * per_task[t.name] for t in cfg.tasks)

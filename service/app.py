@@ -61,7 +61,10 @@ class Observability:
             if message["type"] == "http.response.start":
                 status = message["status"]
                 message.setdefault("headers", [])
-                message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode("latin-1"))]
+                message["headers"] = [
+                    *message["headers"],
+                    (b"x-request-id", request_id.encode("latin-1")),
+                ]
             await send(message)
 
         try:
@@ -91,7 +94,9 @@ def _custom_openapi(app: FastAPI) -> dict[str, Any]:
     """OpenAPI with the /predict body generated from the loaded model's features."""
     if app.openapi_schema:
         return app.openapi_schema
-    schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    schema = get_openapi(
+        title=app.title, version=app.version, description=app.description, routes=app.routes
+    )
     holder: ModelHolder = app.state.holder
     model = holder.current
     op = schema["paths"]["/predict"]["post"]
@@ -132,13 +137,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.holder = holder
         loader = asyncio.create_task(holder.keep_loading())
         loop = asyncio.get_running_loop()
+        reloads: set[asyncio.Task[None]] = set()
 
         def on_sighup() -> None:
             async def reload() -> None:
                 with contextlib.suppress(ModelLoadError):
                     await holder.load(settings.model_path)
 
-            loop.create_task(reload())
+            reloads.add(task := loop.create_task(reload()))
+            task.add_done_callback(reloads.discard)
 
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.add_signal_handler(signal.SIGHUP, on_sighup)

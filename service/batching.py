@@ -62,7 +62,7 @@ class _Runner:
 
 
 class DirectRunner(_Runner):
-    def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._slots = asyncio.Semaphore(self.workers)
 
@@ -94,7 +94,7 @@ class _Item:
 
 
 class MicroBatcher(_Runner):
-    def __init__(self, *args, max_rows: int, wait_s: float, **kwargs) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, *args, max_rows: int, wait_s: float, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.max_rows = max_rows
         self.wait_s = wait_s
@@ -155,7 +155,9 @@ class MicroBatcher(_Runner):
             self.inflight += 1
             try:
                 merged = {
-                    k: np.concatenate([b.feeds[k] for b in batch]) if len(batch) > 1 else batch[0].feeds[k]
+                    k: np.concatenate([b.feeds[k] for b in batch])
+                    if len(batch) > 1
+                    else batch[0].feeds[k]
                     for k in batch[0].feeds
                 }
                 outputs = await loop.run_in_executor(self.executor, self._run, merged)

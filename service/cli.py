@@ -18,7 +18,9 @@ def register(sub: Any) -> None:
     p.add_argument("--inference-workers", type=int)
     p.add_argument("--max-batch-rows", type=int)
     p.add_argument("--max-body-bytes", type=int)
-    p.add_argument("--batch-max-rows", type=int, help="dynamic batching: rows per runtime call (0 = off)")
+    p.add_argument(
+        "--batch-max-rows", type=int, help="dynamic batching: rows per runtime call (0 = off)"
+    )
     p.add_argument("--batch-wait-ms", type=float)
     p.add_argument("--max-queue", type=int)
     p.add_argument("--request-timeout-ms", type=int)

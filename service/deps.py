@@ -43,24 +43,30 @@ def require_api_key(request: Request) -> None:
         given.encode("utf-8", "surrogateescape"), expected.get_secret_value().encode()
     ):
         raise ApiError(
-            401, "unauthorized", "missing or wrong API key (Authorization: Bearer or x-api-key)",
-            None, {"WWW-Authenticate": "Bearer"},
+            401,
+            "unauthorized",
+            "missing or wrong API key (Authorization: Bearer or x-api-key)",
+            None,
+            {"WWW-Authenticate": "Bearer"},
         )
 
 
-async def read_json_body(
-    request: Request, limit: int, also_allowed: tuple[str, ...] = ()
-) -> bytes:
+async def read_json_body(request: Request, limit: int, also_allowed: tuple[str, ...] = ()) -> bytes:
     """The request body, refused with 413 past `limit` bytes (without reading it all) and 415
     unless it is declared as JSON (or one of `also_allowed`); no content-type means JSON."""
     ctype = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
     if ctype != "application/json" and not ctype.endswith("+json") and ctype not in also_allowed:
         raise PayloadError(
-            "content-type", f"expected application/json, got {ctype!r}", 415, "unsupported_media_type"
+            "content-type",
+            f"expected application/json, got {ctype!r}",
+            415,
+            "unsupported_media_type",
         )
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadError(None, f"body of {declared} bytes is over the {limit}-byte limit", 413, "body_too_large")
+        raise PayloadError(
+            None, f"body of {declared} bytes is over the {limit}-byte limit", 413, "body_too_large"
+        )
     chunks = []
     size = 0
     async for chunk in request.stream():
@@ -71,9 +77,7 @@ async def read_json_body(
     return b"".join(chunks)
 
 
-async def run_inference(
-    request: Request, model: LoadedModel, feeds: Feeds, n: int
-) -> Outputs:
+async def run_inference(request: Request, model: LoadedModel, feeds: Feeds, n: int) -> Outputs:
     """Through the model's runner, bounded by the queue and the request timeout (503 when shed)."""
     settings = get_settings(request)
     metrics = get_metrics(request)
@@ -85,10 +89,15 @@ async def run_inference(
         )
     except Overloaded:
         metrics.shed.labels("queue_full").inc()
-        raise ApiError(503, "overloaded", "server busy: queue full, retry later", None, retry) from None
+        raise ApiError(
+            503, "overloaded", "server busy: queue full, retry later", None, retry
+        ) from None
     except TimeoutError:
         metrics.shed.labels("timeout").inc()
         raise ApiError(
-            503, "timeout", f"not scored within {settings.request_timeout_ms} ms, retry later",
-            None, retry,
+            503,
+            "timeout",
+            f"not scored within {settings.request_timeout_ms} ms, retry later",
+            None,
+            retry,
         ) from None

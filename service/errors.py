@@ -34,13 +34,17 @@ class ApiError(Exception):
 class PayloadError(ApiError):
     """The request body cannot be scored as sent (422 unless said otherwise)."""
 
-    def __init__(self, field: str | None, reason: str, status: int = 422, code: str = "invalid_request"):
+    def __init__(
+        self, field: str | None, reason: str, status: int = 422, code: str = "invalid_request"
+    ):
         super().__init__(status, code, reason, field)
 
 
 def error_response(err: ApiError) -> Response:
     return Response(
-        orjson.dumps(err.body()), status_code=err.status, media_type="application/json",
+        orjson.dumps(err.body()),
+        status_code=err.status,
+        media_type="application/json",
         headers=err.headers,
     )
 
@@ -62,4 +66,4 @@ async def validation_error_handler(request: Request, err: Exception) -> Response
     assert isinstance(err, RequestValidationError)
     first = err.errors()[0] if err.errors() else {"loc": (), "msg": "invalid request"}
     field = ".".join(str(p) for p in first["loc"] if p != "body") or None
-    return error_response(ApiError(422, "invalid_request", first["msg"], field))
+    return error_response(ApiError(422, "invalid_request", str(first["msg"]), field))

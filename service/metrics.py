@@ -4,7 +4,23 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-_LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.004, 0.006, 0.008, 0.012, 0.016, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+_LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.002,
+    0.004,
+    0.006,
+    0.008,
+    0.012,
+    0.016,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+)
 _ROW_BUCKETS = (1, 4, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 
 
@@ -16,8 +32,11 @@ class ServiceMetrics:
             "mmoe_requests", "HTTP requests by route and status", ["route", "status"], registry=r
         )
         self.latency = Histogram(
-            "mmoe_request_latency_seconds", "HTTP request latency by route", ["route"],
-            buckets=_LATENCY_BUCKETS, registry=r,
+            "mmoe_request_latency_seconds",
+            "HTTP request latency by route",
+            ["route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.request_rows = Histogram(
             "mmoe_request_rows", "candidates per scoring request", buckets=_ROW_BUCKETS, registry=r
@@ -30,9 +49,14 @@ class ServiceMetrics:
         )
         self.queue_depth = Gauge("mmoe_queue_depth", "requests waiting for the runtime", registry=r)
         self.inflight = Gauge("mmoe_inflight", "onnxruntime calls in progress", registry=r)
-        self.shed = Counter("mmoe_shed", "requests refused with 503 (queue full or timeout)", ["reason"], registry=r)
+        self.shed = Counter(
+            "mmoe_shed", "requests refused with 503 (queue full or timeout)", ["reason"], registry=r
+        )
         self.model_info = Gauge(
-            "mmoe_model_info", "the model being served", ["name", "version", "provider", "path"], registry=r
+            "mmoe_model_info",
+            "the model being served",
+            ["name", "version", "provider", "path"],
+            registry=r,
         )
         self.reloads = Counter("mmoe_reloads", "model reloads by result", ["result"], registry=r)
 

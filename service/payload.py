@@ -66,7 +66,9 @@ def _msgspec_error(err: msgspec.ValidationError) -> PayloadError:
     if unknown:
         name = unknown.group(1)
         field = f"{field}.{name}" if field else name
-        return PayloadError(field, "unknown field (the model's features are listed at GET /metadata)")
+        return PayloadError(
+            field, "unknown field (the model's features are listed at GET /metadata)"
+        )
     return PayloadError(field, reason.replace("`", ""))
 
 
@@ -100,14 +102,14 @@ class RequestDecoder:
         self._decoder = msgspec.json.Decoder(self.request_type)
 
     def json_schema(self) -> dict[str, Any]:
-        """JSON Schema of the request body (for OpenAPI), with its definitions inlined under $defs."""
+        """JSON Schema of the request body (for OpenAPI); definitions under $defs."""
         return msgspec.json.schema(self.request_type)
 
     # ------------------------------------------------------------------------------ decode
 
     def decode(self, body: bytes) -> Decoded:
         try:
-            req = self._decoder.decode(body)
+            req: Any = self._decoder.decode(body)
         except msgspec.ValidationError as err:
             raise _msgspec_error(err) from None
         except msgspec.DecodeError as err:
@@ -116,7 +118,8 @@ class RequestDecoder:
         if req.instances is not None:
             if req.candidates is not None or req.context is not None:
                 raise PayloadError(
-                    "instances", "give `instances`, or `candidates` (with optional `context`), not both"
+                    "instances",
+                    "give `instances`, or `candidates` (with optional `context`), not both",
                 )
             return Decoded(*self._from_rows(req.instances), tasks)
         if req.candidates is None:
@@ -128,8 +131,10 @@ class RequestDecoder:
             raise PayloadError(field, "empty batch: send at least one candidate")
         if n > self.max_rows:
             raise PayloadError(
-                field, f"{n} rows is more than the limit of {self.max_rows} per request",
-                413, "too_many_rows",
+                field,
+                f"{n} rows is more than the limit of {self.max_rows} per request",
+                413,
+                "too_many_rows",
             )
 
     def _from_columns(self, cands: Any, ctx: Any) -> tuple[int, dict[str, np.ndarray]]:
@@ -200,7 +205,10 @@ def column_array(f: FeatureInfo, values: list[Any], field: str) -> np.ndarray:
         return _tags(f, values, field)
     default = f.default
     out = np.array(
-        [v if v.__class__ is str else _id_string(v, default, f, field, j) for j, v in enumerate(values)],
+        [
+            v if v.__class__ is str else _id_string(v, default, f, field, j)
+            for j, v in enumerate(values)
+        ],
         dtype=object,
     )
     return out

@@ -93,7 +93,9 @@ class Predictor:
                 "(CUDA/cuDNN libraries missing or no GPU visible)"
             )
         try:
-            self.meta: ModelMetadata = read_metadata(self.session.get_modelmeta().custom_metadata_map)
+            self.meta: ModelMetadata = read_metadata(
+                self.session.get_modelmeta().custom_metadata_map
+            )
         except MetadataError as err:
             raise ModelLoadError(f"{self.path}: {err}") from None
         self._check_io()
@@ -135,7 +137,9 @@ class Predictor:
         if missing:
             raise ModelLoadError(f"{self.path}: metadata names outputs {missing} the graph lacks")
 
-    def run(self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
+    def run(
+        self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None
+    ) -> dict[str, np.ndarray]:
         names = outputs or self.outputs
         return dict(zip(names, self.session.run(names, feeds), strict=True))
 

@@ -1,4 +1,4 @@
-"""Server settings: environment variables with the MMOE_ prefix, overridden by `mmoe serve` flags."""
+"""Server settings: MMOE_* environment variables, overridden by `mmoe serve` flags."""
 
 from __future__ import annotations
 

@@ -54,7 +54,10 @@ class ModelHolder:
         model = self.current
         if model is None:
             raise ApiError(
-                503, "not_ready", self.not_ready_reason, None,
+                503,
+                "not_ready",
+                self.not_ready_reason,
+                None,
                 {"Retry-After": str(self.settings.retry_after_s)},
             )
         return model
@@ -83,7 +86,9 @@ class ModelHolder:
                 self.metrics.reloads.labels("failed").inc()
                 if self.current is None:
                     self.not_ready_reason = str(err)
-                log.error("model load failed", extra={"event": "model_load_failed", "reason": str(err)})
+                log.error(
+                    "model load failed", extra={"event": "model_load_failed", "reason": str(err)}
+                )
                 raise
             runner: _Runner
             common = dict(
@@ -91,8 +96,11 @@ class ModelHolder:
             )
             if s.batch_max_rows > 0:
                 runner = MicroBatcher(
-                    predictor, self.executor, max_rows=s.batch_max_rows,
-                    wait_s=s.batch_wait_ms / 1000, **common,
+                    predictor,
+                    self.executor,
+                    max_rows=s.batch_max_rows,
+                    wait_s=s.batch_wait_ms / 1000,
+                    **common,
                 )
             else:
                 runner = DirectRunner(predictor, self.executor, **common)
@@ -101,7 +109,9 @@ class ModelHolder:
             old, self.current = self.current, new
             self.metrics.reloads.labels("ok").inc()
             self.metrics.model_info.clear()
-            self.metrics.model_info.labels(new.name, new.version, predictor.provider, str(path)).set(1)
+            self.metrics.model_info.labels(
+                new.name, new.version, predictor.provider, str(path)
+            ).set(1)
             for callback in self.on_swap:
                 callback(new)
             if old is not None:

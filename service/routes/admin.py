@@ -41,5 +41,7 @@ async def reload(request: Request, holder: ModelHolder = Depends(get_holder)) ->
     try:
         model = await holder.load(path)
     except ModelLoadError as err:
-        raise ApiError(422, "model_rejected", f"{err}; still serving the previous model", "path") from None
+        raise ApiError(
+            422, "model_rejected", f"{err}; still serving the previous model", "path"
+        ) from None
     return {"status": "reloaded", "model": model.name, "version": model.version, "path": str(path)}

@@ -25,8 +25,17 @@ from service.state import LoadedModel, ModelHolder
 router = APIRouter(prefix="/v2", tags=["kserve-v2"])
 
 _NUMERIC_TYPES = {
-    "FP16": "<f2", "FP32": "<f4", "FP64": "<f8", "INT8": "i1", "INT16": "<i2", "INT32": "<i4",
-    "INT64": "<i8", "UINT8": "u1", "UINT16": "<u2", "UINT32": "<u4", "UINT64": "<u8",
+    "FP16": "<f2",
+    "FP32": "<f4",
+    "FP64": "<f8",
+    "INT8": "i1",
+    "INT16": "<i2",
+    "INT32": "<i4",
+    "INT64": "<i8",
+    "UINT8": "u1",
+    "UINT16": "<u2",
+    "UINT32": "<u4",
+    "UINT64": "<u8",
 }
 _HEADER = "inference-header-content-length"
 
@@ -34,7 +43,7 @@ _HEADER = "inference-header-content-length"
 class V2Error(ApiError):
     """KServe V2 errors are `{"error": "<message>"}`."""
 
-    def body(self) -> dict[str, Any]:  # type: ignore[override]
+    def body(self) -> dict[str, Any]:
         return {"error": f"{self.field}: {self.reason}" if self.field else self.reason}
 
 
@@ -124,11 +133,15 @@ async def model_ready(
 
 @router.post("/models/{name}/infer", summary="Inference", dependencies=[Depends(require_api_key)])
 @router.post(
-    "/models/{name}/versions/{version}/infer", summary="Inference",
+    "/models/{name}/versions/{version}/infer",
+    summary="Inference",
     dependencies=[Depends(require_api_key)],
 )
 async def infer(
-    name: str, request: Request, version: str | None = None, holder: ModelHolder = Depends(get_holder)
+    name: str,
+    request: Request,
+    version: str | None = None,
+    holder: ModelHolder = Depends(get_holder),
 ) -> Response:
     model = _model(holder, name, version)
     try:
@@ -150,7 +163,11 @@ def _split_body(body: bytes, header_len: str | None) -> tuple[_InferRequest, byt
     json_part, binary = body, b""
     if header_len is not None:
         if not header_len.isdigit() or int(header_len) > len(body):
-            raise V2Error(400, "bad_header", f"Inference-Header-Content-Length {header_len!r} is not a valid length")
+            raise V2Error(
+                400,
+                "bad_header",
+                f"Inference-Header-Content-Length {header_len!r} is not a valid length",
+            )
         json_part, binary = body[: int(header_len)], body[int(header_len) :]
     try:
         return msgspec.json.decode(json_part, type=_InferRequest), binary
@@ -188,7 +205,9 @@ def _tensor_array(t: _Tensor, binary: memoryview, offset: int) -> tuple[np.ndarr
         elif t.datatype in _NUMERIC_TYPES:
             dt = np.dtype(_NUMERIC_TYPES[t.datatype])
             if len(raw) != count * dt.itemsize:
-                raise PayloadError(field, f"{len(raw)} bytes do not hold {count} {t.datatype} values")
+                raise PayloadError(
+                    field, f"{len(raw)} bytes do not hold {count} {t.datatype} values"
+                )
             arr = np.frombuffer(raw, dtype=dt)
         else:
             raise PayloadError(field, f"unsupported datatype {t.datatype}")
@@ -230,7 +249,9 @@ def _feeds(
     given: dict[str, np.ndarray] = {}
     for t in req.inputs:
         if t.name not in features:
-            raise PayloadError(f"inputs[{t.name}]", f"unknown input; the model takes {sorted(features)}")
+            raise PayloadError(
+                f"inputs[{t.name}]", f"unknown input; the model takes {sorted(features)}"
+            )
         if t.name in given:
             raise PayloadError(f"inputs[{t.name}]", "given twice")
         given[t.name], offset = _tensor_array(t, view, offset)
@@ -240,11 +261,15 @@ def _feeds(
     n = next(iter(sizes.values()))
     for k, size in sizes.items():
         if size != n:
-            raise PayloadError(f"inputs[{k}]", f"batch size {size} differs from the other inputs' {n}")
+            raise PayloadError(
+                f"inputs[{k}]", f"batch size {size} differs from the other inputs' {n}"
+            )
     if n == 0:
         raise PayloadError("inputs", "empty batch")
     if n > max_rows:
-        raise PayloadError("inputs", f"{n} rows is more than the limit of {max_rows}", 413, "too_many_rows")
+        raise PayloadError(
+            "inputs", f"{n} rows is more than the limit of {max_rows}", 413, "too_many_rows"
+        )
     feeds: dict[str, np.ndarray] = {}
     for name, f in features.items():
         field = f"inputs[{name}]"
@@ -254,18 +279,25 @@ def _feeds(
         arr = given[name]
         if f.kind == "tags":
             if arr.ndim != 2:
-                raise PayloadError(field, f"tags are [batch, tokens] (max {f.max_len}); got shape {list(arr.shape)}")
+                raise PayloadError(
+                    field,
+                    f"tags are [batch, tokens] (max {f.max_len}); got shape {list(arr.shape)}",
+                )
             feeds[name] = column_array(f, [list(row) for row in arr], field)
         else:
             if arr.ndim == 2 and arr.shape[1] == 1:
                 arr = arr[:, 0]
             if arr.ndim != 1:
-                raise PayloadError(field, f"expected shape [batch] or [batch, 1]; got {list(arr.shape)}")
+                raise PayloadError(
+                    field, f"expected shape [batch] or [batch, 1]; got {list(arr.shape)}"
+                )
             if f.kind == "numeric":
                 if arr.dtype == object:
                     raise PayloadError(field, "numeric feature needs a numeric datatype (FP32)")
                 values = arr.astype(np.float64)
-                feeds[name] = column_array(f, [None if np.isnan(v) else v for v in values.tolist()], field)
+                feeds[name] = column_array(
+                    f, [None if np.isnan(v) else v for v in values.tolist()], field
+                )
             else:
                 feeds[name] = column_array(f, arr.tolist(), field)
     return n, feeds

@@ -1,0 +1,68 @@
+"""Shared fixtures: a tiny trained run and its exported ONNX file (built once per session), and
+real server processes on loopback ports."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.server import ServerProcess
+
+HERE = Path(__file__).parent
+TINY_CONFIG = HERE / "data" / "tiny.yaml"
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from model.data import write_table
+    from model.synthetic import synthetic_ranking
+
+    path = tmp_path_factory.mktemp("data") / "train.parquet"
+    write_table(synthetic_ranking(6000, seed=11), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from model.config import load_config
+    from model.train import train
+
+    out = tmp_path_factory.mktemp("run") / "tiny"
+    train(load_config(TINY_CONFIG), tiny_data, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from export.exporter import export_run
+
+    out = tmp_path_factory.mktemp("onnx") / "model.onnx"
+    export_run(tiny_run, out, parity_rows=256)
+    return out
+
+
+@pytest.fixture
+def start_server(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
+    """start_server(model, env={...}, wait_ready=True) -> a running ServerProcess."""
+    started: list[ServerProcess] = []
+
+    def start(
+        model: Path,
+        env: dict[str, str] | None = None,
+        wait_ready: bool = True,
+        args: list[str] | None = None,
+    ) -> ServerProcess:
+        server = ServerProcess(model, env, args, log_path=tmp_path / f"server{len(started)}.log")
+        started.append(server)
+        return server.start(wait_ready=wait_ready)
+
+    yield start
+    for s in started:
+        s.stop()
+
+
+@pytest.fixture
+def server(start_server: Callable[..., ServerProcess], tiny_onnx: Path) -> ServerProcess:
+    return start_server(tiny_onnx)
