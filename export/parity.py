@@ -58,15 +58,24 @@ def _raw_value(f: FittedFeature, rng: np.random.Generator) -> object:
     return _raw_id(f, rng)
 
 
+def by_feature_name(schema: FeatureSchema) -> FeatureSchema:
+    """The schema reading each feature from a column named after it: served inputs are named by
+    feature, and two features may come from one training column (e.g. an id and its count)."""
+    return FeatureSchema(
+        features=[f.model_copy(update={"column": f.name}) for f in schema.features]
+    )
+
+
 def to_arrow(schema: FeatureSchema, cols: dict[str, RawColumn]) -> pa.Table:
+    """Raw values keyed by feature name -> a table for `by_feature_name(schema).encode`."""
     arrays = {}
     for f in schema.features:
         if f.kind == "numeric":
-            arrays[f.column] = pa.array(cols[f.name], pa.float64())
+            arrays[f.name] = pa.array(cols[f.name], pa.float64())
         elif f.kind == "tags":
-            arrays[f.column] = pa.array(cols[f.name], pa.list_(pa.string()))
+            arrays[f.name] = pa.array(cols[f.name], pa.list_(pa.string()))
         else:
-            arrays[f.column] = pa.array(cols[f.name], pa.string())
+            arrays[f.name] = pa.array(cols[f.name], pa.string())
     return pa.table(arrays)
 
 
@@ -95,7 +104,7 @@ def to_onnx_inputs(schema: FeatureSchema, cols: dict[str, RawColumn]) -> dict[st
 def torch_outputs(
     model: RankingModel, schema: FeatureSchema, cols: dict[str, RawColumn]
 ) -> dict[str, np.ndarray]:
-    batch = encode_table(to_arrow(schema, cols), schema, [], with_labels=False)
+    batch = encode_table(to_arrow(schema, cols), by_feature_name(schema), [], with_labels=False)
     with torch.no_grad():
         return predict(model, batch)
 
@@ -107,7 +116,10 @@ def check_parity(
     cols: dict[str, RawColumn],
     tolerance: float = 1e-5,
 ) -> float:
-    """Max |torch - onnxruntime| over every output; raises ParityError above `tolerance`."""
+    """Max |torch - onnxruntime| over every output; raises ParityError above `tolerance`.
+
+    Probabilities are compared absolutely; unbounded outputs (regression values, logits) with
+    |value| > 1 relative to their magnitude, since float32 resolves no finer than that."""
     expected = torch_outputs(model, schema, cols)
     session = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
@@ -120,11 +132,12 @@ def check_parity(
         if not np.isfinite(diff).all():
             raise ParityError(f"{name}: non-finite values in one of the two outputs")
         worst = max(worst, float(diff.max(initial=0.0)))
-        if diff.max(initial=0.0) > tolerance:
-            row = int(np.unravel_index(diff.argmax(), diff.shape)[0])
+        excess = diff / np.maximum(1.0, np.abs(want.astype(np.float64)))
+        if excess.max(initial=0.0) > tolerance:
+            row = int(np.unravel_index(excess.argmax(), excess.shape)[0])
             raw = {k: v[row] for k, v in cols.items()}
             raise ParityError(
-                f"{name} differs by {diff.max():.3g} (> {tolerance:g}) between PyTorch and "
+                f"{name} differs by {excess.max():.3g} (> {tolerance:g}) between PyTorch and "
                 f"onnxruntime at row {row}: {raw}"
             )
     return worst
