@@ -4,9 +4,7 @@ service to call."""
 from __future__ import annotations
 
 import logging
-import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,13 +21,18 @@ class ModelLoadError(RuntimeError):
     """The file cannot be served: missing, not ONNX, not ours, or failing its warm-up."""
 
 
+class ProviderError(ModelLoadError):
+    """The configured execution provider cannot be used: a setting to change, not a file to
+    wait for, so the server stops instead of retrying."""
+
+
 def choose_providers(requested: str) -> list[str]:
     available = ort.get_available_providers()
     if requested == "cpu":
         return [PROVIDERS["cpu"]]
     if requested == "cuda":
         if PROVIDERS["cuda"] not in available:
-            raise ModelLoadError(
+            raise ProviderError(
                 "MMOE_PROVIDER=cuda but this onnxruntime build has no CUDAExecutionProvider "
                 f"(available: {available}); install onnxruntime-gpu or use MMOE_PROVIDER=auto"
             )
@@ -37,12 +40,6 @@ def choose_providers(requested: str) -> list[str]:
     if PROVIDERS["cuda"] in available:
         return [PROVIDERS["cuda"], PROVIDERS["cpu"]]
     return [PROVIDERS["cpu"]]
-
-
-@dataclass(frozen=True)
-class OutputInfo:
-    name: str
-    task: str
 
 
 def warmup_feeds(features: list[FeatureInfo], n: int) -> dict[str, np.ndarray]:
@@ -87,11 +84,14 @@ class Predictor:
         except Exception as err:  # onnxruntime raises several unrelated types here
             raise ModelLoadError(f"onnxruntime cannot load {self.path}: {err}") from None
         self.provider = self.session.get_providers()[0]
-        if provider == "cuda" and self.provider != PROVIDERS["cuda"]:
-            raise ModelLoadError(
-                f"MMOE_PROVIDER=cuda but onnxruntime fell back to {self.provider} "
+        if self.provider != providers[0]:  # onnxruntime falls back silently; say so
+            reason = (
+                f"onnxruntime fell back from {providers[0]} to {self.provider} "
                 "(CUDA/cuDNN libraries missing or no GPU visible)"
             )
+            if provider == "cuda":
+                raise ProviderError(f"MMOE_PROVIDER=cuda but {reason}")
+            log.warning(reason, extra={"event": "provider_fallback", "provider": self.provider})
         try:
             self.meta: ModelMetadata = read_metadata(
                 self.session.get_modelmeta().custom_metadata_map
@@ -100,7 +100,6 @@ class Predictor:
             raise ModelLoadError(f"{self.path}: {err}") from None
         self._check_io()
         self.outputs = [o.name for o in self.session.get_outputs()]
-        self._lock = threading.Lock()
         self.load_seconds = time.perf_counter() - t0
         t1 = time.perf_counter()
         try:
