@@ -233,6 +233,9 @@ def export_run(
 def _write_atomic(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    # mkstemp makes the file 0600; the model is read by other users too (a container's
+    # non-root server reading a mounted file).
+    os.fchmod(fd, 0o644)
     with os.fdopen(fd, "wb") as fh:
         fh.write(data)
     os.replace(tmp, path)

@@ -111,6 +111,11 @@ def _train(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from model.report import write_report
 
-    for path in write_report(args.run_dir, args.out):
+    try:
+        paths = write_report(args.run_dir, args.out)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for path in paths:
         print(path)
     return 0

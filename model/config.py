@@ -17,6 +17,11 @@ class ConfigError(ValueError):
     """A config file that cannot be used; the message names the key path and the reason."""
 
 
+# Hidden-layer widths of an MLP.
+Units = list[Annotated[int, Field(ge=1)]]
+Name = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -31,13 +36,13 @@ class VocabConfig(_Strict):
 class _IdFeature(_Strict):
     """Shared options of features that are looked up in an embedding table."""
 
-    name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    name: Name
     column: str | None = None  # source column in the data; defaults to `name`
     vocab: VocabConfig | None = None
     hash_buckets: int | None = Field(None, ge=1)
     embedding_dim: int = Field(16, ge=1)
     # Features with the same embedding_name share one table (and one vocabulary).
-    embedding_name: str | None = None
+    embedding_name: Name | None = None
     group: str = "all"
 
     @model_validator(mode="after")
@@ -71,7 +76,7 @@ class TagsFeature(_IdFeature):
 
 class NumericFeature(_Strict):
     kind: Literal["numeric"]
-    name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    name: Name
     column: str | None = None
     # Used for missing values (null/NaN); without one the feature is required when serving.
     default: float | None = None
@@ -101,12 +106,12 @@ FeatureConfig = Annotated[
 
 
 class TaskConfig(_Strict):
-    name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
-    label: str
+    name: Name
+    label: str = Field(min_length=1)
     kind: Literal["binary", "regression", "multiclass"] = "binary"
     num_class: int | None = Field(None, ge=2)
     weight: float = Field(1.0, ge=0)
-    tower: list[int] = Field(default_factory=lambda: [64], min_length=0)
+    tower: Units = Field(default_factory=lambda: [64])
     metrics: list[Literal["auc", "logloss", "mse", "mae", "accuracy"]] = Field(default_factory=list)
     # Column with a per-row loss weight for this task.
     sample_weight: str | None = None
@@ -147,8 +152,8 @@ class ModelConfig(_Strict):
     # shared experts.
     kind: Literal["mmoe", "ple"] = "mmoe"
     experts: int = Field(4, ge=1)
-    expert_units: list[int] = Field(default_factory=lambda: [128, 64], min_length=1)
-    gate_units: list[int] = Field(default_factory=list)
+    expert_units: Units = Field(default_factory=lambda: [128, 64], min_length=1)
+    gate_units: Units = Field(default_factory=list)
     # per_task: MMoE. shared: one gate for all tasks (OMoE). With experts: 1 either is the
     # Shared-Bottom baseline.
     gate: Literal["per_task", "shared"] = "per_task"
@@ -165,10 +170,26 @@ class ModelConfig(_Strict):
     groups: list[str] | None = None
 
 
+# Metrics where larger is better; every other metric (and `loss`) is minimised.
+HIGHER_IS_BETTER = ("auc", "accuracy")
+
+
+def higher_is_better(metric: str) -> bool:
+    """`auc_ctr` -> True, `logloss_ctr` / `mse_y1` / `loss` -> False."""
+    return metric.split("_", 1)[0] in HIGHER_IS_BETTER
+
+
 class EarlyStoppingConfig(_Strict):
-    metric: str  # e.g. auc_ctr or loss
+    # A validation metric (`auc_ctr`, `logloss_cvr`) or `loss` (the weighted sum of task losses
+    # on validation rows; the training loss when there is no validation data).
+    metric: str
     patience: int = Field(2, ge=1)
-    mode: Literal["max", "min"] = "max"
+    # Default: max for auc/accuracy, min for everything else.
+    mode: Literal["max", "min"] | None = None
+
+    @property
+    def maximise(self) -> bool:
+        return self.mode == "max" if self.mode else higher_is_better(self.metric)
 
 
 class TrainConfig(_Strict):
@@ -181,11 +202,14 @@ class TrainConfig(_Strict):
     warmup_steps: int = Field(0, ge=0)
     step_gamma: float = Field(0.5, gt=0, le=1)  # lr multiplier per epoch for `step`
     seed: int = 1024
-    # Rows read from the file at a time; rows are shuffled within each chunk.
+    # Rows read from the file at a time (memory stays bounded whatever the file size); with
+    # `shuffle`, rows are shuffled within each chunk, else batches follow the file order.
     read_rows: int = Field(262144, ge=1)
+    shuffle: bool = True
     # Fraction of the training file held out for validation when no --valid file is given.
     valid_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     early_stopping: EarlyStoppingConfig | None = None
+    # A progress bar on stderr with the running loss per task.
     progress: bool = True
 
 
@@ -201,31 +225,72 @@ class RunConfig(_Strict):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> RunConfig:
+        # Errors here name their own key path (pydantic reports them at the root).
         for what, names in (
-            ("feature", [f.name for f in self.features]),
-            ("task", [t.name for t in self.tasks]),
+            ("features", [f.name for f in self.features]),
+            ("tasks", [t.name for t in self.tasks]),
         ):
-            dupes = sorted({n for n in names if names.count(n) > 1})
-            if dupes:
-                raise ValueError(f"duplicate {what} names: {dupes}")
-        tables: dict[str, Any] = {}
-        for f in self.features:
-            if isinstance(f, NumericFeature) or f.embedding_name is None:
-                continue
-            key = (f.embedding_dim, f.hash_buckets)
-            if tables.setdefault(f.embedding_name, key) != key:
-                raise ValueError(
-                    f"features sharing embedding_name {f.embedding_name!r} must have the same "
-                    "embedding_dim and hash_buckets"
-                )
-        if self.model.groups is not None:
+            for i, n in enumerate(names):
+                if n in names[:i]:
+                    raise ValueError(f"{what}[{i}].name: duplicate name {n!r}")
+        self._check_shared_tables()
+        m = self.model
+        if m.groups is not None:
             known = {f.group for f in self.features}
-            unknown = sorted(set(self.model.groups) - known)
+            unknown = sorted(set(m.groups) - known)
             if unknown:
                 raise ValueError(
-                    f"model.groups names unknown groups {unknown}; known: {sorted(known)}"
+                    f"model.groups: unknown groups {unknown}; the features' groups are "
+                    f"{sorted(known)}"
                 )
+        if m.kind == "ple":
+            if "gate" in m.model_fields_set:
+                raise ValueError("model.gate: only for kind: mmoe (PLE has its own gates)")
+        else:
+            for key in ("task_experts", "ple_layers"):
+                if key in m.model_fields_set:
+                    raise ValueError(f"model.{key}: only for kind: ple")
+        es = self.train.early_stopping
+        if es is not None and es.metric not in self.metric_names:
+            raise ValueError(
+                f"train.early_stopping.metric: {es.metric!r} is not computed; "
+                f"choose one of {self.metric_names}"
+            )
         return self
+
+    def _check_shared_tables(self) -> None:
+        """Features that share an embedding table (`embedding_name`) must agree on its shape and
+        on how ids map to rows (one vocabulary, or the same hash buckets)."""
+        owners: dict[str, tuple[int, tuple[object, ...]]] = {}
+        for i, f in enumerate(self.features):
+            key: tuple[object, ...]
+            if isinstance(f, NumericFeature):
+                if f.boundaries is None:
+                    continue
+                table, key = f.name, ("boundaries", f.embedding_dim, tuple(f.boundaries))
+            else:
+                table = f.embedding_name or f.name
+                vocab = None if f.uses_hashing else f.vocab_config.model_dump_json()
+                key = ("ids", f.embedding_dim, f.hash_buckets, vocab)
+            if table not in owners:
+                owners[table] = (i, key)
+                continue
+            first, first_key = owners[table]
+            if first_key[0] == "boundaries" or key[0] == "boundaries":
+                raise ValueError(
+                    f"features[{i}].embedding_name: table {table!r} belongs to the bucketised "
+                    f"numeric feature features[{first}]; choose another name"
+                )
+            if key != first_key:
+                raise ValueError(
+                    f"features[{i}].embedding_name: features sharing table {table!r} must have "
+                    f"the same embedding_dim, hash_buckets and vocab as features[{first}]"
+                )
+
+    @property
+    def metric_names(self) -> list[str]:
+        """What validation computes: `<metric>_<task>` for each task's metrics, and `loss`."""
+        return [f"{m}_{t.name}" for t in self.tasks for m in t.default_metrics] + ["loss"]
 
     @property
     def input_features(self) -> list[CategoricalFeature | NumericFeature | TagsFeature]:
@@ -254,7 +319,9 @@ def format_validation_error(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
         msg = e["msg"].removeprefix("Value error, ")
-        lines.append(f"{_key_path(tuple(e['loc']))}: {msg}")
+        loc = tuple(e["loc"])
+        # Whole-file checks carry their key path in the message.
+        lines.append(f"{_key_path(loc)}: {msg}" if loc else msg)
     return "; ".join(lines)
 
 

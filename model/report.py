@@ -13,45 +13,57 @@ import numpy as np
 
 
 def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:
-    """Writes curves.png (training loss and validation metrics per task, per epoch) and, for
-    MMoE runs, gates.png (mean gate weight per task x expert on validation data)."""
+    """Writes curves.png (per task and in total: training loss and validation metrics per
+    epoch, the best epoch marked) and, when the run has validation data, gates.png (mean gate
+    weight per task x expert on it)."""
     run_dir = Path(run_dir)
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    path = run_dir / "metrics.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{run_dir} has no metrics.json: is it a training run?")
+    metrics = json.loads(path.read_text())
     out = Path(out_dir) if out_dir else run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
     written = []
 
     epochs = metrics["epochs"]
+    if not epochs:
+        raise ValueError(f"{run_dir}/metrics.json has no epochs")
     xs = [e["epoch"] for e in epochs]
-    losses = sorted(epochs[0]["train_loss"])
-    valid_names = sorted(epochs[0].get("valid", {}))
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for name in losses:
-        axes[0].plot(xs, [e["train_loss"][name] for e in epochs], marker="o", label=name)
-    axes[0].set(title="training loss", xlabel="epoch")
-    axes[0].legend()
-    for name in valid_names:
-        axes[1].plot(xs, [e["valid"][name] for e in epochs], marker="o", label=name)
-    axes[1].set(title="validation metrics", xlabel="epoch")
-    if valid_names:
-        axes[1].legend()
-    if metrics.get("best_epoch"):
-        for ax in axes:
-            ax.axvline(metrics["best_epoch"], color="grey", linestyle=":", label="best")
+    tasks = [k for k in epochs[0]["train_loss"] if k != "total"]
+    valid = [e.get("valid", {}) for e in epochs]
+    # One column per task (and one for the total): training loss above, validation below.
+    columns = ["total", *tasks]
+    fig, axes = plt.subplots(2, len(columns), figsize=(3.6 * len(columns), 6.5), squeeze=False)
+    for c, task in enumerate(columns):
+        top, bottom = axes[0][c], axes[1][c]
+        top.plot(xs, [e["train_loss"][task] for e in epochs], marker="o", label="train")
+        top.set(title=f"{task}: loss", xlabel="epoch")
+        names = ["loss"] if task == "total" else [n for n in valid[0] if n.endswith(f"_{task}")]
+        for name in names:
+            bottom.plot(xs, [v.get(name, np.nan) for v in valid], marker="o", label=name)
+        if task == "total" and names and "loss" in valid[0]:
+            top.plot(xs, [v["loss"] for v in valid], marker="o", label="validation")
+        bottom.set(title=f"{task}: validation", xlabel="epoch")
+        for ax in (top, bottom):
+            if metrics.get("best_epoch"):
+                ax.axvline(metrics["best_epoch"], color="grey", linestyle=":", label="best")
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize="small")
     fig.tight_layout()
     path = out / "curves.png"
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     written.append(path)
 
     gates = metrics.get("gates")
     if gates:
-        tasks = list(gates)
-        g = np.array([gates[t] for t in tasks])
-        fig, ax = plt.subplots(figsize=(1.2 + 0.8 * g.shape[1], 1.2 + 0.6 * len(tasks)))
+        gate_tasks = list(gates)
+        g = np.array([gates[t] for t in gate_tasks])
+        fig, ax = plt.subplots(figsize=(2.0 + 0.8 * g.shape[1], 1.4 + 0.6 * len(gate_tasks)))
         im = ax.imshow(g, cmap="viridis", vmin=0, vmax=max(g.max(), 1e-6), aspect="auto")
-        ax.set_xticks(range(g.shape[1]), [f"e{k}" for k in range(g.shape[1])])
-        ax.set_yticks(range(len(tasks)), tasks)
+        experts = metrics.get("gate_experts") or [f"e{k}" for k in range(g.shape[1])]
+        ax.set_xticks(range(g.shape[1]), experts, rotation=45 if len(experts) > 8 else 0)
+        ax.set_yticks(range(len(gate_tasks)), gate_tasks)
         for (i, k), v in np.ndenumerate(g):
             ax.text(
                 k, i, f"{v:.2f}", ha="center", va="center", color="w" if v < g.max() * 0.6 else "k"

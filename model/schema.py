@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict
 
-from model.config import CategoricalFeature, NumericFeature, RunConfig, TagsFeature
+from model.config import CategoricalFeature, NumericFeature, RunConfig, TagsFeature, VocabConfig
 
 MISSING_INDEX = 0
 OOV_INDEX = 1
@@ -137,11 +137,14 @@ def categorical_strings(col: pa.Array | pa.ChunkedArray, null_as: str = "") -> p
         col = col.combine_chunks()
     t = col.type
     if pa.types.is_floating(t):
-        values = col.to_numpy(zero_copy_only=False)
-        finite = values[~np.isnan(values)]
-        if not np.all(finite == np.round(finite)):
+        # Integer ids stored as floats (a column with NaN for missing ids, as pandas writes
+        # them): 3.0 -> "3", NaN/null -> missing.
+        values = col.to_numpy(zero_copy_only=False).astype(np.float64)
+        missing = np.isnan(values)
+        present = values[~missing]
+        if not (np.isfinite(present) & (present == np.round(present))).all():
             raise ValueError("categorical column has non-integer float values")
-        col = pc.cast(col, pa.int64())
+        col = pa.array(np.where(missing, 0, values).astype(np.int64), mask=missing)
     elif pa.types.is_dictionary(t):
         col = col.dictionary_decode()
     if not pa.types.is_string(col.type) and not pa.types.is_large_string(col.type):
@@ -291,6 +294,16 @@ class SchemaFitter:
             self.update(b)
         return self.build()
 
+    def _vocab(self, table: str, cfg: VocabConfig) -> list[str]:
+        """Ids seen at least `min_count` times (over every feature sharing the table), most
+        frequent first, ties by id, at most `max_size`."""
+        counter = self._counts.get(table, Counter())
+        items = sorted(
+            ((v, c) for v, c in counter.items() if c >= cfg.min_count),
+            key=lambda vc: (-vc[1], vc[0]),
+        )
+        return [v for v, _ in items[: cfg.max_size]]
+
     def build(self) -> FeatureSchema:
         fitted = []
         for f in self.features:
@@ -318,15 +331,8 @@ class SchemaFitter:
                     )
                 )
                 continue
-            vocab = None
-            if not f.uses_hashing:
-                counter = self._counts.get(f.embedding_name or f.name, Counter())
-                cfg = f.vocab_config
-                items = sorted(
-                    ((v, c) for v, c in counter.items() if c >= cfg.min_count),
-                    key=lambda vc: (-vc[1], vc[0]),
-                )
-                vocab = [v for v, _ in items[: cfg.max_size]]
+            table = f.embedding_name or f.name
+            vocab = None if f.uses_hashing else self._vocab(table, f.vocab_config)
             extra = {}
             if isinstance(f, TagsFeature):
                 extra = {"separator": f.separator, "pooling": f.pooling, "max_len": f.max_len}
@@ -337,7 +343,7 @@ class SchemaFitter:
                     kind=f.kind,
                     column=column,
                     default=f.default,
-                    table=f.embedding_name or f.name,
+                    table=table,
                     vocab=vocab,
                     hash_buckets=f.hash_buckets,
                     embedding_dim=f.embedding_dim,

@@ -1,20 +1,26 @@
 """Training: fit the feature schema, train the network, keep the best epoch, write RUN_DIR.
 
-Single process by default; under `torchrun` (WORLD_SIZE > 1) each process trains on its share of
-every chunk with DistributedDataParallel (gloo on CPU, nccl on GPU). Rank 0 fits the schema and
-writes the run; every rank evaluates the same validation rows, so all agree on early stopping
-without extra communication.
+Data is streamed: the file is read `train.read_rows` rows at a time (rows shuffled within each
+chunk when `train.shuffle`), and batches of exactly `train.batch_size` rows are cut across chunk
+boundaries, so the chunk size changes neither the validation split nor (without shuffling) the
+batches. Validation rows are held out by a hash of their row number and the seed.
+
+Single process by default; under `torchrun` (WORLD_SIZE > 1) the processes train one model with
+DistributedDataParallel (gloo). `train.batch_size` stays the global batch: every process takes
+its share of each batch, so all take the same number of steps and the result matches a single
+process within noise. Rank 0 fits the schema (and sends it to the others), evaluates, decides
+on early stopping and writes the run.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,15 +28,16 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
 from model.checkpoint import build_model, config_hash, save_config, save_weights
-from model.config import RunConfig, TaskConfig
+from model.config import RunConfig, TaskConfig, higher_is_better
 from model.data import DataSource
 from model.metrics import task_metrics
-from model.network import MMoE, RankingModel, task_outputs
+from model.network import PLE, MMoE, RankingModel, task_outputs
 from model.schema import FeatureSchema, SchemaFitter, numeric_values
 
 
@@ -38,26 +45,49 @@ from model.schema import FeatureSchema, SchemaFitter, numeric_values
 class Batch:
     inputs: dict[str, torch.Tensor]
     labels: dict[str, torch.Tensor]  # per task; NaN = missing
-    weights: dict[str, torch.Tensor]  # per task; 0 = not in this task's loss
+    weights: dict[str, torch.Tensor]  # per task loss weight; 0 = not in this task's loss
+    # per task: the label is present and the row is in the task's space (`only_where`); the
+    # rows its metrics are computed on
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __len__(self) -> int:
-        return len(next(iter(self.labels.values())))
+        return len(next(iter(self.inputs.values())))
+
+    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Batch:
+        return Batch(
+            {k: fn(v) for k, v in self.inputs.items()},
+            {k: fn(v) for k, v in self.labels.items()},
+            {k: fn(v) for k, v in self.weights.items()},
+            {k: fn(v) for k, v in self.masks.items()},
+        )
 
     def take(self, idx: torch.Tensor) -> Batch:
+        return self._map(lambda v: v[idx])
+
+    def slice(self, start: int, stop: int) -> Batch:
+        return self._map(lambda v: v[start:stop])
+
+    @staticmethod
+    def concat(a: Batch, b: Batch) -> Batch:
+        def cat(x: dict[str, torch.Tensor], y: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            return {k: torch.cat([x[k], y[k]]) for k in x}
+
         return Batch(
-            {k: v[idx] for k, v in self.inputs.items()},
-            {k: v[idx] for k, v in self.labels.items()},
-            {k: v[idx] for k, v in self.weights.items()},
+            cat(a.inputs, b.inputs),
+            cat(a.labels, b.labels),
+            cat(a.weights, b.weights),
+            cat(a.masks, b.masks),
         )
 
 
 def encode_table(
     table: pa.Table, schema: FeatureSchema, tasks: list[TaskConfig], with_labels: bool = True
 ) -> Batch:
-    """Raw rows -> tensors: encoded features, labels and per-task loss weights."""
+    """Raw rows -> tensors: encoded features, labels, per-task loss weights and metric masks."""
     inputs = {k: torch.from_numpy(v) for k, v in schema.encode(table).items()}
     labels: dict[str, torch.Tensor] = {}
     weights: dict[str, torch.Tensor] = {}
+    masks: dict[str, torch.Tensor] = {}
     if with_labels:
         for t in tasks:
             y = numeric_values(table.column(t.label))
@@ -72,21 +102,31 @@ def encode_table(
                         f"task {t.name!r}: label column {t.label!r} must hold class ids "
                         f"0..{t.num_class - 1}"
                     )
-            w = present.astype(np.float32)
-            if t.sample_weight:
-                sw = np.nan_to_num(numeric_values(table.column(t.sample_weight)), nan=0.0)
-                w = w * sw.astype(np.float32)
+            if t.kind == "regression" and not np.isfinite(y[present]).all():
+                raise ValueError(f"task {t.name!r}: label column {t.label!r} has inf values")
+            in_task = present.copy()
             for col, value in t.only_where.items():
-                w = w * (numeric_values(table.column(col)) == value)
+                in_task &= numeric_values(table.column(col)) == value
+            w = in_task.astype(np.float32)
+            if t.sample_weight:
+                sw = numeric_values(table.column(t.sample_weight))
+                if (sw[~np.isnan(sw)] < 0).any():
+                    raise ValueError(
+                        f"task {t.name!r}: sample_weight column {t.sample_weight!r} has "
+                        "negative values"
+                    )
+                w *= np.nan_to_num(sw, nan=0.0).astype(np.float32)
             labels[t.name] = torch.from_numpy(y.astype(np.float32))
-            weights[t.name] = torch.from_numpy(w.astype(np.float32))
-    return Batch(inputs, labels, weights)
+            weights[t.name] = torch.from_numpy(w)
+            masks[t.name] = torch.from_numpy(in_task)
+    return Batch(inputs, labels, weights, masks)
 
 
 def task_loss(
     task: TaskConfig, logits: torch.Tensor, y: torch.Tensor, w: torch.Tensor
 ) -> torch.Tensor:
-    """Weighted mean loss over the rows that count for this task (w > 0)."""
+    """sum(w * loss) / count(w > 0): the mean over the rows that count for this task, each
+    scaled by its sample weight (TensorFlow's SUM_BY_NONZERO_WEIGHTS, as in EasyRec)."""
     y = torch.nan_to_num(y, nan=0.0)
     if task.kind == "binary":
         per_row = F.binary_cross_entropy_with_logits(logits[:, 0], y, reduction="none")
@@ -106,12 +146,28 @@ def dense_l2(model: nn.Module) -> torch.Tensor:
     return total
 
 
+def held_out(seed: int, first_row: int, n: int, fraction: float) -> np.ndarray:
+    """Whether each of rows first_row..first_row+n-1 of a file is a validation row: a hash of
+    the row number and the seed (splitmix64), so the split does not depend on chunking."""
+    if fraction <= 0:
+        return np.zeros(n, dtype=bool)
+    with np.errstate(over="ignore"):
+        z = np.arange(first_row, first_row + n, dtype=np.uint64) + np.uint64(seed & (2**63 - 1))
+        z = z * np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(11)).astype(np.float64) / 2.0**53 < fraction
+
+
 @dataclass
 class History:
     epochs: list[dict[str, Any]] = field(default_factory=list)
     best_epoch: int = 0
     best: dict[str, float] = field(default_factory=dict)
     gates: dict[str, list[float]] | None = None
+    gate_experts: list[str] | None = None
+    stopped_early: bool = False
 
 
 class Trainer:
@@ -128,147 +184,218 @@ class Trainer:
         self.valid_source = DataSource(valid_path, config) if valid_path else None
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
-        self.log = (lambda msg: print(msg, flush=True)) if self.rank == 0 else (lambda msg: None)
+        self.log: Callable[[str], None] = (
+            (lambda msg: print(msg, flush=True)) if self.rank == 0 else (lambda msg: None)
+        )
 
     # ------------------------------------------------------------------------- data
 
-    def _held_out(self, chunk_index: int, n: int) -> np.ndarray:
-        """Rows of a training chunk held back for validation (when there is no --valid)."""
-        if self.valid_source is not None or self.config.train.valid_fraction == 0:
-            return np.zeros(n, dtype=bool)
-        rng = np.random.default_rng([self.config.train.seed, chunk_index])
-        return rng.random(n) < self.config.train.valid_fraction
-
-    def _train_chunks(self) -> Iterator[pa.Table]:
-        for i, chunk in enumerate(self.train_source.batches(self.config.train.read_rows)):
-            keep = ~self._held_out(i, chunk.num_rows)
-            yield chunk.filter(pa.array(keep))
+    def _chunks(self, validation: bool) -> Iterator[pa.Table]:
+        """The training file's training rows (or, with `validation`, its held-out rows)."""
+        t = self.config.train
+        fraction = 0.0 if self.valid_source is not None else t.valid_fraction
+        first = 0
+        for chunk in self.train_source.batches(t.read_rows):
+            held = held_out(t.seed, first, chunk.num_rows, fraction)
+            first += chunk.num_rows
+            keep = held if validation else ~held
+            if keep.all():
+                yield chunk
+            elif keep.any():
+                yield chunk.filter(pa.array(keep))
 
     def _valid_table(self) -> pa.Table | None:
         if self.valid_source is not None:
-            return pa.concat_tables(self.valid_source.batches(self.config.train.read_rows))
-        parts = [
-            chunk.filter(pa.array(self._held_out(i, chunk.num_rows)))
-            for i, chunk in enumerate(self.train_source.batches(self.config.train.read_rows))
-        ]
-        table = pa.concat_tables(parts) if parts else None
-        return table if table is not None and table.num_rows else None
+            parts = list(self.valid_source.batches(self.config.train.read_rows))
+        else:
+            parts = list(self._chunks(validation=True))
+        return pa.concat_tables(parts) if parts else None
+
+    def steps_per_epoch(self, rows: int) -> int:
+        full, last = divmod(rows, self.config.train.batch_size)
+        # A last partial batch too small to give every process a row is dropped.
+        return full + (1 if last >= self.world else 0)
+
+    def _batches(self, schema: FeatureSchema, epoch: int, rows: int) -> Iterator[Batch]:
+        """This process's share of each of the epoch's batches (all of it in one process).
+
+        Row j of the epoch's row stream belongs to batch j // B, and to process
+        (j % B) % world; each chunk is encoded once, only the rows this process needs.
+        """
+        cfg = self.config
+        size, world = cfg.train.batch_size, self.world
+        end = self.steps_per_epoch(rows) * size  # stream positions past this are dropped
+        pending: Batch | None = None
+        pending_ids = np.zeros(0, dtype=np.int64)
+        first = 0  # stream position of the chunk's first row
+        for i, chunk in enumerate(self._chunks(validation=False)):
+            n = chunk.num_rows
+            if cfg.train.shuffle:
+                order = np.random.default_rng([cfg.train.seed, epoch, i]).permutation(n)
+            else:
+                order = np.arange(n)
+            pos = np.arange(first, first + n)
+            first += n
+            mine = ((pos % size) % world == self.rank) & (pos < end)
+            if not mine.any():
+                continue
+            data = encode_table(chunk.take(pa.array(order[mine])), schema, cfg.tasks)
+            ids = pos[mine] // size
+            if pending is not None:
+                data = Batch.concat(pending, data)
+                ids = np.concatenate([pending_ids, ids])
+            # Batches whose rows have all been read; the rest waits for the next chunk.
+            complete = int(np.searchsorted(ids, first // size))
+            yield from _split_by_id(data, ids[:complete])
+            pending = data.slice(complete, len(data)) if complete < len(data) else None
+            pending_ids = ids[complete:]
+        if pending is not None:
+            yield from _split_by_id(pending, pending_ids)
 
     # ------------------------------------------------------------------------- run
 
     def fit_schema(self) -> tuple[FeatureSchema, int]:
         fitter = SchemaFitter(self.config)
         rows = 0
-        for chunk in self._train_chunks():
+        for chunk in self._chunks(validation=False):
             fitter.update(chunk)
             rows += chunk.num_rows
         if rows == 0:
             raise ValueError(f"{self.train_source.path}: no training rows")
         return fitter.build(), rows
 
+    def _shared_schema(self) -> tuple[FeatureSchema, int]:
+        """Rank 0 fits the schema and sends it (or its error) to every process."""
+        payload: list[Any] = [None, 0, None]
+        if self.rank == 0:
+            try:
+                schema, rows = self.fit_schema()
+                payload = [schema.model_dump_json(), rows, None]
+            except ValueError as err:
+                payload = [None, 0, str(err)]
+        if self.world > 1:
+            dist.broadcast_object_list(payload, src=0)
+        if payload[2] is not None:
+            raise ValueError(payload[2])
+        return FeatureSchema.model_validate_json(payload[0]), int(payload[1])
+
     def run(self) -> History:
-        cfg = self.config
-        torch.manual_seed(cfg.train.seed)
         distributed = self.world > 1
         if distributed:
-            torch.distributed.init_process_group("gloo")
+            dist.init_process_group("gloo")
+        try:
+            return self._run()
+        finally:
+            if distributed:
+                dist.destroy_process_group()
+
+    def _run(self) -> History:
+        cfg = self.config
         t0 = time.perf_counter()
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        schema, n_rows = self._shared_schema()
         if self.rank == 0:
-            schema, n_rows = self.fit_schema()
+            self.out_dir.mkdir(parents=True, exist_ok=True)
             schema.save(self.out_dir / "schema.json")
             save_config(cfg, self.out_dir)
-        if distributed:
-            counts = [0]
-            if self.rank == 0:
-                counts = [n_rows]
-            torch.distributed.broadcast_object_list(counts, src=0)
-            n_rows = counts[0]
-            schema = FeatureSchema.load(self.out_dir / "schema.json")
         self.log(f"schema fitted on {n_rows} rows in {time.perf_counter() - t0:.1f}s")
 
         torch.manual_seed(cfg.train.seed)
         model = build_model(cfg, schema)
-        ddp: nn.Module = nn.parallel.DistributedDataParallel(model) if distributed else model
+        torch.manual_seed(cfg.train.seed + self.rank)  # dropout differs between processes
+        ddp: nn.Module = nn.parallel.DistributedDataParallel(model) if self.world > 1 else model
         opt_cls = torch.optim.AdamW if cfg.train.optimizer == "adamw" else torch.optim.Adam
         optimizer = opt_cls(
             model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
         )
-        steps_per_epoch = math.ceil(n_rows / self.world / cfg.train.batch_size)
+        steps = self.steps_per_epoch(n_rows)
+        if cfg.train.batch_size < self.world or steps == 0:
+            raise ValueError(
+                f"{self.world} processes need train.batch_size and the training rows ({n_rows}) "
+                f"to be at least {self.world}"
+            )
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, self._lr_lambda(steps_per_epoch * cfg.train.epochs, steps_per_epoch)
+            optimizer, self._lr_lambda(steps * cfg.train.epochs, steps)
         )
-        valid_table = self._valid_table()
-        valid = encode_table(valid_table, schema, cfg.tasks) if valid_table is not None else None
+        valid = None
+        if self.rank == 0:
+            valid_table = self._valid_table()
+            if valid_table is not None and valid_table.num_rows:
+                valid = encode_table(valid_table, schema, cfg.tasks)
         history = History()
         best_value: float | None = None
         stale = 0
-        gen = torch.Generator().manual_seed(cfg.train.seed + self.rank)
         for epoch in range(1, cfg.train.epochs + 1):
-            losses = self._train_epoch(
-                ddp, model, optimizer, scheduler, schema, gen, epoch, steps_per_epoch
-            )
-            record: dict[str, Any] = {"epoch": epoch, "train_loss": losses}
-            if valid is not None:
-                record["valid"] = evaluate(model, cfg, valid)
-            history.epochs.append(record)
-            value = self._monitored(record)
-            improved = best_value is None or (
-                value > best_value if self._mode() == "max" else value < best_value
-            )
-            summary = " ".join(f"{k}={v:.4f}" for k, v in record.get("valid", {}).items())
-            self.log(f"epoch {epoch}: train loss {losses['total']:.4f}  valid {summary}")
-            if improved:
-                best_value, stale = value, 0
-                history.best_epoch = epoch
-                history.best = dict(record.get("valid", {}))
-                if self.rank == 0:
+            t_epoch = time.perf_counter()
+            losses = self._train_epoch(ddp, model, optimizer, scheduler, schema, epoch, n_rows)
+            stop = False
+            if self.rank == 0:
+                record: dict[str, Any] = {
+                    "epoch": epoch,
+                    "train_loss": losses,
+                    "lr": optimizer.param_groups[0]["lr"],
+                }
+                if valid is not None:
+                    record["valid"] = evaluate(model, cfg, valid)
+                record["seconds"] = round(time.perf_counter() - t_epoch, 2)
+                history.epochs.append(record)
+                value = self._monitored(record)
+                improved = best_value is None or (
+                    value > best_value if self._maximise() else value < best_value
+                )
+                summary = " ".join(f"{k}={v:.4f}" for k, v in record.get("valid", {}).items())
+                self.log(f"epoch {epoch}: train loss {losses['total']:.4f}  valid {summary}")
+                if improved:
+                    best_value, stale = value, 0
+                    history.best_epoch = epoch
+                    history.best = dict(record.get("valid", {}))
                     save_weights(model, self.out_dir)
-            else:
-                stale += 1
-                es = cfg.train.early_stopping
-                if es is not None and stale >= es.patience:
-                    self.log(f"early stopping: no better {es.metric} for {stale} epochs")
-                    break
+                else:
+                    stale += 1
+                    es = cfg.train.early_stopping
+                    if es is not None and stale >= es.patience and epoch < cfg.train.epochs:
+                        self.log(f"early stopping: no better {es.metric} for {stale} epochs")
+                        stop = history.stopped_early = True
+            if self.world > 1:
+                flag = [stop]
+                dist.broadcast_object_list(flag, src=0)
+                stop = bool(flag[0])
+            if stop:
+                break
         if self.rank == 0:
             # Analyses use the best weights, as export does.
             state = torch.load(self.out_dir / "weights.pt", weights_only=True)
             model.load_state_dict(state)
-            if valid is not None and isinstance(model.net, MMoE):
-                history.gates = gate_utilisation(model, valid)
-            self._write_metrics(history, n_rows, time.perf_counter() - t0)
-        best = " ".join(f"{k}={v:.4f}" for k, v in history.best.items())
-        self.log(f"best epoch {history.best_epoch}: {best}")
-        self.log(f"run written to {self.out_dir}")
-        if distributed:
-            torch.distributed.barrier()
-            torch.distributed.destroy_process_group()
+            if valid is not None and isinstance(model.net, MMoE | PLE):
+                history.gates, history.gate_experts = gate_utilisation(model, valid)
+            self._write_metrics(history, n_rows, steps, time.perf_counter() - t0)
+            best = " ".join(f"{k}={v:.4f}" for k, v in history.best.items())
+            self.log(f"best epoch {history.best_epoch}: {best}")
+            self.log(f"run written to {self.out_dir}")
+        if self.world > 1:
+            dist.barrier()  # every process returns once the run is written
         return history
 
-    def _mode(self) -> str:
+    def _maximise(self) -> bool:
         es = self.config.train.early_stopping
-        return es.mode if es else "max"
+        if es is not None:
+            return es.maximise
+        return True  # _monitored negates lower-is-better metrics
 
     def _monitored(self, record: dict[str, Any]) -> float:
         """The value that picks the best epoch: the early-stopping metric, else the first
-        metric of the first task, else (no validation data) the negated training loss."""
+        metric of the first task (negated when lower is better), else (no validation data) the
+        negated training loss."""
         es = self.config.train.early_stopping
         valid = record.get("valid", {})
         if es is not None:
             source = {"loss": record["train_loss"]["total"], **valid}
-            if es.metric not in source:
-                raise ValueError(
-                    f"train.early_stopping.metric: {es.metric!r} is not computed; "
-                    f"available: {sorted(source)}"
-                )
             return float(source[es.metric])
         if valid:
             name, value = next(iter(valid.items()))
-            lower_better = name.split("_")[0] in ("mse", "mae", "logloss")
-            return -value if lower_better else value
+            return value if higher_is_better(name) else -value
         return -float(record["train_loss"]["total"])
 
-    def _lr_lambda(self, total_steps: int, steps_per_epoch: int):
+    def _lr_lambda(self, total_steps: int, steps_per_epoch: int) -> Callable[[int], float]:
         t = self.config.train
 
         def factor(step: int) -> float:
@@ -290,72 +417,82 @@ class Trainer:
         optimizer: torch.optim.Optimizer,
         scheduler: torch.optim.lr_scheduler.LRScheduler,
         schema: FeatureSchema,
-        gen: torch.Generator,
         epoch: int,
-        steps_per_epoch: int,
+        n_rows: int,
     ) -> dict[str, float]:
         cfg = self.config
         model.train()
-        sums = {t.name: 0.0 for t in cfg.tasks} | {"total": 0.0}
+        names = [t.name for t in cfg.tasks]
+        sums = torch.zeros(len(names) + 1, dtype=torch.float64)  # per task, then total
         steps = 0
         bar = tqdm(
-            total=steps_per_epoch,
+            total=self.steps_per_epoch(n_rows),
             desc=f"epoch {epoch}",
-            disable=None if (cfg.train.progress and self.rank == 0) else True,
+            disable=not (cfg.train.progress and self.rank == 0),
             file=sys.stderr,
             leave=False,
+            dynamic_ncols=True,
         )
-        join = ddp.join() if isinstance(ddp, nn.parallel.DistributedDataParallel) else nullcontext()
-        with join:
-            for chunk in self._train_chunks():
-                if self.world > 1:
-                    chunk = chunk.take(pa.array(np.arange(self.rank, chunk.num_rows, self.world)))
-                if chunk.num_rows == 0:
-                    continue
-                data = encode_table(chunk, schema, cfg.tasks)
-                order = torch.randperm(len(data), generator=gen)
-                for start in range(0, len(data), cfg.train.batch_size):
-                    batch = data.take(order[start : start + cfg.train.batch_size])
-                    logits, emb_sq = ddp(batch.inputs, with_embedding_l2=True)
-                    per_task = {
-                        t.name: task_loss(
-                            t, logits[t.name], batch.labels[t.name], batch.weights[t.name]
-                        )
-                        for t in cfg.tasks
-                    }
-                    loss = sum(t.weight * per_task[t.name] for t in cfg.tasks)
-                    if cfg.model.l2:
-                        loss = loss + cfg.model.l2 * dense_l2(model)
-                    if cfg.model.embedding_l2:
-                        loss = loss + cfg.model.embedding_l2 * emb_sq
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()  # type: ignore[union-attr]
-                    optimizer.step()
-                    scheduler.step()
-                    steps += 1
-                    for name, v in per_task.items():
-                        sums[name] += v.item()
-                    sums["total"] += loss.item()  # type: ignore[union-attr]
-                    bar.update(1)
-                    bar.set_postfix({k: f"{v / steps:.4f}" for k, v in sums.items()})
+        for batch in self._batches(schema, epoch, n_rows):
+            logits, emb_sq = ddp(batch.inputs, with_embedding_l2=True)
+            per_task = [
+                task_loss(t, logits[t.name], batch.labels[t.name], batch.weights[t.name])
+                for t in cfg.tasks
+            ]
+            loss = torch.stack([t.weight * v for t, v in zip(cfg.tasks, per_task, strict=True)])
+            loss = loss.sum()
+            if cfg.model.l2:
+                loss = loss + cfg.model.l2 * dense_l2(model)
+            if cfg.model.embedding_l2:
+                loss = loss + cfg.model.embedding_l2 * emb_sq
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            steps += 1
+            sums += torch.stack([*per_task, loss]).detach().double()
+            bar.update(1)
+            running = sums / steps
+            bar.set_postfix(
+                {"loss": f"{running[-1]:.4f}"}
+                | {n: f"{running[i]:.4f}" for i, n in enumerate(names)},
+                refresh=False,
+            )
         bar.close()
-        return {k: v / max(steps, 1) for k, v in sums.items()}
+        if self.world > 1:  # the mean over every process's batches
+            dist.all_reduce(sums)
+            sums /= self.world
+        means = (sums / max(steps, 1)).tolist()
+        return {n: means[i] for i, n in enumerate(names)} | {"total": means[-1]}
 
-    def _write_metrics(self, history: History, n_rows: int, seconds: float) -> None:
+    def _write_metrics(self, history: History, n_rows: int, steps: int, seconds: float) -> None:
         cfg = self.config
         payload = {
             "name": cfg.name,
             "version": cfg.version,
             "config_hash": config_hash(cfg),
             "train_rows": n_rows,
+            "steps_per_epoch": steps,
             "train_seconds": round(seconds, 2),
             "world_size": self.world,
             "best_epoch": history.best_epoch,
             "best": history.best,
+            "stopped_early": history.stopped_early,
             "epochs": history.epochs,
             "gates": history.gates,
+            "gate_experts": history.gate_experts,
         }
         (self.out_dir / "metrics.json").write_text(json.dumps(payload, indent=1, allow_nan=True))
+
+
+def _split_by_id(data: Batch, ids: np.ndarray) -> Iterator[Batch]:
+    """Consecutive runs of equal batch ids -> one Batch each."""
+    if len(ids) == 0:
+        return
+    starts = np.flatnonzero(np.diff(ids)) + 1
+    bounds = [0, *starts.tolist(), len(ids)]
+    for a, b in itertools.pairwise(bounds):
+        yield data.slice(a, b)
 
 
 @torch.no_grad()
@@ -375,28 +512,44 @@ def predict(model: RankingModel, batch: Batch, batch_size: int = 8192) -> dict[s
     return {k: np.concatenate(v) for k, v in parts.items()}
 
 
+@torch.no_grad()
 def evaluate(model: RankingModel, config: RunConfig, data: Batch) -> dict[str, float]:
-    out = predict(model, data)
+    """Each task's metrics on the rows in its space (label present, `only_where` holds), and
+    `loss`: the weighted sum of the task losses (without regularisation)."""
+    was_training = model.training
+    model.eval()
     metrics: dict[str, float] = {}
+    total = 0.0
+    logits: dict[str, list[torch.Tensor]] = {t.name: [] for t in config.tasks}
+    for start in range(0, len(data), 8192):
+        out = model({k: v[start : start + 8192] for k, v in data.inputs.items()})
+        for t in config.tasks:
+            logits[t.name].append(out[t.name])
+    model.train(was_training)
     for t in config.tasks:
-        scores = out[f"y_{t.name}"] if t.kind == "regression" else out[f"probs_{t.name}"]
-        labels = data.labels[t.name].numpy().astype(np.float64)
-        # Evaluate on the rows the task is trained on (only_where), as EasyRec's ESMM does.
-        labels = np.where(data.weights[t.name].numpy() > 0, labels, np.nan)
-        metrics.update(task_metrics(t.default_metrics, t.kind, labels, scores, t.name))
+        z = torch.cat(logits[t.name])
+        y, w = data.labels[t.name], data.weights[t.name]
+        total += t.weight * float(task_loss(t, z, y, w))
+        head = next(h for h in model.tasks if h.name == t.name)
+        outputs = task_outputs(head, z)
+        scores = outputs[f"y_{t.name}" if t.kind == "regression" else f"probs_{t.name}"]
+        labels = np.where(data.masks[t.name].numpy(), y.numpy().astype(np.float64), np.nan)
+        metrics.update(task_metrics(t.default_metrics, t.kind, labels, scores.numpy(), t.name))
+    metrics["loss"] = total
     return metrics
 
 
 @torch.no_grad()
-def gate_utilisation(model: RankingModel, data: Batch) -> dict[str, list[float]]:
-    """Mean gate weight per task and expert on the given rows."""
+def gate_utilisation(model: RankingModel, data: Batch) -> tuple[dict[str, list[float]], list[str]]:
+    """Mean gate weight per task and expert on the given rows, and the experts' names."""
     was_training = model.training
     model.eval()
     x, _ = model.dense_input(data.inputs)
-    assert isinstance(model.net, MMoE)
-    g = model.net.gate_weights(x).mean(dim=1)  # [tasks, K]
+    net = model.net
+    assert isinstance(net, MMoE | PLE)
+    g = net.gate_weights(x).mean(dim=1)  # [tasks, experts]
     model.train(was_training)
-    return {t.name: g[i].tolist() for i, t in enumerate(model.tasks)}
+    return {t.name: g[i].tolist() for i, t in enumerate(model.tasks)}, net.expert_names
 
 
 def train(
@@ -405,7 +558,7 @@ def train(
     out_dir: str | Path,
     valid_path: str | Path | None = None,
 ) -> History:
-    """Train and write RUN_DIR; returns the per-epoch history."""
+    """Train and write RUN_DIR; returns the per-epoch history (complete on rank 0)."""
     return Trainer(config, train_path, out_dir, valid_path).run()
 
 

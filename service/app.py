@@ -25,12 +25,13 @@ from service.errors import (
     validation_error_handler,
 )
 from service.metrics import ServiceMetrics
-from service.predictor import ModelLoadError
+from service.predictor import ModelLoadError, ProviderError, choose_providers
 from service.routes import admin, health, kserve, predict
 from service.settings import Settings
 from service.state import ModelHolder
 
 log = logging.getLogger("mmoe.access")
+service_log = logging.getLogger("mmoe.service")
 _KNOWN_ROUTES = {"/predict", "/livez", "/readyz", "/metadata", "/metrics", "/admin/reload"}
 
 
@@ -110,6 +111,14 @@ def _custom_openapi(app: FastAPI) -> dict[str, Any]:
             "content": {"application/json": {"schema": _rewrite_refs(body)}},
         }
         schema["components"]["schemas"] = _rewrite_refs(schema["components"]["schemas"])
+    # Other msgspec-documented bodies (reload, KServe infer) carry their own $defs; OpenAPI
+    # resolves a $ref against the whole document, so they move to components too.
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    for item in schema["paths"].values():
+        for operation in item.values():
+            for media in operation.get("requestBody", {}).get("content", {}).values():
+                components.update(_rewrite_refs(media["schema"].pop("$defs", {})))
+                media["schema"] = _rewrite_refs(media["schema"])
     app.openapi_schema = schema
     return schema
 
@@ -125,22 +134,38 @@ def _rewrite_refs(node: Any) -> Any:
     return node
 
 
+def _stop_if_failed(loader: asyncio.Task[None]) -> None:
+    """The start-up loader only ends by loading a model, being cancelled at shutdown, or hitting
+    something retrying cannot fix (ProviderError): then stop the server rather than sit unready."""
+    if loader.cancelled() or loader.exception() is None:
+        return
+    service_log.critical(f"cannot serve: {loader.exception()}", extra={"event": "model_load_fatal"})
+    signal.raise_signal(signal.SIGTERM)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     metrics = ServiceMetrics()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        try:
+            choose_providers(settings.provider)
+        except ProviderError as err:  # a setting to fix: fail the start (non-zero exit)
+            service_log.critical(f"cannot serve: {err}", extra={"event": "provider_unavailable"})
+            raise
         executor = ThreadPoolExecutor(settings.inference_workers, thread_name_prefix="onnxruntime")
         holder = ModelHolder(settings, metrics, executor)
         holder.on_swap.append(lambda _: setattr(app, "openapi_schema", None))
         app.state.holder = holder
         loader = asyncio.create_task(holder.keep_loading())
+        loader.add_done_callback(_stop_if_failed)
         loop = asyncio.get_running_loop()
         reloads: set[asyncio.Task[None]] = set()
 
         def on_sighup() -> None:
             async def reload() -> None:
+                service_log.info("SIGHUP: reloading", extra={"event": "sighup"})
                 with contextlib.suppress(ModelLoadError):
                     await holder.load(settings.model_path)
 

@@ -24,6 +24,7 @@ def register(sub: Any) -> None:
     p.add_argument("--batch-wait-ms", type=float)
     p.add_argument("--max-queue", type=int)
     p.add_argument("--request-timeout-ms", type=int)
+    p.add_argument("--client-timeout-s", type=float)
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=_serve)
 
@@ -34,6 +35,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from service.app import create_app
     from service.logs import configure_logging
+    from service.protocol import bounded_http_protocol
     from service.settings import Settings
 
     overrides = {
@@ -53,5 +55,6 @@ def _serve(args: argparse.Namespace) -> int:
         access_log=False,
         timeout_graceful_shutdown=30,
         server_header=False,
+        http=bounded_http_protocol(settings.client_timeout_s),
     )
     return 0

@@ -69,11 +69,20 @@ async def read_json_body(request: Request, limit: int, also_allowed: tuple[str, 
         )
     chunks = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadError(None, f"body is over the {limit}-byte limit", 413, "body_too_large")
-        chunks.append(chunk)
+    timeout = get_settings(request).client_timeout_s
+    try:
+        async with asyncio.timeout(timeout):  # a stalled upload must not hold the connection
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise PayloadError(
+                        None, f"body is over the {limit}-byte limit", 413, "body_too_large"
+                    )
+                chunks.append(chunk)
+    except TimeoutError:
+        raise PayloadError(
+            None, f"body not received within {timeout:g} s", 408, "request_timeout"
+        ) from None
     return b"".join(chunks)
 
 

@@ -10,15 +10,18 @@ request in OpenAPI. The rules (DESIGN.md section 3):
   numeric values are numbers; tags are a list of ids or one string split on the separator.
 - null, or leaving a feature out, means "use the default"; features without one are required.
 - unknown categorical values are fine (the out-of-vocabulary bucket); anything else wrong is a
-  PayloadError naming the field.
+  PayloadError naming the field. That includes a key given twice in one object (JSON parsers
+  silently keep one of them) and ids longer than MAX_ID_CHARS.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from functools import partial
+from typing import Annotated, Any, Literal
 
 import msgspec
 import numpy as np
@@ -26,22 +29,31 @@ import numpy as np
 from export.metadata import FeatureInfo, ModelMetadata
 from service.errors import PayloadError
 
-_ID = str | int
+# No real id is longer; a longer one is a client bug, refused rather than scored as unknown.
+MAX_ID_CHARS = 1024
+_ID = Annotated[str, msgspec.Meta(max_length=MAX_ID_CHARS)] | int
+_TOO_MANY_ROWS = re.compile(r"Expected array of length <= (\d+)")
 
 
-def _column_type(f: FeatureInfo) -> Any:
+def _tag_string(f: FeatureInfo) -> Any:
+    return Annotated[str, msgspec.Meta(max_length=(MAX_ID_CHARS + 1) * (f.max_len or 1))]
+
+
+def _column_type(f: FeatureInfo, max_rows: int) -> Any:
+    column: Any = list[_ID | None]
     if f.kind == "numeric":
-        return list[float | None]
-    if f.kind == "tags":
-        return list[list[_ID] | str | None]
-    return list[_ID | None]
+        column = list[float | None]
+    elif f.kind == "tags":
+        column = list[list[_ID] | _tag_string(f) | None]  # type: ignore[misc]
+    # Declared in the type, so the decoder refuses a long column (413) before any other check.
+    return Annotated[column, msgspec.Meta(max_length=max_rows)]
 
 
 def _scalar_type(f: FeatureInfo) -> Any:
     if f.kind == "numeric":
         return float | None
     if f.kind == "tags":
-        return list[_ID] | str | None
+        return list[_ID] | _tag_string(f) | None
     return _ID | None
 
 
@@ -62,14 +74,58 @@ def _msgspec_error(err: msgspec.ValidationError) -> PayloadError:
     text = str(err)
     reason, _, path = text.partition(" - at `")
     field = path.rstrip("`").removeprefix("$").lstrip(".") or None
-    unknown = re.fullmatch(r"Object contains unknown field `(.+)`", reason)
+    reason = reason.replace("`", "")
+    too_many = _TOO_MANY_ROWS.fullmatch(reason)
+    if too_many:
+        return PayloadError(
+            field,
+            f"more than the limit of {too_many.group(1)} rows per request",
+            413,
+            "too_many_rows",
+        )
+    unknown = re.fullmatch(r"Object contains unknown field (.+)", reason)
     if unknown:
         name = unknown.group(1)
         field = f"{field}.{name}" if field else name
         return PayloadError(
             field, "unknown field (the model's features are listed at GET /metadata)"
         )
-    return PayloadError(field, reason.replace("`", ""))
+    return PayloadError(field, reason)
+
+
+def duplicate_key(body: bytes, keys: Sequence[str] | None = None) -> str | None:
+    """A key that some object in `body` (valid JSON, already decoded once) gives twice, or None.
+
+    With `keys` (every key the decoder reads), the common case costs a few substring counts: if
+    no key can be written with an escape (no backslash in the body) and each appears at most once,
+    no object repeats one. Otherwise, or without `keys`, the objects are walked exactly.
+    """
+    if (
+        keys is not None
+        and b"\\" not in body
+        and all(body.count(b'"%s"' % k.encode()) <= 1 for k in keys)
+    ):
+        return None
+    found: list[str] = []
+
+    def check(pairs: list[tuple[str, Any]]) -> None:
+        if not found:
+            seen: set[str] = set()
+            for k, _ in pairs:
+                if k in seen:
+                    found.append(k)
+                    break
+                seen.add(k)
+
+    try:  # numbers are left as None: only the keys matter
+        json.loads(body, object_pairs_hook=check, parse_int=_skip, parse_float=_skip)
+    except (ValueError, RecursionError):
+        return None  # not for this check to report: the decoder has accepted the body
+    return found[0] if found else None
+
+
+def _skip(_: str) -> None:
+    return None
 
 
 class RequestDecoder:
@@ -85,7 +141,8 @@ class RequestDecoder:
         self.features = list(meta.features)
         self.max_rows = max_rows
         forbid = unknown_features == "error"
-        self.candidates_type = _struct("Candidates", self.features, _column_type, forbid)
+        column_type = partial(_column_type, max_rows=max_rows)
+        self.candidates_type = _struct("Candidates", self.features, column_type, forbid)
         self.context_type = _struct("Context", self.features, _scalar_type, forbid)
         self.row_type = _struct("Instance", self.features, _scalar_type, forbid)
         task_names = tuple(t.name for t in meta.tasks)
@@ -94,12 +151,27 @@ class RequestDecoder:
             [
                 ("candidates", self.candidates_type | None, None),
                 ("context", self.context_type | None, None),
-                ("instances", list[self.row_type] | None, None),  # type: ignore[name-defined]
+                (
+                    "instances",
+                    Annotated[
+                        list[self.row_type],  # type: ignore[name-defined]
+                        msgspec.Meta(max_length=max_rows),
+                    ]
+                    | None,
+                    None,
+                ),
                 ("tasks", list[Literal[task_names]] | None, None),  # type: ignore[valid-type]
             ],
             forbid_unknown_fields=True,
         )
         self._decoder = msgspec.json.Decoder(self.request_type)
+        self._keys = [
+            "candidates",
+            "context",
+            "instances",
+            "tasks",
+            *(f.name for f in self.features),
+        ]
 
     def json_schema(self) -> dict[str, Any]:
         """JSON Schema of the request body (for OpenAPI); definitions under $defs."""
@@ -111,9 +183,28 @@ class RequestDecoder:
         try:
             req: Any = self._decoder.decode(body)
         except msgspec.ValidationError as err:
-            raise _msgspec_error(err) from None
+            error = _msgspec_error(err)
+            if (error.field or "").startswith("tasks["):
+                error.reason += f"; the model's tasks are {[t.name for t in self.meta.tasks]}"
+            raise error from None
         except msgspec.DecodeError as err:
             raise PayloadError(None, f"malformed JSON: {err}", 400, "malformed_json") from None
+        except UnicodeDecodeError as err:  # msgspec raises it for invalid UTF-8 inside strings
+            raise PayloadError(
+                None,
+                f"malformed JSON: a string is not valid UTF-8 ({err.reason})",
+                400,
+                "malformed_json",
+            ) from None
+        except RecursionError:  # nesting under an ignored unknown feature
+            raise PayloadError(
+                None, "malformed JSON: nested too deeply", 400, "malformed_json"
+            ) from None
+        key = duplicate_key(body, self._keys)
+        if key is not None:
+            raise PayloadError(
+                key, "given twice in one object: give each key once", 422, "duplicate_key"
+            )
         tasks = list(req.tasks) if req.tasks else [t.name for t in self.meta.tasks]
         if req.instances is not None:
             if req.candidates is not None or req.context is not None:
@@ -228,7 +319,8 @@ def _numeric(f: FeatureInfo, values: Sequence[Any], field: str) -> np.ndarray:
         nan = np.isnan(arr)
         if nan.any():
             raise _required_null(f, f"{field}[{int(nan.argmax())}]")
-    out = arr.astype(np.float32)
+    with np.errstate(over="ignore"):  # overflow is reported below, as the error it is
+        out = arr.astype(np.float32)
     inf = np.isinf(out)
     if inf.any():
         j = int(inf.argmax())

@@ -78,6 +78,10 @@ class Predictor:
         if intra_op_threads:
             opts.intra_op_num_threads = intra_op_threads
         opts.inter_op_num_threads = 1
+        import os as _os_tmp  # TEMP experiment
+
+        if _os_tmp.environ.get("MMOE_TMP_SPIN") == "0":
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.log_severity_level = 3
         try:
             self.session = ort.InferenceSession(str(self.path), opts, providers=providers)

@@ -31,6 +31,9 @@ class Settings(BaseSettings):
     batch_wait_ms: float = Field(1.0, ge=0.0)
     max_queue: int = Field(64, ge=1, description="requests waiting for the runtime before 503")
     request_timeout_ms: int = Field(10_000, ge=1)
+    # A client gets this long to send a request's head (line + headers), and again its body
+    # (408 past it), so slow or stalled clients cannot hold connections open.
+    client_timeout_s: float = Field(10.0, gt=0)
     retry_after_s: int = Field(1, ge=1)
 
     api_key: SecretStr | None = None

@@ -18,7 +18,7 @@ from service.batching import DirectRunner, MicroBatcher, _Runner
 from service.errors import ApiError
 from service.metrics import ServiceMetrics
 from service.payload import RequestDecoder
-from service.predictor import ModelLoadError, Predictor
+from service.predictor import ModelLoadError, Predictor, ProviderError
 from service.settings import Settings
 
 log = logging.getLogger("mmoe.service")
@@ -68,12 +68,15 @@ class ModelHolder:
             return self.settings.model_path
         root = self.settings.reload_dir
         candidate = Path(path)
-        target = (candidate if candidate.is_absolute() else root / candidate).resolve()
+        try:  # resolve() follows symlinks, so a link pointing outside the directory is refused
+            target = (candidate if candidate.is_absolute() else root / candidate).resolve()
+        except (ValueError, OSError, RuntimeError) as err:  # a NUL byte; a symlink loop
+            raise ApiError(422, "invalid_path", f"not a usable path: {err}", "path") from None
         if not target.is_relative_to(root):
             raise ApiError(403, "path_not_allowed", f"reload paths must be inside {root}", "path")
         return target
 
-    async def load(self, path: Path) -> LoadedModel:
+    async def load(self, path: Path, log_failure: bool = True) -> LoadedModel:
         """Load, warm up and swap in `path`; on any failure the current model stays."""
         async with self._lock:
             s = self.settings
@@ -86,9 +89,11 @@ class ModelHolder:
                 self.metrics.reloads.labels("failed").inc()
                 if self.current is None:
                     self.not_ready_reason = str(err)
-                log.error(
-                    "model load failed", extra={"event": "model_load_failed", "reason": str(err)}
-                )
+                if log_failure:
+                    log.error(
+                        "model load failed",
+                        extra={"event": "model_load_failed", "reason": str(err)},
+                    )
                 raise
             runner: _Runner
             common = dict(
@@ -119,11 +124,25 @@ class ModelHolder:
             return new
 
     async def keep_loading(self) -> None:
-        """At start-up: try the configured file until it loads (it may not exist yet)."""
+        """At start-up: try the configured file until it loads (it may not exist yet), logging
+        each distinct reason once. A ProviderError (a setting to fix) is raised, not retried."""
+        last_reason = None
         while self.current is None:
             try:
-                await self.load(self.settings.model_path)
-            except ModelLoadError:
+                await self.load(self.settings.model_path, log_failure=False)
+            except ProviderError:
+                raise
+            except ModelLoadError as err:
+                if str(err) != last_reason:
+                    last_reason = str(err)
+                    log.error(
+                        "model load failed; retrying until it loads",
+                        extra={
+                            "event": "model_load_failed",
+                            "reason": last_reason,
+                            "retry_s": self.settings.load_retry_s,
+                        },
+                    )
                 await asyncio.sleep(self.settings.load_retry_s)
 
     async def close(self) -> None:

@@ -9,7 +9,9 @@ from fastapi import APIRouter, Depends, Request
 
 from service.deps import get_holder, read_json_body, require_api_key
 from service.errors import ApiError, PayloadError
+from service.payload import duplicate_key
 from service.predictor import ModelLoadError
+from service.routes.predict import ERROR_RESPONSES
 from service.state import ModelHolder
 
 router = APIRouter(tags=["operations"], dependencies=[Depends(require_api_key)])
@@ -22,6 +24,10 @@ class ReloadRequest(msgspec.Struct, forbid_unknown_fields=True):
 @router.post(
     "/admin/reload",
     summary="Reload the model (atomically; a bad file is rejected and the old model keeps serving)",
+    responses={
+        **{k: v for k, v in ERROR_RESPONSES.items() if k != 503},
+        403: {**ERROR_RESPONSES[422], "description": "Path outside the model directory"},
+    },
     openapi_extra={
         "requestBody": {
             "required": False,
@@ -35,8 +41,10 @@ async def reload(request: Request, holder: ModelHolder = Depends(get_holder)) ->
         req = msgspec.json.decode(body, type=ReloadRequest) if body.strip() else ReloadRequest()
     except msgspec.ValidationError as err:
         raise PayloadError("path", str(err)) from None
-    except msgspec.DecodeError as err:
+    except (msgspec.DecodeError, UnicodeDecodeError) as err:
         raise PayloadError(None, f"malformed JSON: {err}", 400, "malformed_json") from None
+    if duplicate_key(body) is not None:
+        raise PayloadError("path", "given twice: give it once", 422, "duplicate_key")
     path = holder.resolve(req.path)
     try:
         model = await holder.load(path)

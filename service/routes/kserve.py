@@ -7,6 +7,7 @@ extension (`Inference-Header-Content-Length`) are understood, in requests and re
 
 from __future__ import annotations
 
+import math
 import struct
 from typing import Any
 
@@ -19,7 +20,7 @@ from fastapi.responses import Response
 from export.metadata import FeatureInfo
 from service.deps import get_holder, get_settings, read_json_body, require_api_key, run_inference
 from service.errors import ApiError, PayloadError
-from service.payload import column_array, default_array
+from service.payload import MAX_ID_CHARS, column_array, default_array, duplicate_key
 from service.state import LoadedModel, ModelHolder
 
 router = APIRouter(prefix="/v2", tags=["kserve-v2"])
@@ -71,6 +72,30 @@ class _InferRequest(msgspec.Struct):
     parameters: dict[str, Any] = {}
 
 
+_V2_ERROR = {
+    "content": {
+        "application/json": {
+            "schema": {
+                "type": "object",
+                "properties": {"error": {"type": "string"}},
+                "required": ["error"],
+            }
+        }
+    }
+}
+MODEL_RESPONSES: dict[int | str, dict[str, Any]] = {
+    404: {"description": "Unknown model or version", **_V2_ERROR},
+    503: {"description": "No model loaded yet", **_V2_ERROR},
+}
+INFER_RESPONSES: dict[int | str, dict[str, Any]] = {
+    **MODEL_RESPONSES,
+    400: {"description": "Malformed JSON or binary framing", **_V2_ERROR},
+    413: {"description": "Body or row count over the limit", **_V2_ERROR},
+    415: {"description": "Body is neither JSON nor octet-stream", **_V2_ERROR},
+    422: {"description": "A tensor is wrong: the message names it", **_V2_ERROR},
+}
+
+
 def _model(holder: ModelHolder, name: str, version: str | None = None) -> LoadedModel:
     model = holder.current
     if model is None:
@@ -103,8 +128,10 @@ def _input_meta(f: FeatureInfo) -> dict[str, Any]:
     return {"name": f.name, "datatype": "FP32" if f.kind == "numeric" else "BYTES", "shape": shape}
 
 
-@router.get("/models/{name}", summary="Model metadata")
-@router.get("/models/{name}/versions/{version}", summary="Model metadata")
+@router.get("/models/{name}", summary="Model metadata", responses=MODEL_RESPONSES)
+@router.get(
+    "/models/{name}/versions/{version}", summary="Model metadata", responses=MODEL_RESPONSES
+)
 async def model_metadata(
     name: str, version: str | None = None, holder: ModelHolder = Depends(get_holder)
 ) -> dict[str, Any]:
@@ -122,8 +149,10 @@ async def model_metadata(
     }
 
 
-@router.get("/models/{name}/ready", summary="Model is ready")
-@router.get("/models/{name}/versions/{version}/ready", summary="Model is ready")
+@router.get("/models/{name}/ready", summary="Model is ready", responses=MODEL_RESPONSES)
+@router.get(
+    "/models/{name}/versions/{version}/ready", summary="Model is ready", responses=MODEL_RESPONSES
+)
 async def model_ready(
     name: str, version: str | None = None, holder: ModelHolder = Depends(get_holder)
 ) -> dict[str, Any]:
@@ -131,12 +160,21 @@ async def model_ready(
     return {"name": model.name, "ready": True}
 
 
-@router.post("/models/{name}/infer", summary="Inference", dependencies=[Depends(require_api_key)])
-@router.post(
-    "/models/{name}/versions/{version}/infer",
+_INFER: dict[str, Any] = dict(
     summary="Inference",
     dependencies=[Depends(require_api_key)],
+    responses=INFER_RESPONSES,
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": msgspec.json.schema(_InferRequest)}},
+        }
+    },
 )
+
+
+@router.post("/models/{name}/infer", **_INFER)
+@router.post("/models/{name}/versions/{version}/infer", **_INFER)
 async def infer(
     name: str,
     request: Request,
@@ -170,11 +208,21 @@ def _split_body(body: bytes, header_len: str | None) -> tuple[_InferRequest, byt
             )
         json_part, binary = body[: int(header_len)], body[int(header_len) :]
     try:
-        return msgspec.json.decode(json_part, type=_InferRequest), binary
+        req = msgspec.json.decode(json_part, type=_InferRequest)
     except msgspec.ValidationError as err:
         raise V2Error(422, "invalid_request", str(err)) from None
     except msgspec.DecodeError as err:
         raise V2Error(400, "malformed_json", f"malformed JSON: {err}") from None
+    except UnicodeDecodeError as err:  # msgspec raises it for invalid UTF-8 inside strings
+        raise V2Error(
+            400, "malformed_json", f"malformed JSON: a string is not valid UTF-8 ({err.reason})"
+        ) from None
+    except RecursionError:  # `data` and `parameters` take any JSON, nested without bound
+        raise V2Error(400, "malformed_json", "malformed JSON: nested too deeply") from None
+    key = duplicate_key(json_part)
+    if key is not None:
+        raise V2Error(422, "duplicate_key", f"{key!r} given twice in one object")
+    return req, binary
 
 
 def _tensor_array(t: _Tensor, binary: memoryview, offset: int) -> tuple[np.ndarray, int]:
@@ -182,10 +230,17 @@ def _tensor_array(t: _Tensor, binary: memoryview, offset: int) -> tuple[np.ndarr
     field = f"inputs[{t.name}]"
     if any(d < 0 for d in t.shape):
         raise PayloadError(field, f"shape {t.shape} has a negative dimension")
-    count = int(np.prod(t.shape)) if t.shape else 1
+    if len(t.shape) > 2:
+        raise PayloadError(field, f"shape {t.shape}: inputs are [batch] or [batch, k]")
+    count = math.prod(t.shape)  # exact: np.prod would wrap around on huge dimensions
     size = t.parameters.get("binary_data_size")
     if size is not None:
-        if not isinstance(size, int) or size < 0 or offset + size > len(binary):
+        if (
+            not isinstance(size, int)
+            or isinstance(size, bool)
+            or size < 0
+            or offset + size > len(binary)
+        ):
             raise PayloadError(field, "binary_data_size runs past the end of the body")
         raw = binary[offset : offset + size]
         offset += size
@@ -214,23 +269,33 @@ def _tensor_array(t: _Tensor, binary: memoryview, offset: int) -> tuple[np.ndarr
     else:
         if t.data is None:
             raise PayloadError(field, "no data and no binary_data_size")
-        arr = np.array(t.data, dtype=object if t.datatype == "BYTES" else None)
         if t.datatype not in _NUMERIC_TYPES and t.datatype != "BYTES":
             raise PayloadError(field, f"unsupported datatype {t.datatype}")
+        try:
+            arr = np.array(t.data, dtype=object if t.datatype == "BYTES" else None)
+        except ValueError:  # ragged nested lists
+            raise PayloadError(field, "data is not a flat list of values") from None
     if arr.size != count:
         raise PayloadError(field, f"{arr.size} values do not fill shape {t.shape}")
-    arr = arr.reshape(t.shape)
+    try:
+        arr = arr.reshape(t.shape)
+    except (ValueError, OverflowError):  # an empty array "shaped" [0, 2**62]
+        raise PayloadError(field, f"shape {t.shape} is not a usable shape") from None
     if t.datatype == "BYTES":
         try:
             arr = np.vectorize(_as_text, otypes=[object])(arr) if arr.size else arr.astype(object)
-        except (UnicodeDecodeError, TypeError) as err:
-            raise PayloadError(field, f"BYTES values must be UTF-8 strings: {err}") from None
+        except (ValueError, TypeError) as err:  # UnicodeDecodeError is a ValueError
+            raise PayloadError(
+                field, f"BYTES values must be UTF-8 strings of at most {MAX_ID_CHARS} chars: {err}"
+            ) from None
     elif arr.dtype.kind not in "iuf":
         raise PayloadError(field, f"values are not {t.datatype} numbers")
     return arr, offset
 
 
 def _as_text(v: Any) -> str:
+    if isinstance(v, bytes | str) and len(v) > MAX_ID_CHARS:
+        raise ValueError(f"a value {len(v)} long")
     if isinstance(v, bytes):
         return v.decode("utf-8")
     if isinstance(v, str):
@@ -277,6 +342,8 @@ def _feeds(
             feeds[name] = default_array(f, n, field)
             continue
         arr = given[name]
+        if f.kind != "numeric" and arr.dtype.kind == "f":  # 1.0 would be scored as id "1.0"
+            raise PayloadError(field, "ids are BYTES or integers, not floating point")
         if f.kind == "tags":
             if arr.ndim != 2:
                 raise PayloadError(

@@ -1,0 +1,7 @@
+"""`python -m bench ...`: the same as `mmoe bench ...`."""
+
+import sys
+
+from bench.run import main
+
+sys.exit(main(sys.argv[1:]))

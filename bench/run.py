@@ -1,0 +1,293 @@
+"""`mmoe bench`: how fast the service is on this machine, against a floor and a baseline, measured
+in one run on the same model and the same request bodies.
+
+- floor: onnxruntime run() in-process on ready arrays, batches of 1..1024 rows; plus the time to
+  JSON-decode each body.
+- service: `mmoe serve` in its own process on loopback, under a closed-loop load generator, at
+  each concurrency x candidates-per-request; latency percentiles, throughput, errors, the
+  server's CPU and memory, the generator's CPU.
+- baseline: bench/baseline.py (FastAPI + a pydantic model per row + torch eager) on the same
+  weights and bodies.
+- cold start (process start to /readyz 200) and memory of each server.
+
+Results go to results/<time>/: report.md, results.json, latency_throughput.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bench import report
+from bench.floor import measure_floor
+from bench.load import run_load, wrk_available
+from bench.models import MODELS, BenchModel, prepare
+from bench.payloads import make_bodies, read_sample
+from bench.server import ServerProc
+
+FLOOR_ROWS = [1, 16, 64, 256, 1024]
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def _variant(text: str) -> tuple[str, dict[str, str]]:
+    """NAME or NAME:KEY=VALUE,KEY=VALUE (MMOE_* settings for that service run)."""
+    name, _, rest = text.partition(":")
+    env = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise argparse.ArgumentTypeError(f"{item!r}: expected KEY=VALUE")
+        env[key.strip()] = value.strip()
+    return name, env
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mmoe bench", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    p.add_argument("--models", default="demo,easyrec", help="of: " + ", ".join(MODELS))
+    p.add_argument("--run", type=Path, help="benchmark this training run instead of --models")
+    p.add_argument("--onnx", type=Path, help="its exported model.onnx (with --run)")
+    p.add_argument("--data", type=Path, help="data file to cut request bodies from (with --run)")
+    p.add_argument(
+        "--context", default="", help="features sent once per request, comma-separated (--run)"
+    )
+    p.add_argument("--quick", action="store_true", help="short runs (under 2 minutes), for CI")
+    p.add_argument("--seconds", type=float, help="measured seconds per point (default 5)")
+    p.add_argument("--warmup", type=float, help="warm-up seconds per point (default 1)")
+    p.add_argument("--concurrency", type=_ints, default=[1, 8, 32])
+    p.add_argument("--candidates", type=_ints, default=[64, 256, 1024])
+    p.add_argument(
+        "--client",
+        choices=["auto", "wrk", "python"],
+        default="auto",
+        help="load generator: wrk when installed (auto), else the built-in asyncio client",
+    )
+    p.add_argument(
+        "--variant",
+        type=_variant,
+        action="append",
+        help="service settings to compare, NAME:MMOE_X=1,MMOE_Y=2 (repeatable; default: the "
+        "service's defaults, named 'service')",
+    )
+    p.add_argument("--no-baseline", action="store_true")
+    p.add_argument("--cold-starts", type=int, help="cold starts to time per server (default 3)")
+    p.add_argument("--out", type=Path, default=Path("results"), help="results folder")
+    return p
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _load() -> str:
+    try:
+        return " ".join(f"{x:.1f}" for x in os.getloadavg())
+    except OSError:
+        return "-"
+
+
+def _feature_names(run_dir: Path) -> list[tuple[str, str]]:
+    """(feature name, data column) for each raw input of the model."""
+    from model.schema import FeatureSchema
+
+    schema = FeatureSchema.load(run_dir / "schema.json")
+    return [(f.name, f.column) for f in schema.features]
+
+
+def _bodies(
+    spec: BenchModel, sizes: list[int], count: int
+) -> dict[int, list[bytes]]:
+    names = _feature_names(spec.run_dir)
+    table = read_sample(spec.data, list(dict.fromkeys(c for _, c in names)))
+    table = table.select([c for _, c in names]).rename_columns([n for n, _ in names])
+    features = [n for n, _ in names]
+    return {
+        n: make_bodies(table, features, list(spec.context), n, count, seed=n) for n in sizes
+    }
+
+
+def _measure_server(
+    server: ServerProc,
+    label: str,
+    bodies: dict[int, list[bytes]],
+    args: argparse.Namespace,
+    cold_starts: int,
+    log_dir: Path,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Cold starts (the last start stays up and is measured under load), then the grid."""
+    times = []
+    for k in range(cold_starts):
+        times.append(server.start())
+        if k < cold_starts - 1:
+            server.stop()
+    ready = server.usage()
+    cells = []
+    try:
+        for n in args.candidates:
+            for c in args.concurrency:
+                u0, t0 = server.usage(), time.perf_counter()
+                res = run_load(
+                    args.client, server.port, "/predict", bodies[n], c, args.seconds, args.warmup
+                )
+                wall = time.perf_counter() - t0
+                u1 = server.usage()
+                cpu = (u1.cpu_s - u0.cpu_s) / wall if u0.cpu_s is not None and u1.cpu_s else None
+                cell = res.to_dict() | {
+                    "server": label,
+                    "candidates": n,
+                    "rows_per_s": res.rps * n,
+                    "server_cpu": cpu,
+                    "server_rss_mb": u1.rss_mb,
+                    "client_cpu": res.client_cpu_s / res.seconds if res.seconds else None,
+                }
+                cells.append(cell)
+                _say(
+                    f"  {label:>10} n={n:<5} c={c:<3} {res.rps:8.1f} req/s  "
+                    f"p50 {res.p50_ms:7.2f}  p99 {res.p99_ms:7.2f} ms  errors {res.errors}  "
+                    f"server cpu {cpu or 0:.2f}"
+                )
+                if res.errors:
+                    _say(f"    errors: {res.error_kinds}; server log: {log_dir}")
+        end = server.usage()
+    finally:
+        server.stop()
+    times.sort()
+    info = {
+        "cold_start_s": times[len(times) // 2],
+        "cold_starts_s": times,
+        "ready_rss_mb": ready.rss_mb,
+        "peak_rss_mb": end.peak_rss_mb,
+        "env": server.env_overrides,
+    }
+    return info, cells
+
+
+def bench_model(
+    spec: BenchModel, args: argparse.Namespace, variants: list[tuple[str, dict[str, str]]],
+    out_dir: Path,
+) -> dict[str, Any]:
+    _say(f"{spec.name}: building request bodies")
+    sizes = sorted(set(FLOOR_ROWS) | set(args.candidates))
+    bodies = _bodies(spec, sizes, count=2 if args.quick else 8)
+    _say(f"{spec.name}: floor")
+    floor = measure_floor(
+        spec.onnx, {n: b[0] for n, b in bodies.items()}, budget_s=0.2 if args.quick else 1.0
+    )
+    for p in floor:
+        _say(
+            f"  floor rows={p.rows:<5} run {p.run_ms:8.3f} ms  {p.rows_per_s:10.0f} rows/s  "
+            f"json {p.json_ms:.3f} ms  decode {p.decode_ms:.3f} ms"
+        )
+    result: dict[str, Any] = {
+        "name": spec.name,
+        "onnx": str(spec.onnx),
+        "onnx_bytes": spec.onnx.stat().st_size,
+        "floor": [p.to_dict() for p in floor],
+        "servers": {},
+        "cells": [],
+    }
+    servers: list[tuple[str, ServerProc]] = []
+    for name, env in variants:
+        s = ServerProc.service(spec.onnx, env, log_path=out_dir / f"{spec.name}-{name}.log")
+        servers.append((name, s))
+    if not args.no_baseline:
+        s = ServerProc.baseline(spec.run_dir, log_path=out_dir / f"{spec.name}-baseline.log")
+        servers.append(("baseline", s))
+    for name, server in servers:
+        _say(f"{spec.name}: {name}")
+        info, cells = _measure_server(server, name, bodies, args, args.cold_starts, out_dir)
+        result["servers"][name] = info
+        result["cells"].extend(cells)
+    return result
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    if args.seconds is None:
+        args.seconds = 0.5 if args.quick else 5.0
+    if args.warmup is None:
+        args.warmup = 0.2 if args.quick else 1.0
+    if args.cold_starts is None:
+        args.cold_starts = 1 if args.quick else 3
+    if args.client == "auto":
+        args.client = "wrk" if wrk_available() else "python"
+    elif args.client == "wrk" and not wrk_available():
+        _say("error: wrk is not on PATH (apt-get install wrk), or use --client python")
+        return 2
+    variants = args.variant or [("service", {})]
+    if args.run is not None:
+        if args.onnx is None or args.data is None:
+            _say("error: --run needs --onnx and --data")
+            return 2
+        specs = [
+            BenchModel(
+                args.run.name,
+                args.run,
+                args.onnx,
+                args.data,
+                tuple(x for x in args.context.split(",") if x),
+            )
+        ]
+    else:
+        unknown = [m for m in args.models.split(",") if m not in MODELS]
+        if unknown:
+            _say(f"error: unknown models {unknown}; choose from {list(MODELS)}")
+            return 2
+        specs = [MODELS[m] for m in args.models.split(",")]
+    for spec in specs:
+        prepare(spec, _say)
+
+    started = time.strftime("%Y-%m-%d %H:%M:%S")
+    out_dir = args.out / (time.strftime("%Y%m%d-%H%M%S") + ("-quick" if args.quick else ""))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    import onnxruntime
+
+    results: dict[str, Any] = {
+        "started": started,
+        "argv": argv,
+        "client": args.client,
+        "seconds": args.seconds,
+        "warmup": args.warmup,
+        "environment": {
+            "cpus": os.cpu_count(),
+            "cpu_model": _cpu_model(),
+            "python": platform.python_version(),
+            "onnxruntime": onnxruntime.__version__,
+            "load_before": _load(),
+        },
+        "models": [],
+    }
+    for spec in specs:
+        results["models"].append(bench_model(spec, args, variants, out_dir))
+    results["environment"]["load_after"] = _load()
+    (out_dir / "results.json").write_text(json.dumps(results, indent=1))
+    text = report.markdown(results)
+    (out_dir / "report.md").write_text(text)
+    report.plot(results, out_dir / "latency_throughput.png")
+    print(text)
+    _say(f"results: {out_dir}/report.md, results.json, latency_throughput.png")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

@@ -1,0 +1,101 @@
+"""uvicorn's httptools protocol with each request head (request line + headers) bounded in size
+and in time.
+
+httptools buffers a head of any size, and uvicorn waits for one without a deadline: one client
+could make the server hold hundreds of MB (a huge header), or hold a connection forever by never
+finishing its head (slowloris). Past the bounds the connection gets a JSON 431 or 408 and is
+closed. The body is bounded by the routes (service.deps.read_json_body).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import orjson
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+
+MAX_HEAD_BYTES = 64 * 1024
+
+
+class BoundedHttpProtocol(HttpToolsProtocol):
+    max_head_bytes = MAX_HEAD_BYTES
+    head_timeout_s = 10.0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._in_head = True
+        self._head_bytes = 0
+        self._ends = 0  # heads and messages completed on this connection
+        self._head_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_head_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm_head_timer()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._in_head:
+            self._arm_head_timer()
+        ends = self._ends
+        super().data_received(data)
+        # In a head before and after this chunk, with no head or message ending within it: all
+        # of it was head bytes.
+        if self._in_head and self._ends == ends and not self.transport.is_closing():
+            self._head_bytes += len(data)
+            if self._head_bytes > self.max_head_bytes:
+                self._refuse(
+                    431,
+                    "request_head_too_large",
+                    f"request line and headers are over the {self.max_head_bytes}-byte limit",
+                )
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._head_bytes = 0
+        self._ends += 1
+        self._disarm_head_timer()
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self._ends += 1
+        self._in_head = True  # the next request's head, if the client keeps the connection
+
+    def _arm_head_timer(self) -> None:
+        # Armed when a connection opens or a head starts arriving, not while idle between
+        # requests: uvicorn's keep-alive timeout closes idle connections.
+        if self._head_timer is None:
+            self._head_timer = self.loop.call_later(self.head_timeout_s, self._head_timed_out)
+
+    def _disarm_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if self._in_head and not self.transport.is_closing():
+            self._refuse(
+                408,
+                "request_timeout",
+                f"request line and headers not received within {self.head_timeout_s:g} s",
+            )
+
+    def _refuse(self, status: int, code: str, reason: str) -> None:
+        self._disarm_head_timer()
+        body = orjson.dumps({"error": {"code": code, "field": None, "reason": reason}})
+        head = (
+            b"content-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n"
+            % len(body)
+        )
+        self.transport.write(STATUS_LINE[status] + head + body)
+        self.transport.close()
+
+
+def bounded_http_protocol(head_timeout_s: float) -> type[BoundedHttpProtocol]:
+    """The protocol class for uvicorn.run(http=...), with the configured head timeout."""
+    return type("BoundedHttpProtocol", (BoundedHttpProtocol,), {"head_timeout_s": head_timeout_s})

@@ -1,0 +1,274 @@
+"""The deployment files agree with each other and with the code, without a Docker engine:
+Dockerfile stages, docker-compose.yml, deploy/nginx.conf, and the README's docker commands."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from service.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY_PORT = 8000
+
+
+@dataclass
+class Stage:
+    name: str
+    base: str
+    instructions: list[tuple[str, str]] = field(default_factory=list)
+
+    def args(self, keyword: str) -> list[str]:
+        return [a for k, a in self.instructions if k == keyword]
+
+    def env(self) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for line in self.args("ENV"):
+            for token in shlex.split(line):
+                key, _, value = token.partition("=")
+                out[key] = value
+        return out
+
+
+def dockerfile_stages(text: str) -> dict[str, Stage]:
+    """Stages by name, in order; FROM references resolved against the global ARG defaults."""
+    lines = re.sub(r"\\\n", " ", text).splitlines()
+    global_args: dict[str, str] = {}
+    stages: dict[str, Stage] = {}
+    current: Stage | None = None
+    for raw in lines:
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        keyword, _, rest = line.partition(" ")
+        keyword, rest = keyword.upper(), rest.strip()
+        if keyword == "FROM":
+            m = re.fullmatch(r"(?:--\S+\s+)*(\S+)\s+AS\s+(\S+)", rest, re.IGNORECASE)
+            assert m, f"every stage needs a name: FROM {rest}"
+            base = re.sub(r"\$\{(\w+)\}", lambda v: global_args[v.group(1)], m.group(1))
+            current = stages[m.group(2)] = Stage(m.group(2), base)
+        elif current is None:
+            if keyword == "ARG":
+                name, _, default = rest.partition("=")
+                global_args[name] = default
+        else:
+            current.instructions.append((keyword, rest))
+    return stages
+
+
+def exec_form(arg: str) -> list[str]:
+    assert arg.startswith("["), f"shell form runs under sh, which does not pass on SIGTERM: {arg}"
+    value = json.loads(arg)
+    assert isinstance(value, list) and all(isinstance(v, str) for v in value), arg
+    return value
+
+
+def load_compose() -> dict[str, Any]:
+    data: dict[str, Any] = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    return data
+
+
+def docker_section() -> str:
+    readme = (ROOT / "README.md").read_text()
+    m = re.search(r"<!-- section:docker -->(.*?)<!-- /section:docker -->", readme, re.DOTALL)
+    assert m and m.group(1).strip(), "README.md has no docker section"
+    return m.group(1)
+
+
+def readme_commands() -> list[list[str]]:
+    """The `docker ...` command lines of the README's docker section, as argv lists."""
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", docker_section(), re.DOTALL):
+        pending = ""
+        for line in re.sub(r"\\\n", " ", block).splitlines():
+            pending += line + "\n"
+            try:
+                argv = shlex.split(pending, comments=True)
+            except ValueError:  # a quoted argument goes on over the next line
+                continue
+            pending = ""
+            if argv[:1] == ["docker"]:
+                commands.append(argv)
+        assert not pending, f"unclosed quote in the README: {pending}"
+    for inline in re.findall(r"`(docker [^`]+)`", docker_section()):
+        commands.append(shlex.split(inline))
+    return commands
+
+
+STAGES = dockerfile_stages((ROOT / "Dockerfile").read_text())
+SETTINGS_ENV = {f"MMOE_{name.upper()}" for name in Settings.model_fields}
+
+
+def test_runtime_stage_is_the_default_and_installs_only_the_serving_extra() -> None:
+    runtime = STAGES["runtime"]
+    assert list(STAGES)[-1] == "runtime", "the CPU server must be what `docker build .` builds"
+    assert runtime.base == "python:3.11-slim"
+    runs = " ".join(runtime.args("RUN"))
+    assert "[serve]" in runs
+    for heavy in ("[train]", "torch", "gcc", "build-essential"):
+        assert heavy not in runs, f"runtime stage installs {heavy}"
+    for stage in STAGES.values():
+        if stage.name != "train":
+            assert "[train]" not in " ".join(stage.args("RUN")), stage.name
+    copied = " ".join(runtime.args("COPY"))
+    assert "--from=train" not in copied
+
+
+@pytest.mark.parametrize("name", ["runtime", "gpu"])
+def test_server_stages_run_mmoe_serve_as_non_root_with_a_healthcheck(name: str) -> None:
+    stage = STAGES[name]
+    user = stage.args("USER")[-1].split(":")[0]
+    assert user not in ("", "0", "root")
+    assert stage.args("EXPOSE") == [str(DEPLOY_PORT)]
+    env = stage.env()
+    assert env["MMOE_HOST"] == "0.0.0.0"
+    assert env["MMOE_PORT"] == str(DEPLOY_PORT)
+    assert env["MMOE_MODEL_PATH"] == "/models/model.onnx"
+    assert set(k for k in env if k.startswith("MMOE_")) <= SETTINGS_ENV
+    # Exec form: the server is PID 1 and gets SIGTERM itself (graceful shutdown).
+    assert exec_form(stage.args("CMD")[-1]) == ["mmoe", "serve"]
+    (healthcheck,) = stage.args("HEALTHCHECK")
+    assert "--start-period=" in healthcheck and "/readyz" in healthcheck
+    assert "curl" not in healthcheck and "wget" not in healthcheck, "slim images have neither"
+
+
+def test_gpu_and_train_stages() -> None:
+    gpu, train = STAGES["gpu"], STAGES["train"]
+    assert gpu.base.startswith("nvidia/cuda:") and "cudnn-runtime" in gpu.base
+    assert "[serve-gpu]" in " ".join(gpu.args("RUN"))
+    assert gpu.env()["MMOE_PROVIDER"] == "cuda"
+    assert "[train]" in " ".join(train.args("RUN"))
+    assert train.args("USER")[-1].split(":")[0] not in ("", "0", "root")
+
+
+def test_compose_wires_the_job_the_servers_and_the_balancer() -> None:
+    compose = load_compose()
+    services = compose["services"]
+    assert set(services) >= {"model", "server", "server-gpu", "lb"}
+    for name, svc in services.items():
+        if "build" in svc:
+            assert svc["build"]["target"] in STAGES, f"{name}: no stage {svc['build']['target']}"
+
+    job = services["model"]
+    assert job["build"]["target"] == "train"
+    assert "models:/models" in job["volumes"]
+    script = " ".join(job["command"])
+    config = re.search(r"--config (\S+)", script)
+    assert config and (ROOT / config.group(1)).is_file(), "the job trains a config we ship"
+    assert "/models/model.onnx" in script
+
+    drain = re.search(r"timeout_graceful_shutdown=(\d+)", (ROOT / "service" / "cli.py").read_text())
+    assert drain, "service/cli.py no longer sets uvicorn's graceful-shutdown timeout"
+    drain_s = int(drain.group(1))
+    for name in ("server", "server-gpu"):
+        svc = services[name]
+        assert svc["depends_on"]["model"]["condition"] == "service_completed_successfully"
+        assert "models:/models:ro" in svc["volumes"]
+        assert "ports" not in svc, f"{name} publishes a host port: `--scale` would collide"
+        assert svc["restart"] in ("always", "unless-stopped", "on-failure")
+        assert svc["deploy"]["resources"]["limits"]
+        grace = re.fullmatch(r"(\d+)s", svc["stop_grace_period"])
+        assert grace and int(grace.group(1)) > drain_s, "docker would kill in-flight requests"
+        assert set(svc["environment"]) <= SETTINGS_ENV, "unknown MMOE_* settings are ignored"
+        healthcheck = svc["healthcheck"]
+        image_healthcheck = json.loads(
+            STAGES[svc["build"]["target"]].args("HEALTHCHECK")[0].split("CMD", 1)[1]
+        )
+        assert healthcheck["test"] == ["CMD", *image_healthcheck]
+
+    gpu = services["server-gpu"]
+    assert gpu["profiles"] == ["gpu"]
+    assert gpu["environment"]["MMOE_PROVIDER"] == "cuda"
+    assert "server" in gpu["networks"]["default"]["aliases"], "lb must reach it as `server`"
+    (device,) = gpu["deploy"]["resources"]["reservations"]["devices"]
+    assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
+
+    lb = services["lb"]
+    assert lb["ports"]
+    (conf_mount,) = lb["volumes"]
+    assert (ROOT / conf_mount.split(":")[0]).resolve() == ROOT / "deploy" / "nginx.conf"
+    assert set(compose["volumes"]) == {"models"}
+
+
+def test_nginx_proxies_to_the_servers_and_accepts_the_service_body_limit() -> None:
+    conf = (ROOT / "deploy" / "nginx.conf").read_text()
+    services = load_compose()["services"]
+    upstream = re.search(r"http://([\w-]+):(\d+)", conf)
+    assert upstream, "no upstream in deploy/nginx.conf"
+    assert upstream.group(1) in services
+    assert int(upstream.group(2)) == DEPLOY_PORT
+    assert "resolver 127.0.0.11" in conf, "without Docker's DNS, nginx never sees new replicas"
+    size = re.search(r"client_max_body_size\s+(\d+)([km]?);", conf)
+    assert size, "nginx's default body limit is 1 MiB"
+    limit = int(size.group(1)) * {"": 1, "k": 1024, "m": 1024**2}[size.group(2)]
+    assert limit >= Settings().max_body_bytes
+
+
+def test_readme_docker_commands_match_the_files() -> None:
+    compose = load_compose()
+    services = compose["services"]
+    profiles = {p for svc in services.values() for p in svc.get("profiles", [])}
+    images = {svc["build"]["target"]: svc["image"] for svc in services.values() if "build" in svc}
+    takes_value = {"--scale", "-s", "--signal", "--profile", "-t", "--timeout", "--tail", "-f"}
+    commands = readme_commands()
+    assert any(argv[:3] == ["docker", "compose", "up"] for argv in commands)
+    assert any("--scale" in argv for argv in commands)
+    for argv in commands:
+        if argv[1] == "compose":
+            rest = argv[2:]
+            while rest and rest[0].startswith("-"):  # global options
+                if rest[0] == "--profile":
+                    assert rest[1] in profiles, f"no profile {rest[1]}: {shlex.join(argv)}"
+                rest = rest[2:]
+            sub, args = rest[0], rest[1:]
+            named: list[str] = []
+            i = 0
+            while i < len(args):
+                arg = args[i]
+                if arg == "--scale":
+                    named.append(args[i + 1].split("=")[0])
+                    i += 2
+                elif arg in takes_value and not (sub == "logs" and arg == "-f"):
+                    i += 2
+                elif arg.startswith("-"):
+                    i += 1
+                else:
+                    named.append(arg)
+                    i += 1
+            for name in named:
+                assert name in services, f"no service {name!r}: {shlex.join(argv)}"
+        elif argv[1] == "build":
+            target = argv[argv.index("--target") + 1] if "--target" in argv else list(STAGES)[-1]
+            assert target in STAGES, shlex.join(argv)
+            tag = argv[argv.index("-t") + 1]
+            if target in images:
+                assert tag == images[target], f"compose calls the {target} image {images[target]}"
+    for var in re.findall(r"\b((?:SERVER|TRAIN|LB)_[A-Z]+)\b", docker_section()):
+        assert "${" + var in (ROOT / "docker-compose.yml").read_text(), var
+
+
+def test_dockerignore_keeps_local_state_out_of_the_build_context() -> None:
+    ignored = {
+        line.strip().rstrip("/")
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
+    assert {".git", ".venv", "runs", "data", "models", "results"} <= ignored
+    for stage in STAGES.values():
+        for copy in stage.args("COPY"):
+            if "--from=" not in copy:
+                for src in shlex.split(copy)[:-1]:
+                    assert src.rstrip("/") not in ignored, f"COPY {src} is in .dockerignore"
+                    assert (ROOT / src).exists(), f"COPY {src}: no such path"
+
+
+def test_exported_model_is_readable_by_the_containers_user(tiny_onnx: Path) -> None:
+    # The server runs as uid 10001 and reads a model mounted from the host.
+    assert tiny_onnx.stat().st_mode & 0o044 == 0o044, oct(tiny_onnx.stat().st_mode)
