@@ -31,7 +31,7 @@ FROM python:3.11-slim AS train
 # version (2.x+cpu) ranks above PyPI's CUDA build of the same release.
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore \
-    PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+    PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 ORT_DISABLE_TELEMETRY=1
 COPY --from=build /wheels /tmp/wheels
 RUN pip install --extra-index-url "$TORCH_INDEX_URL" "$(ls /tmp/wheels/mmoe_ranking-*.whl)[train]" \
  && rm -rf /tmp/wheels \
@@ -62,7 +62,7 @@ RUN python3 -m venv /opt/venv \
  && rm -rf /tmp/wheels
 RUN useradd --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin mmoe \
  && mkdir -p /models && chown mmoe:mmoe /models
-ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 \
+ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 ORT_DISABLE_TELEMETRY=1 \
     MMOE_HOST=0.0.0.0 MMOE_PORT=8000 MMOE_MODEL_PATH=/models/model.onnx MMOE_PROVIDER=cuda
 USER 10001:10001
 EXPOSE 8000
@@ -83,7 +83,8 @@ RUN pip install --only-binary=:all: "$(ls /tmp/wheels/mmoe_ranking-*.whl)[serve]
  && rm -rf /tmp/wheels
 RUN useradd --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin mmoe \
  && mkdir -p /models && chown mmoe:mmoe /models
-ENV PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 \
+# ORT_DISABLE_TELEMETRY: a server has no business calling out (and no home to keep an id in).
+ENV PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 ORT_DISABLE_TELEMETRY=1 \
     MMOE_HOST=0.0.0.0 MMOE_PORT=8000 MMOE_MODEL_PATH=/models/model.onnx
 USER 10001:10001
 EXPOSE 8000

@@ -131,7 +131,7 @@ class _Connection(asyncio.Protocol):
             self.send()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.need >= 0 and len(self.buf) < self.need or (self.need < 0 and self.buf):
+        if (self.need >= 0 and len(self.buf) < self.need) or (self.need < 0 and self.buf):
             self.run.record(self.sent_ns, 0, "read")
         if not self.closed.done():
             self.closed.set_result(None)
@@ -158,7 +158,12 @@ class _PythonRun:
 
 
 async def _python_async(
-    port: int, requests: list[bytes], concurrency: int, seconds: float, warmup: float, timeout: float
+    port: int,
+    requests: list[bytes],
+    concurrency: int,
+    seconds: float,
+    warmup: float,
+    timeout: float,
 ) -> tuple[_PythonRun, float]:
     t0 = time.perf_counter_ns()
     start = t0 + int(warmup * 1e9)
@@ -167,9 +172,7 @@ async def _python_async(
     conns: list[_Connection] = []
     for _ in range(concurrency):
         try:
-            _, proto = await loop.create_connection(
-                lambda: _Connection(run), "127.0.0.1", port
-            )
+            _, proto = await loop.create_connection(lambda: _Connection(run), "127.0.0.1", port)
             conns.append(proto)
         except OSError:
             run.errors["connect"] = run.errors.get("connect", 0) + 1

@@ -41,19 +41,36 @@ def targets(model: dict[str, Any], server: str) -> list[dict[str, Any]]:
     start = model["servers"].get(server, {})
     out: list[dict[str, Any]] = []
 
-    def add(name: str, value: float | None, goal: str, limit: float | None, ok: bool | None) -> None:
+    def add(
+        name: str, value: float | None, goal: str, limit: float | None, ok: bool | None
+    ) -> None:
         out.append({"target": name, "value": value, "goal": goal, "limit": limit, "ok": ok})
 
     if floor and c1:
         limit = 1.5 * (floor["run_ms"] + floor["json_ms"])
-        add("c=1 p50 latency (ms)", c1["p50_ms"], "<= 1.5 x (floor + JSON decode)", limit,
-            c1["p50_ms"] <= limit)
+        add(
+            "c=1 p50 latency (ms)",
+            c1["p50_ms"],
+            "<= 1.5 x (floor + JSON decode)",
+            limit,
+            c1["p50_ms"] <= limit,
+        )
     if floor and c8:
         limit = 0.8 * floor["rows_per_s"]
-        add("c=8 throughput (rows/s)", c8["rows_per_s"], ">= 0.8 x floor rows/s", limit,
-            c8["rows_per_s"] >= limit)
-        add("c=8 p99 / p50", c8["p99_ms"] / c8["p50_ms"], "<= 2", 2.0,
-            c8["p99_ms"] <= 2 * c8["p50_ms"])
+        add(
+            "c=8 throughput (rows/s)",
+            c8["rows_per_s"],
+            ">= 0.8 x floor rows/s",
+            limit,
+            c8["rows_per_s"] >= limit,
+        )
+        add(
+            "c=8 p99 / p50",
+            c8["p99_ms"] / c8["p50_ms"],
+            "<= 2",
+            2.0,
+            c8["p99_ms"] <= 2 * c8["p50_ms"],
+        )
     if c8 and b8:
         ratio = c8["rps"] / b8["rps"] if b8["rps"] else float("inf")
         add("c=8 throughput / baseline", ratio, ">= 3", 3.0, ratio >= 3)
@@ -79,12 +96,21 @@ def markdown(results: dict[str, Any]) -> str:
         name = model["name"]
         lines += [f"## {name}", "", "### Floor: onnxruntime run() in-process", ""]
         lines += _table(
-            ["rows", "run() ms", "rows/s", "JSON decode ms", "service decode ms", "body KB"],
+            [
+                "rows",
+                "run() ms",
+                "rows/s",
+                "fastest session settings",
+                "JSON decode ms",
+                "service decode ms",
+                "body KB",
+            ],
             [
                 [
                     str(p["rows"]),
                     _f(p["run_ms"], 3),
                     _f(p["rows_per_s"], 0),
+                    p["settings"],
                     _f(p["json_ms"], 3),
                     _f(p["decode_ms"], 3),
                     _f(p["body_bytes"] / 1024, 1),
@@ -95,15 +121,16 @@ def markdown(results: dict[str, Any]) -> str:
         floor = {p["rows"]: p for p in model["floor"]}
         lines += ["", "### Servers under load", ""]
         rows = []
-        baseline = {(x["candidates"], x["concurrency"]): x for x in model["cells"]
-                    if x["server"] == "baseline"}
+        baseline = {
+            (x["candidates"], x["concurrency"]): x
+            for x in model["cells"]
+            if x["server"] == "baseline"
+        }
         for x in model["cells"]:
             f = floor.get(x["candidates"])
             b = baseline.get((x["candidates"], x["concurrency"]))
             vs_floor = x["rows_per_s"] / f["rows_per_s"] if f else None
-            vs_base = (
-                x["rps"] / b["rps"] if b and b["rps"] and x["server"] != "baseline" else None
-            )
+            vs_base = x["rps"] / b["rps"] if b and b["rps"] and x["server"] != "baseline" else None
             rows.append(
                 [
                     x["server"],
@@ -213,8 +240,13 @@ def plot(results: dict[str, Any], path: Path) -> None:
                 ax.plot(xs, [p["p50_ms"] for p in pts], "o-", color=color, label=f"{server} p50")
                 ax.plot(xs, [p["p99_ms"] for p in pts], "x--", color=color, label=f"{server} p99")
                 for p in pts:
-                    ax.annotate(f"c={p['concurrency']}", (p["rows_per_s"], p["p50_ms"]),
-                                fontsize=7, textcoords="offset points", xytext=(3, 3))
+                    ax.annotate(
+                        f"c={p['concurrency']}",
+                        (p["rows_per_s"], p["p50_ms"]),
+                        fontsize=7,
+                        textcoords="offset points",
+                        xytext=(3, 3),
+                    )
             if n in floor:
                 ax.axvline(floor[n]["rows_per_s"], color="grey", linestyle=":", label="floor")
             ax.set_xscale("log")

@@ -114,16 +114,12 @@ def _feature_names(run_dir: Path) -> list[tuple[str, str]]:
     return [(f.name, f.column) for f in schema.features]
 
 
-def _bodies(
-    spec: BenchModel, sizes: list[int], count: int
-) -> dict[int, list[bytes]]:
+def _bodies(spec: BenchModel, sizes: list[int], count: int) -> dict[int, list[bytes]]:
     names = _feature_names(spec.run_dir)
     table = read_sample(spec.data, list(dict.fromkeys(c for _, c in names)))
     table = table.select([c for _, c in names]).rename_columns([n for n, _ in names])
     features = [n for n, _ in names]
-    return {
-        n: make_bodies(table, features, list(spec.context), n, count, seed=n) for n in sizes
-    }
+    return {n: make_bodies(table, features, list(spec.context), n, count, seed=n) for n in sizes}
 
 
 def _measure_server(
@@ -183,7 +179,9 @@ def _measure_server(
 
 
 def bench_model(
-    spec: BenchModel, args: argparse.Namespace, variants: list[tuple[str, dict[str, str]]],
+    spec: BenchModel,
+    args: argparse.Namespace,
+    variants: list[tuple[str, dict[str, str]]],
     out_dir: Path,
 ) -> dict[str, Any]:
     _say(f"{spec.name}: building request bodies")
@@ -196,7 +194,7 @@ def bench_model(
     for p in floor:
         _say(
             f"  floor rows={p.rows:<5} run {p.run_ms:8.3f} ms  {p.rows_per_s:10.0f} rows/s  "
-            f"json {p.json_ms:.3f} ms  decode {p.decode_ms:.3f} ms"
+            f"json {p.json_ms:.3f} ms  decode {p.decode_ms:.3f} ms  ({p.settings})"
         )
     result: dict[str, Any] = {
         "name": spec.name,

@@ -31,7 +31,15 @@ def register(sub: Any) -> None:
     paper.add_argument("--sines", type=int, default=10, help="number of sine terms m (default 10)")
     paper.add_argument("--scale", type=float, default=1.0, help="weight scale c (default 1)")
     paper.add_argument("--noise", type=float, default=0.01, help="label noise std (default 0.01)")
-    paper.add_argument("--seed", type=int, default=0)
+    paper.add_argument(
+        "--seed", type=int, default=0, help="seed of u1, u2, x and the noise (default 0)"
+    )
+    paper.add_argument(
+        "--sine-seed",
+        type=int,
+        default=0,
+        help="seed of the sine parameters alpha, beta ~ N(0, 1) (default 0)",
+    )
     paper.add_argument("--out", required=True)
     paper.set_defaults(func=_data)
 
@@ -66,6 +74,7 @@ def _data(args: argparse.Namespace) -> int:
             scale=args.scale,
             noise_std=args.noise,
             seed=args.seed,
+            sine_seed=args.sine_seed,
         )
     write_table(table, args.out)
     print(f"wrote {table.num_rows} rows to {args.out}")

@@ -243,12 +243,13 @@ class RunConfig(_Strict):
                     f"model.groups: unknown groups {unknown}; the features' groups are "
                     f"{sorted(known)}"
                 )
-        if m.kind == "ple":
-            if "gate" in m.model_fields_set:
-                raise ValueError("model.gate: only for kind: mmoe (PLE has its own gates)")
-        else:
+        # Options of the other kind are refused rather than ignored (the saved config spells out
+        # every default, so compare with the defaults).
+        if m.kind == "ple" and m.gate != "per_task":
+            raise ValueError("model.gate: only for kind: mmoe (PLE has its own gates)")
+        if m.kind == "mmoe":
             for key in ("task_experts", "ple_layers"):
-                if key in m.model_fields_set:
+                if getattr(m, key) != 1:
                     raise ValueError(f"model.{key}: only for kind: ple")
         es = self.train.early_stopping
         if es is not None and es.metric not in self.metric_names:
@@ -276,10 +277,12 @@ class RunConfig(_Strict):
                 owners[table] = (i, key)
                 continue
             first, first_key = owners[table]
+            # Blame the feature that named the table, not the one that owns it by its name.
+            culprit, other = (first, i) if key[0] == "boundaries" else (i, first)
             if first_key[0] == "boundaries" or key[0] == "boundaries":
                 raise ValueError(
-                    f"features[{i}].embedding_name: table {table!r} belongs to the bucketised "
-                    f"numeric feature features[{first}]; choose another name"
+                    f"features[{culprit}].embedding_name: table {table!r} belongs to the "
+                    f"bucketised numeric feature features[{other}]; choose another name"
                 )
             if key != first_key:
                 raise ValueError(

@@ -400,18 +400,27 @@ class FeatureSpec:
 
 class FeatureEmbedding(nn.Module):
     """Encoded inputs -> one vector per field: embeddings (tags pooled, padding ignored), and
-    each dense numeric value as a 1-d field."""
+    each dense numeric value as a 1-d field. Features naming the same table share it."""
 
     def __init__(self, features: Sequence[FeatureSpec], tables: dict[str, tuple[int, int]]):
         super().__init__()
         self.features = list(features)
-        self.tables = nn.ModuleDict({name: nn.Embedding(n, d) for name, (n, d) in tables.items()})
+        # Keys are prefixed: a table called `items` or `type` must not clash with the
+        # ModuleDict's own attributes.
+        self.tables = nn.ModuleDict(
+            {f"emb_{name}": nn.Embedding(n, d) for name, (n, d) in tables.items()}
+        )
         for emb in self.tables.values():
             assert isinstance(emb, nn.Embedding)
             nn.init.normal_(emb.weight, std=0.05)
         self.output_dim = sum(
             tables[f.table][1] if f.table is not None else 1 for f in self.features
         )
+
+    def table(self, name: str) -> nn.Embedding:
+        emb = self.tables[f"emb_{name}"]
+        assert isinstance(emb, nn.Embedding)
+        return emb
 
     def forward(self, inputs: dict[str, torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Returns the field vectors and the looked-up embeddings' squared norm (for L2)."""
@@ -422,7 +431,7 @@ class FeatureEmbedding(nn.Module):
             if f.table is None:
                 fields.append(x.unsqueeze(1))
                 continue
-            e = self.tables[f.table](x)
+            e = self.table(f.table)(x)
             if self.training:
                 sq = sq + (e * e).sum() / x.shape[0]
             if f.kind == "tags":

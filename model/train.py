@@ -216,7 +216,7 @@ class Trainer:
         # A last partial batch too small to give every process a row is dropped.
         return full + (1 if last >= self.world else 0)
 
-    def _batches(self, schema: FeatureSchema, epoch: int, rows: int) -> Iterator[Batch]:
+    def epoch_batches(self, schema: FeatureSchema, epoch: int, rows: int) -> Iterator[Batch]:
         """This process's share of each of the epoch's batches (all of it in one process).
 
         Row j of the epoch's row stream belongs to batch j // B, and to process
@@ -367,7 +367,8 @@ class Trainer:
             model.load_state_dict(state)
             if valid is not None and isinstance(model.net, MMoE | PLE):
                 history.gates, history.gate_experts = gate_utilisation(model, valid)
-            self._write_metrics(history, n_rows, steps, time.perf_counter() - t0)
+            valid_rows = len(valid) if valid is not None else 0
+            self._write_metrics(history, n_rows, valid_rows, steps, time.perf_counter() - t0)
             best = " ".join(f"{k}={v:.4f}" for k, v in history.best.items())
             self.log(f"best epoch {history.best_epoch}: {best}")
             self.log(f"run written to {self.out_dir}")
@@ -433,7 +434,7 @@ class Trainer:
             leave=False,
             dynamic_ncols=True,
         )
-        for batch in self._batches(schema, epoch, n_rows):
+        for batch in self.epoch_batches(schema, epoch, n_rows):
             logits, emb_sq = ddp(batch.inputs, with_embedding_l2=True)
             per_task = [
                 task_loss(t, logits[t.name], batch.labels[t.name], batch.weights[t.name])
@@ -465,13 +466,16 @@ class Trainer:
         means = (sums / max(steps, 1)).tolist()
         return {n: means[i] for i, n in enumerate(names)} | {"total": means[-1]}
 
-    def _write_metrics(self, history: History, n_rows: int, steps: int, seconds: float) -> None:
+    def _write_metrics(
+        self, history: History, n_rows: int, valid_rows: int, steps: int, seconds: float
+    ) -> None:
         cfg = self.config
         payload = {
             "name": cfg.name,
             "version": cfg.version,
             "config_hash": config_hash(cfg),
             "train_rows": n_rows,
+            "valid_rows": valid_rows,
             "steps_per_epoch": steps,
             "train_seconds": round(seconds, 2),
             "world_size": self.world,

@@ -104,8 +104,9 @@ class MicroBatcher(_Runner):
         self._tasks = [asyncio.create_task(self._worker()) for _ in range(self.workers)]
 
     async def infer(self, feeds: Feeds, n: int) -> Outputs:
-        if self._closed:
-            raise Overloaded
+        if self._closed:  # the request took this model just before a reload replaced it
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self.executor, self._run, feeds)
         if self.waiting >= self.max_queue:
             raise Overloaded
         item = _Item(feeds, n, asyncio.get_running_loop().create_future())

@@ -29,9 +29,10 @@ def get_metrics(request: Request) -> ServiceMetrics:
     return metrics
 
 
-def require_api_key(request: Request) -> None:
+async def require_api_key(request: Request) -> None:
     """With MMOE_API_KEY set: `Authorization: Bearer <key>` or `x-api-key: <key>` (checked in
-    constant time)."""
+    constant time). Async although it awaits nothing: FastAPI runs a plain-def dependency in its
+    thread pool, a thread hop on every request."""
     expected = get_settings(request).api_key
     if expected is None:
         return

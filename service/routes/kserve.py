@@ -52,6 +52,14 @@ def _v2(err: ApiError) -> V2Error:
     return V2Error(err.status, err.code, err.reason, err.field, err.headers)
 
 
+async def _require_api_key(request: Request) -> None:
+    """require_api_key, answered in the V2 error shape (tritonclient expects a string)."""
+    try:
+        await require_api_key(request)
+    except ApiError as err:
+        raise _v2(err) from None
+
+
 class _Tensor(msgspec.Struct):
     name: str
     shape: list[int]
@@ -99,7 +107,8 @@ INFER_RESPONSES: dict[int | str, dict[str, Any]] = {
 def _model(holder: ModelHolder, name: str, version: str | None = None) -> LoadedModel:
     model = holder.current
     if model is None:
-        raise V2Error(503, "not_ready", holder.not_ready_reason)
+        retry = {"Retry-After": str(holder.settings.retry_after_s)}
+        raise V2Error(503, "not_ready", holder.not_ready_reason, None, retry)
     if name != model.name:
         raise V2Error(404, "unknown_model", f"unknown model {name!r}; serving {model.name!r}")
     if version is not None and version != model.version:
@@ -162,7 +171,7 @@ async def model_ready(
 
 _INFER: dict[str, Any] = dict(
     summary="Inference",
-    dependencies=[Depends(require_api_key)],
+    dependencies=[Depends(_require_api_key)],
     responses=INFER_RESPONSES,
     openapi_extra={
         "requestBody": {

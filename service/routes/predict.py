@@ -9,7 +9,6 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
 from service.deps import get_holder, get_settings, read_json_body, require_api_key, run_inference
-from service.state import ModelHolder
 
 router = APIRouter(tags=["scoring"])
 
@@ -79,8 +78,8 @@ PREDICT_RESPONSE = {
     responses={200: PREDICT_RESPONSE, **ERROR_RESPONSES},
     openapi_extra={"x-model-request-body": True},
 )
-async def predict(request: Request, holder: ModelHolder = Depends(get_holder)) -> Response:
-    model = holder.require()
+async def predict(request: Request) -> Response:
+    model = get_holder(request).require()  # called, not Depends(): no thread-pool hop
     body = await read_json_body(request, get_settings(request).max_body_bytes)
     decoded = model.decoder.decode(body)
     outputs = await run_inference(request, model, decoded.feeds, decoded.n)

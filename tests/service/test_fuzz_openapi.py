@@ -54,7 +54,7 @@ def _fuzz(server: ServerProcess, mode: GenerationMode, fixed: dict[str, str]) ->
     failures = []
     for result in schema.get_all_operations():
         operation = result.ok()
-        params = {k: v for k, v in fixed.items() if "{%s}" % k in operation.path}
+        params = {k: v for k, v in fixed.items() if f"{{{k}}}" in operation.path}
         if fixed and not params:
             continue
 

@@ -70,9 +70,7 @@ def test_triton_client_gets_the_predict_scores(
 ) -> None:
     expected = predict_scores(server, ROWS)
     outputs = [triton.InferRequestedOutput(f"probs_{t}", binary_data=binary) for t in expected]
-    result = client.infer(
-        "tiny", triton_inputs(ROWS, binary), outputs=outputs, request_id="r-1"
-    )
+    result = client.infer("tiny", triton_inputs(ROWS, binary), outputs=outputs, request_id="r-1")
     response = result.get_response()
     assert response["model_name"] == "tiny" and response["model_version"] == "7"
     assert response["id"] == "r-1"
@@ -148,9 +146,7 @@ def test_v2_routes_over_plain_http(server: ServerProcess) -> None:
         r = http.post("/models/tiny/infer", json=body)
         assert r.status_code == 200, r.text
         out = r.json()["outputs"]
-        assert [(o["name"], o["datatype"], o["shape"]) for o in out] == [
-            ("probs_ctr", "FP32", [2])
-        ]
+        assert [(o["name"], o["datatype"], o["shape"]) for o in out] == [("probs_ctr", "FP32", [2])]
     expected = predict_scores(
         server, {"user_id": ["u1", "u2"], "category": ["c1", "c2"], "price": [2.5, 7.0]}
     )

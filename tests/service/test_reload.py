@@ -140,7 +140,8 @@ def test_bad_files_are_rejected_under_load_and_a_good_one_swaps_in(
             assert r.status_code == 422, r.text
             error = r.json()["error"]
             assert error["code"] == "model_rejected"
-            assert reason in error["reason"] and "still serving the previous model" in error["reason"]
+            assert reason in error["reason"]
+            assert "still serving the previous model" in error["reason"]
             load.wait_for_requests(3)
             assert served_version(server) == "7"
         rejected_until = len(load.results)
@@ -223,3 +224,19 @@ def test_sighup_reloads_the_file_and_keeps_the_old_model_if_it_is_bad(
     assert reloads("ok") == 2
     assert server.proc is not None and server.proc.poll() is None  # SIGHUP did not end it
     assert "model load failed" in server.log()
+
+
+def test_repeated_swaps_under_batched_load_fail_no_request(
+    start_server: Callable[..., ServerProcess], model_dir: Path, tiny_onnx: Path
+) -> None:
+    """Requests that took the old model just before a swap still finish on it, also when the
+    old model's micro-batcher has stopped taking work."""
+    version_8(tiny_onnx, model_dir / "v8.onnx")
+    env = {"MMOE_BATCH_MAX_ROWS": "256", "MMOE_BATCH_WAIT_MS": "1"}
+    server = start_server(model_dir / "model.onnx", env=env)
+    with Load(server, threads=6) as load:
+        for i in range(16):
+            r = reload(server, {"path": "v8.onnx" if i % 2 == 0 else "model.onnx"})
+            assert r.status_code == 200, r.text
+    assert load.failures == []
+    assert {v for _, v in load.results} == {"7", "8"}

@@ -1,0 +1,44 @@
+"""`mmoe bench --quick` end to end on the tiny model: floor, service, baseline, report and plot.
+It proves the benchmark runs; it asserts nothing about speed."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+@pytest.mark.slow
+def test_quick_benchmark_writes_report_and_plot(
+    tiny_run: Path, tiny_onnx: Path, tiny_data: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "results"
+    args = ["--run", str(tiny_run), "--onnx", str(tiny_onnx), "--data", str(tiny_data)]
+    args += ["--context", "user_id,age_level", "--quick", "--client", "python", "--out", str(out)]
+    proc = subprocess.run(
+        [sys.executable, "-m", "mmoe", "bench", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    (run_dir,) = out.iterdir()
+    report = (run_dir / "report.md").read_text()
+    for heading in ("Floor", "Servers under load", "Start-up and memory", "Targets"):
+        assert f"### {heading}" in report
+    assert (run_dir / "latency_throughput.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    results = json.loads((run_dir / "results.json").read_text())
+    (model,) = results["models"]
+    assert [p["rows"] for p in model["floor"]] == [1, 16, 64, 256, 1024]
+    assert set(model["servers"]) == {"service", "baseline"}
+    cells = {(c["server"], c["candidates"], c["concurrency"]): c for c in model["cells"]}
+    for server in ("service", "baseline"):
+        for n in (64, 256, 1024):
+            for c in (1, 8, 32):
+                cell = cells[(server, n, c)]
+                assert cell["requests"] > 0 and cell["errors"] == 0, cell
+    assert model["servers"]["service"]["cold_start_s"] > 0
