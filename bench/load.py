@@ -149,8 +149,8 @@ class _PythonRun:
 
     def record(self, sent_ns: int, status: int, error: str) -> None:
         now = time.perf_counter_ns()
-        if sent_ns < self.start_ns or now > self.end_ns:
-            return  # warm-up, or finished after the window
+        if not self.start_ns <= now <= self.end_ns:
+            return  # answered during the warm-up, or after the window (as wrk counts)
         if error:
             self.errors[error] = self.errors.get(error, 0) + 1
         else:

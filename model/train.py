@@ -361,6 +361,8 @@ class Trainer:
                 stop = bool(flag[0])
             if stop:
                 break
+        if self.world > 1:
+            _check_in_sync(model)
         if self.rank == 0:
             # Analyses use the best weights, as export does.
             state = torch.load(self.out_dir / "weights.pt", weights_only=True)
@@ -487,6 +489,18 @@ class Trainer:
             "gate_experts": history.gate_experts,
         }
         (self.out_dir / "metrics.json").write_text(json.dumps(payload, indent=1, allow_nan=True))
+
+
+def _check_in_sync(model: nn.Module) -> None:
+    """Every process must end with rank 0's weights (DDP averages the same gradients into the
+    same optimiser steps); a difference means the processes trained different models."""
+    with torch.no_grad():
+        flat = torch.cat([p.detach().flatten().double() for p in model.parameters()])
+        spread = torch.stack([flat, -flat])
+        dist.all_reduce(spread, op=dist.ReduceOp.MAX)
+        gap = float((spread[0] + spread[1]).max())  # max over processes - min over processes
+    if gap > 0:
+        raise RuntimeError(f"the processes' weights differ by up to {gap:.3g} after training")
 
 
 def _split_by_id(data: Batch, ids: np.ndarray) -> Iterator[Batch]:

@@ -226,6 +226,7 @@ def test_sighup_reloads_the_file_and_keeps_the_old_model_if_it_is_bad(
     assert "model load failed" in server.log()
 
 
+@pytest.mark.slow
 def test_repeated_swaps_under_batched_load_fail_no_request(
     start_server: Callable[..., ServerProcess], model_dir: Path, tiny_onnx: Path
 ) -> None:
