@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 import torch
 from torch import nn
 
@@ -70,9 +71,7 @@ def train_step(module: nn.Module, x: torch.Tensor) -> Callable[[], None]:
     return step
 
 
-def onnx_session(module: nn.Module, x: torch.Tensor, path: Path):  # type: ignore[no-untyped-def]
-    import onnxruntime as ort
-
+def onnx_session(module: nn.Module, x: torch.Tensor, path: Path) -> ort.InferenceSession:
     batch = torch.export.Dim("batch", min=1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -127,9 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     print(f"batch {args.batch}, {args.threads} thread(s), best of {args.repeat} alternating calls")
     print("ratio = separate / batched (> 1: batched is faster)\n")
-    header = (
-        f"{'experts':<28}{'torch inference':>24}{'torch train step':>24}{'onnxruntime':>24}"
-    )
+    header = f"{'experts':<28}{'torch inference':>24}{'torch train step':>24}{'onnxruntime':>24}"
     print(header)
     print(f"{'':<28}" + f"{'batched  separate  ratio':>24}" * 3)
     with tempfile.TemporaryDirectory() as tmp:

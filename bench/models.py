@@ -55,8 +55,23 @@ MODELS = {
 }
 
 
+def _loads(run_dir: Path) -> bool:
+    """True when the run exists and the current model code can load it."""
+    if not (run_dir / "weights.pt").exists():
+        return False
+    from model.checkpoint import load_run
+
+    try:
+        load_run(run_dir)
+    except Exception:  # the network or config format changed since it was trained
+        return False
+    return True
+
+
 def prepare(model: BenchModel, say: Callable[[str], None] = print) -> None:
-    """Generate the data, train and export, for whichever of the three is missing."""
+    """Generate the data, train and export, for whichever of the three is missing or stale (a
+    run the current code cannot load is trained again; an ONNX file older than its run's
+    weights is exported again), so the service and the baseline serve the same weights."""
     if not model.data.exists():
         if model.generate is None:
             raise FileNotFoundError(f"{model.data} is missing")
@@ -64,15 +79,16 @@ def prepare(model: BenchModel, say: Callable[[str], None] = print) -> None:
 
         say(f"{model.name}: generating {model.rows} rows -> {model.data}")
         write_table(model.generate(model.rows, 7), model.data)
-    if not (model.run_dir / "weights.pt").exists():
+    weights = model.run_dir / "weights.pt"
+    if not _loads(model.run_dir):
         if model.config is None:
-            raise FileNotFoundError(f"{model.run_dir} is not a training run")
+            raise FileNotFoundError(f"{model.run_dir} is not a training run this code can load")
         from model.config import load_config
         from model.train import train
 
         say(f"{model.name}: training {model.config} -> {model.run_dir}")
         train(load_config(model.config), model.data, model.run_dir)
-    if not model.onnx.exists():
+    if not model.onnx.exists() or model.onnx.stat().st_mtime < weights.stat().st_mtime:
         from export.exporter import export_run
 
         say(f"{model.name}: exporting -> {model.onnx}")

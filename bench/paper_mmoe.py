@@ -58,7 +58,9 @@ def num_params(model: torch.nn.Module) -> int:
 def shared_bottom_units() -> int:
     """Width of the one Shared-Bottom expert whose network has MMoE's parameter count."""
     target = num_params(build(EXPERTS, EXPERT_UNITS))
-    return min(range(1, 4 * EXPERTS * EXPERT_UNITS), key=lambda u: abs(num_params(build(1, u)) - target))
+    return min(
+        range(1, 4 * EXPERTS * EXPERT_UNITS), key=lambda u: abs(num_params(build(1, u)) - target)
+    )
 
 
 def data(correlation: float, rows: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,7 +70,9 @@ def data(correlation: float, rows: int, seed: int) -> tuple[torch.Tensor, torch.
     return torch.tensor(x, dtype=torch.float32), torch.tensor(y, dtype=torch.float32)
 
 
-def test_mse(setting: Setting, correlation: float, seed: int, num_experts: int, units: int) -> float:
+def test_mse(
+    setting: Setting, correlation: float, seed: int, num_experts: int, units: int
+) -> float:
     """Train one model on fresh data for (correlation, seed); its mean test MSE over the tasks."""
     # One draw of the data set: training and test rows share the task weights (same seed).
     x, y = data(correlation, setting.train_rows + setting.test_rows, seed)
@@ -136,7 +140,8 @@ def table(rows: list[Row]) -> str:
         return f"{statistics.mean(values):.4f} ± {sd:.4f}"
 
     lines = [
-        "| correlation | MMoE test MSE | Shared-Bottom test MSE | gap (SB - MMoE) | MMoE better in |",
+        "| correlation | MMoE test MSE | Shared-Bottom test MSE | gap (SB - MMoE) "
+        "| MMoE better in |",
         "|---|---|---|---|---|",
     ]
     for r in rows:

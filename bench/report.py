@@ -83,13 +83,24 @@ def targets(model: dict[str, Any], server: str) -> list[dict[str, Any]]:
 
 def markdown(results: dict[str, Any]) -> str:
     env = results["environment"]
+    loads = [
+        float(x["load"].split()[0])
+        for m in results["models"]
+        for x in m["cells"]
+        if x.get("load", "-") != "-"
+    ]
+    during = (
+        f" (1-minute load {min(loads):.1f} to {max(loads):.1f} while measuring)" if loads else ""
+    )
     lines = [
         f"# Benchmark {results['started']}",
         "",
         f"{env['cpus']} CPUs ({env['cpu_model']}), load average {env['load_before']} before and "
-        f"{env['load_after']} after; Python {env['python']}, onnxruntime {env['onnxruntime']}; "
-        f"load generator: {results['client']}; {results['seconds']} s per point after "
-        f"{results['warmup']} s warm-up.",
+        f"{env['load_after']} after{during}; Python {env['python']}, onnxruntime "
+        f"{env['onnxruntime']}; load generator: {results['client']}; {results['seconds']} s "
+        f"per point after {results['warmup']} s warm-up. A load above the CPU count means "
+        "other processes competed for the cores: compare ratios within this run, not absolute "
+        "numbers across runs.",
         "",
     ]
     for model in results["models"]:
@@ -101,6 +112,7 @@ def markdown(results: dict[str, Any]) -> str:
                 "run() ms",
                 "rows/s",
                 "fastest session settings",
+                "run() ms before / after the servers",
                 "JSON decode ms",
                 "service decode ms",
                 "body KB",
@@ -111,6 +123,7 @@ def markdown(results: dict[str, Any]) -> str:
                     _f(p["run_ms"], 3),
                     _f(p["rows_per_s"], 0),
                     p["settings"],
+                    f"{_f(p.get('run_ms_before'), 3)} / {_f(p.get('run_ms_after'), 3)}",
                     _f(p["json_ms"], 3),
                     _f(p["decode_ms"], 3),
                     _f(p["body_bytes"] / 1024, 1),
@@ -143,6 +156,7 @@ def markdown(results: dict[str, Any]) -> str:
                     _f(x["p99_ms"], 2),
                     str(x["errors"]),
                     _f(x["server_cpu"], 2),
+                    _f(x.get("server_cpu_ms_per_request"), 2),
                     _f(x["server_rss_mb"], 0),
                     _f(x["client_cpu"], 2),
                     _f(vs_floor, 2),
@@ -161,6 +175,7 @@ def markdown(results: dict[str, Any]) -> str:
                 "p99 ms",
                 "errors",
                 "server CPU (cores)",
+                "server CPU ms/request",
                 "server RSS MB",
                 "generator CPU (cores)",
                 "rows/s / floor",

@@ -8,7 +8,7 @@ It starts its own server on a loopback port (or targets `--url`, which must be l
 its requests from the model's GET /metadata, and keeps `concurrency` keep-alive connections
 busy (closed loop) until `--duration` seconds or `--max-requests` answers. Each request has an
 expected answer: valid ones 200, invalid ones their 4xx. Anything else is an error, by kind; a
-503 with Retry-After on a valid request is a deliberate shed and counted apart. RSS comes from
+503 with Retry-After on a scoring request is a deliberate shed and counted apart. RSS comes from
 /proc/<pid>/status: before the traffic, after the warm-up (the baseline) and at the end.
 The goal: no errors besides sheds, and RSS growth under 5% over ten minutes.
 """
@@ -33,8 +33,6 @@ import numpy as np
 import orjson
 
 from bench.server import ServerProc, process_usage
-
-SHED_CODES = ("overloaded", "timeout")
 
 
 @dataclass(frozen=True)
@@ -217,7 +215,9 @@ class Tally:
     ok_ms: list[float] = field(default_factory=list)  # answers to valid requests, 200
     all_ms: list[float] = field(default_factory=list)
 
-    def record(self, req: Request, status: int, body: bytes, seconds: float) -> None:
+    def record(
+        self, req: Request, status: int, retry_after: bool, body: bytes, seconds: float
+    ) -> None:
         self.requests += 1
         self.by_kind[req.kind] += 1
         self.all_ms.append(seconds * 1000)
@@ -225,11 +225,9 @@ class Tally:
             if status == 200:
                 self.ok_ms.append(seconds * 1000)
             return
-        if status == 503 and req.sheddable:
-            code = _error_code(body)
-            if code in SHED_CODES:
-                self.sheds[code] += 1
-                return
+        if status == 503 and retry_after and req.sheddable:
+            self.sheds[_error_code(body)] += 1
+            return
         self.errors[f"{req.kind}: got {status}, expected {req.expect}"] += 1
 
     def fail(self, req: Request | None, what: str) -> None:
@@ -237,10 +235,11 @@ class Tally:
 
 
 def _error_code(body: bytes) -> str:
+    """The error's code (KServe V2 errors have only a message: its first words)."""
     try:
         error = orjson.loads(body)["error"]
-        return str(error["code"] if isinstance(error, dict) else error)
-    except (ValueError, KeyError, TypeError):
+        return str(error["code"]) if isinstance(error, dict) else error.split(",")[0]
+    except (ValueError, KeyError, TypeError, AttributeError):
         return "unparsable"
 
 
@@ -254,6 +253,7 @@ class _Connection(asyncio.Protocol):
         self.need = -1
         self.status = 0
         self.close_after = False
+        self.retry_after = False
         self.req: Request | None = None
         self.sent = 0.0
         self.timer: asyncio.TimerHandle | None = None
@@ -288,6 +288,7 @@ class _Connection(asyncio.Protocol):
             head = bytes(self.buf[:end]).lower()
             self.status = int(head[9:12])
             self.close_after = b"\r\nconnection: close" in head
+            self.retry_after = b"\r\nretry-after:" in head
             at = head.find(b"content-length:")
             if at < 0:
                 self.soak.tally.fail(self.req, "answer without content-length")
@@ -301,7 +302,8 @@ class _Connection(asyncio.Protocol):
             assert self.timer is not None
             self.timer.cancel()
             body = bytes(self.buf[self.body_at : self.need])
-            self.soak.tally.record(self.req, self.status, body, time.perf_counter() - self.sent)
+            elapsed = time.perf_counter() - self.sent
+            self.soak.tally.record(self.req, self.status, self.retry_after, body, elapsed)
             self.req = None
             if self.close_after:  # the server ends the connection; the slot reconnects
                 self.transport.close()

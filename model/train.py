@@ -281,6 +281,9 @@ class Trainer:
 
     def run(self) -> History:
         distributed = self.world > 1
+        threads = torch.get_num_threads()
+        if self.config.train.threads:
+            torch.set_num_threads(self.config.train.threads)
         if distributed:
             dist.init_process_group("gloo")
         try:
@@ -288,6 +291,7 @@ class Trainer:
         finally:
             if distributed:
                 dist.destroy_process_group()
+            torch.set_num_threads(threads)
 
     def _run(self) -> History:
         cfg = self.config
@@ -481,6 +485,7 @@ class Trainer:
             "steps_per_epoch": steps,
             "train_seconds": round(seconds, 2),
             "world_size": self.world,
+            "threads": torch.get_num_threads(),
             "best_epoch": history.best_epoch,
             "best": history.best,
             "stopped_early": history.stopped_early,

@@ -67,6 +67,7 @@ class Predictor:
         provider: str = "auto",
         intra_op_threads: int = 0,
         warmup_rows: int = 32,
+        intra_op_spinning: bool = False,
     ) -> None:
         self.path = Path(path)
         t0 = time.perf_counter()
@@ -78,10 +79,11 @@ class Predictor:
         if intra_op_threads:
             opts.intra_op_num_threads = intra_op_threads
         opts.inter_op_num_threads = 1
-        import os as _os_tmp  # TEMP experiment
-
-        if _os_tmp.environ.get("MMOE_TMP_SPIN") == "0":
-            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # Idle intra-op threads spin by default, taking CPU from the event loop (and from
+        # anything else on the machine); off, a 256-row run costs about half the CPU time when
+        # cores are contended (bench/).
+        spin = "1" if intra_op_spinning else "0"
+        opts.add_session_config_entry("session.intra_op.allow_spinning", spin)
         opts.log_severity_level = 3
         try:
             self.session = ort.InferenceSession(str(self.path), opts, providers=providers)

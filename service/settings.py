@@ -21,14 +21,19 @@ class Settings(BaseSettings):
 
     provider: Literal["auto", "cpu", "cuda"] = "auto"
     intra_op_threads: int = Field(0, ge=0, description="0: onnxruntime's default (all cores)")
+    # Busy-wait between parallel sections: a little lower latency on idle, dedicated cores;
+    # off, the threads leave the CPU to the event loop between operators.
+    intra_op_spinning: bool = False
     # Concurrent onnxruntime runs; with 1, requests queue and each run uses intra_op_threads.
     inference_workers: int = Field(1, ge=1)
 
     max_batch_rows: int = Field(4096, ge=1, description="most rows one request may carry")
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
-    # Dynamic batching: merge concurrent requests into one runtime call (0 = off).
+    # Dynamic batching: merge concurrent requests into one runtime call (0 = off). With no
+    # wait, a call takes the requests that queued while the previous one ran; waiting for
+    # company only idles the cores when they are few (bench/ measures both).
     batch_max_rows: int = Field(0, ge=0)
-    batch_wait_ms: float = Field(1.0, ge=0.0)
+    batch_wait_ms: float = Field(0.0, ge=0.0)
     max_queue: int = Field(64, ge=1, description="requests waiting for the runtime before 503")
     request_timeout_ms: int = Field(10_000, ge=1)
     # A client gets this long to send a request's head (line + headers), and again its body

@@ -83,7 +83,13 @@ class ModelHolder:
             loop = asyncio.get_running_loop()
             try:
                 predictor = await loop.run_in_executor(
-                    None, Predictor, path, s.provider, s.intra_op_threads, s.warmup_rows
+                    None,
+                    Predictor,
+                    path,
+                    s.provider,
+                    s.intra_op_threads,
+                    s.warmup_rows,
+                    s.intra_op_spinning,
                 )
             except ModelLoadError as err:
                 self.metrics.reloads.labels("failed").inc()

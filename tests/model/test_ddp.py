@@ -83,9 +83,9 @@ def test_two_processes_train_like_one(tmp_path: Path) -> None:
     train(load_config(config), data, tmp_path / "one")
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK")}
     env["OMP_NUM_THREADS"] = "1"
+    command = ["train", "--nproc", "2", "--config", str(config), "--data", str(data)]
     proc = subprocess.run(
-        [sys.executable, "-m", "mmoe", "train", "--nproc", "2", "--config", str(config)]
-        + ["--data", str(data), "--out", str(tmp_path / "two")],
+        [sys.executable, "-m", "mmoe", *command, "--out", str(tmp_path / "two")],
         capture_output=True,
         text=True,
         timeout=600,

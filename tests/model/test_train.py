@@ -489,6 +489,17 @@ def test_progress_bar_shows_the_running_loss_per_task(
         assert err == ""
 
 
+def test_threads_apply_to_the_run_only(
+    tiny_dict: dict[str, Any], tiny_data: Path, tmp_path: Path
+) -> None:
+    torch.set_num_threads(2)
+    tiny_dict["train"]["threads"] = 1
+    assert run(tiny_dict, tiny_data, tmp_path / "one")["threads"] == 1
+    assert torch.get_num_threads() == 2
+    del tiny_dict["train"]["threads"]
+    assert run(tiny_dict, tiny_data, tmp_path / "default")["threads"] == 2
+
+
 def test_schema_is_fitted_on_training_rows_only(tiny_data: Path, tmp_path: Path) -> None:
     config = parse_config(
         {

@@ -28,7 +28,7 @@ from schemathesis.specs.openapi.checks import (
 
 from tests.server import ServerProcess
 
-EXAMPLES = int(os.environ.get("MMOE_FUZZ_EXAMPLES", "20"))
+EXAMPLES = int(os.environ.get("MMOE_FUZZ_EXAMPLES", "30"))
 CHECKS = [
     not_a_server_error,
     status_code_conformance,
