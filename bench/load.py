@@ -21,11 +21,14 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+WindowHook = Callable[[str], None]
 
 
 @dataclass
@@ -71,13 +74,29 @@ def run_load(
     seconds: float,
     warmup: float,
     timeout: float = 30.0,
+    settle: Callable[[], None] | None = None,
+    on_window: WindowHook | None = None,
 ) -> LoadResult:
-    """Warm up for `warmup` seconds (not measured), then measure for `seconds`."""
+    """Warm up for `warmup` seconds (not measured), then measure for `seconds`.
+
+    `on_window("start")` and `on_window("end")` are called as the measured window opens and
+    closes (to read the server's CPU time over exactly that window). wrk runs the warm-up as a
+    separate run and leaves its last requests unanswered when it stops; `settle` is called in
+    between to let the server finish them. The asyncio client keeps its connections and waits
+    for every answer itself.
+    """
+    hook = on_window or (lambda _: None)
     if client == "wrk":
         if warmup > 0:
             _wrk(port, path, bodies, concurrency, warmup, timeout)
-        return _wrk(port, path, bodies, concurrency, seconds, timeout)
-    return _python(port, path, bodies, concurrency, seconds, warmup, timeout)
+            if settle is not None:
+                settle()
+        hook("start")
+        try:
+            return _wrk(port, path, bodies, concurrency, seconds, timeout)
+        finally:
+            hook("end")
+    return _python(port, path, bodies, concurrency, seconds, warmup, timeout, hook)
 
 
 # ---------------------------------------------------------------------------------- asyncio
@@ -164,11 +183,14 @@ async def _python_async(
     seconds: float,
     warmup: float,
     timeout: float,
+    hook: WindowHook,
 ) -> tuple[_PythonRun, float]:
     t0 = time.perf_counter_ns()
     start = t0 + int(warmup * 1e9)
     run = _PythonRun(requests, start, start + int(seconds * 1e9))
     loop = asyncio.get_running_loop()
+    loop.call_later(warmup, hook, "start")
+    loop.call_later(warmup + seconds, hook, "end")
     conns: list[_Connection] = []
     for _ in range(concurrency):
         try:
@@ -205,20 +227,25 @@ def _python(
     seconds: float,
     warmup: float,
     timeout: float,
+    hook: WindowHook,
 ) -> LoadResult:
     requests = [http_request(path, b, port) for b in bodies]
+    cpu: dict[str, float] = {}
+
+    def window(edge: str) -> None:
+        cpu[edge] = time.process_time()  # this process's CPU: the client's own
+        hook(edge)
+
     loop = _new_loop()
-    cpu0 = time.process_time()
     try:
-        run, window = loop.run_until_complete(
-            _python_async(port, requests, concurrency, seconds, warmup, timeout)
+        run, seconds = loop.run_until_complete(
+            _python_async(port, requests, concurrency, seconds, warmup, timeout, window)
         )
     finally:
         loop.close()
-    # The measured share of the client's CPU: the whole run scaled to the window.
-    cpu = (time.process_time() - cpu0) * seconds / (seconds + warmup)
     lat = np.asarray(run.latencies, dtype=np.float64) / 1e6
-    return _result("python", concurrency, window, lat, run.errors, cpu)
+    client_cpu = cpu.get("end", 0.0) - cpu.get("start", 0.0)
+    return _result("python", concurrency, seconds, lat, run.errors, client_cpu)
 
 
 def _result(

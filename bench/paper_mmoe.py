@@ -1,24 +1,28 @@
-"""MMoE against Shared-Bottom on the MMoE paper's synthetic data (Ma et al., KDD 2018, 3.2-3.3).
+"""MMoE against Shared-Bottom (and OMoE) on the MMoE paper's synthetic data (Ma et al., KDD 2018,
+sections 3.2-3.3).
 
-Two regression tasks whose correlation p is controlled (`mmoe data paper-synthetic`). MMoE:
-8 experts of 16 units, one softmax gate per task, towers of 8 units. Shared-Bottom: the same
-network with one expert (`experts: 1`) whose width gives the same parameter count. Both train
-with Adam on the same rows and are scored by test MSE (mean of the two tasks), averaged over
-seeds. The paper's finding: MMoE is better when the tasks are less related, and the gap
-shrinks as the correlation goes to 1.
+Two regression tasks whose correlation p is controlled (`mmoe data paper-synthetic`; the sine
+parameters are fixed, each seed draws new task directions, inputs and noise). MMoE: 8 experts of
+16 units, one softmax gate per task, towers of 8 units. OMoE: the same with one gate shared by
+the tasks. Shared-Bottom: one expert (`experts: 1`, no gates) as wide as gives the same
+parameter count. Every model trains with Adam on the same rows per (p, seed) and is scored by
+test MSE (the mean over both tasks), averaged over seeds. The paper's finding: MMoE is better
+when the tasks are less related, and the gap shrinks as the correlation goes to 1.
 
-    python -m bench.paper_mmoe                # the full table (several minutes on 2 cores)
+    python -m bench.paper_mmoe                # the full table (a few minutes on 2 cores)
     python -m bench.paper_mmoe --quick        # a smoke run (seconds)
-    python -m bench.paper_mmoe --json out.json
+    python -m bench.paper_mmoe --json out.json --jobs 2
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -30,25 +34,26 @@ DIM = 100
 EXPERTS = 8
 EXPERT_UNITS = 16
 TOWER = 8
+MODELS = ("MMoE", "OMoE", "Shared-Bottom")
 
 
 @dataclass(frozen=True)
 class Setting:
     correlations: tuple[float, ...] = (0.5, 0.7, 0.9, 1.0)
     seeds: int = 4
-    train_rows: int = 8000
-    test_rows: int = 4000
-    epochs: int = 30
-    batch_size: int = 64
-    lr: float = 1e-3
+    train_rows: int = 40_000
+    test_rows: int = 5_000
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 2e-3
 
 
 QUICK = Setting(correlations=(0.5, 1.0), seeds=1, train_rows=1000, test_rows=500, epochs=2)
 
 
-def build(num_experts: int, units: int) -> MMoE:
+def build(num_experts: int, units: int, gate: str = "per_task") -> MMoE:
     tasks = [TaskHead("y1", "regression", (TOWER,)), TaskHead("y2", "regression", (TOWER,))]
-    return MMoE(DIM, num_experts, [units], tasks)
+    return MMoE(DIM, num_experts, [units], tasks, gate=gate)
 
 
 def num_params(model: torch.nn.Module) -> int:
@@ -58,9 +63,16 @@ def num_params(model: torch.nn.Module) -> int:
 def shared_bottom_units() -> int:
     """Width of the one Shared-Bottom expert whose network has MMoE's parameter count."""
     target = num_params(build(EXPERTS, EXPERT_UNITS))
-    return min(
-        range(1, 4 * EXPERTS * EXPERT_UNITS), key=lambda u: abs(num_params(build(1, u)) - target)
-    )
+    widths = range(1, 4 * EXPERTS * EXPERT_UNITS)
+    return min(widths, key=lambda u: abs(num_params(build(1, u)) - target))
+
+
+def make_model(name: str) -> MMoE:
+    if name == "MMoE":
+        return build(EXPERTS, EXPERT_UNITS)
+    if name == "OMoE":
+        return build(EXPERTS, EXPERT_UNITS, gate="shared")
+    return build(1, shared_bottom_units())
 
 
 def data(correlation: float, rows: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,16 +82,14 @@ def data(correlation: float, rows: int, seed: int) -> tuple[torch.Tensor, torch.
     return torch.tensor(x, dtype=torch.float32), torch.tensor(y, dtype=torch.float32)
 
 
-def test_mse(
-    setting: Setting, correlation: float, seed: int, num_experts: int, units: int
-) -> float:
-    """Train one model on fresh data for (correlation, seed); its mean test MSE over the tasks."""
-    # One draw of the data set: training and test rows share the task weights (same seed).
+def test_mse(setting: Setting, correlation: float, seed: int, name: str) -> float:
+    """Train model `name` on the data of (correlation, seed); its mean test MSE over the tasks."""
+    torch.set_num_threads(1)  # tiny layers: one thread per run, runs in parallel
     x, y = data(correlation, setting.train_rows + setting.test_rows, seed)
     x_train, y_train = x[: setting.train_rows], y[: setting.train_rows]
     x_test, y_test = x[setting.train_rows :], y[setting.train_rows :]
     torch.manual_seed(seed)
-    model = build(num_experts, units)
+    model = make_model(name)
     opt = torch.optim.Adam(model.parameters(), lr=setting.lr)
     gen = torch.Generator().manual_seed(seed)
     for _ in range(setting.epochs):
@@ -102,36 +112,43 @@ def test_mse(
 @dataclass
 class Row:
     correlation: float
-    mmoe: list[float]
-    shared_bottom: list[float]
+    mse: dict[str, list[float]] = field(default_factory=dict)  # model -> test MSE per seed
 
     @property
     def gap(self) -> float:
         """Shared-Bottom's mean test MSE minus MMoE's (positive: MMoE is better)."""
-        return statistics.mean(self.shared_bottom) - statistics.mean(self.mmoe)
+        return statistics.mean(self.mse["Shared-Bottom"]) - statistics.mean(self.mse["MMoE"])
+
+    @property
+    def mmoe_wins(self) -> int:
+        """Seeds where MMoE's test MSE is at most Shared-Bottom's."""
+        pairs = zip(self.mse["MMoE"], self.mse["Shared-Bottom"], strict=True)
+        return sum(m <= s for m, s in pairs)
 
 
-def run(setting: Setting, log: bool = True) -> list[Row]:
-    sb_units = shared_bottom_units()
+def run(setting: Setting, jobs: int = 1, log: bool = True) -> list[Row]:
     if log:
+        sizes = ", ".join(f"{m} {num_params(make_model(m))}" for m in MODELS)
         print(
-            f"MMoE {EXPERTS}x{EXPERT_UNITS} units ({num_params(build(EXPERTS, EXPERT_UNITS))} "
-            f"parameters) vs Shared-Bottom 1x{sb_units} ({num_params(build(1, sb_units))}); "
-            f"towers {TOWER}; {setting.train_rows} training rows, {setting.epochs} epochs, "
-            f"{setting.seeds} seeds",
+            f"parameters: {sizes} (Shared-Bottom 1x{shared_bottom_units()} units); "
+            f"{setting.train_rows} training rows, {setting.epochs} epochs, {setting.seeds} seeds, "
+            f"{jobs} process(es)",
             flush=True,
         )
-    rows = []
-    for p in setting.correlations:
-        t = time.perf_counter()
-        row = Row(p, [], [])
-        for seed in range(setting.seeds):
-            row.mmoe.append(test_mse(setting, p, seed, EXPERTS, EXPERT_UNITS))
-            row.shared_bottom.append(test_mse(setting, p, seed, 1, sb_units))
-        rows.append(row)
-        if log:
-            print(f"  correlation {p}: {time.perf_counter() - t:.0f}s", flush=True)
-    return rows
+    t0 = time.perf_counter()
+    keys = [(p, s, m) for p in setting.correlations for s in range(setting.seeds) for m in MODELS]
+    args = [(setting, *k) for k in keys]
+    if jobs > 1:
+        with ProcessPoolExecutor(jobs) as pool:
+            results = list(pool.map(test_mse, *zip(*args, strict=True)))
+    else:
+        results = [test_mse(*a) for a in args]
+    rows = {p: Row(p, {m: [] for m in MODELS}) for p in setting.correlations}
+    for (p, _, m), mse in zip(keys, results, strict=True):
+        rows[p].mse[m].append(mse)
+    if log:
+        print(f"{len(keys)} runs in {time.perf_counter() - t0:.0f}s", flush=True)
+    return list(rows.values())
 
 
 def table(rows: list[Row]) -> str:
@@ -140,15 +157,17 @@ def table(rows: list[Row]) -> str:
         return f"{statistics.mean(values):.4f} ± {sd:.4f}"
 
     lines = [
-        "| correlation | MMoE test MSE | Shared-Bottom test MSE | gap (SB - MMoE) "
-        "| MMoE better in |",
-        "|---|---|---|---|---|",
+        "| correlation | "
+        + " | ".join(f"{m} test MSE" for m in MODELS)
+        + " | Shared-Bottom - MMoE "
+        "| MMoE <= Shared-Bottom |",
+        "|---" * (len(MODELS) + 3) + "|",
     ]
     for r in rows:
-        wins = sum(m <= s for m, s in zip(r.mmoe, r.shared_bottom, strict=True))
+        cells = " | ".join(cell(r.mse[m]) for m in MODELS)
+        seeds = len(r.mse["MMoE"])
         lines.append(
-            f"| {r.correlation:g} | {cell(r.mmoe)} | {cell(r.shared_bottom)} | {r.gap:+.4f} "
-            f"| {wins}/{len(r.mmoe)} seeds |"
+            f"| {r.correlation:g} | {cells} | {r.gap:+.4f} | {r.mmoe_wins}/{seeds} seeds |"
         )
     return "\n".join(lines)
 
@@ -159,7 +178,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--correlations", type=float, nargs="+", help="task correlations to test")
     p.add_argument("--seeds", type=int, help="runs per model and correlation")
     p.add_argument("--epochs", type=int)
-    p.add_argument("--threads", type=int, default=1, help="torch threads")
+    p.add_argument("--rows", type=int, help="training rows")
+    p.add_argument(
+        "--jobs", type=int, help="runs in parallel (default: 1 with --quick, else up to 2)"
+    )
     p.add_argument("--json", help="also write the results to this file")
     args = p.parse_args(argv)
     setting = QUICK if args.quick else Setting()
@@ -167,16 +189,18 @@ def main(argv: list[str] | None = None) -> int:
         "correlations": tuple(args.correlations) if args.correlations else None,
         "seeds": args.seeds,
         "epochs": args.epochs,
+        "train_rows": args.rows,
     }
     setting = Setting(**(asdict(setting) | {k: v for k, v in overrides.items() if v is not None}))
-    torch.set_num_threads(args.threads)
-    rows = run(setting)
+    jobs = args.jobs or (1 if args.quick else min(2, os.cpu_count() or 1))
+    rows = run(setting, jobs)
     print()
     print(table(rows))
     if args.json:
         payload = {
             "setting": asdict(setting),
-            "rows": [asdict(r) | {"gap": r.gap} for r in rows],
+            "shared_bottom_units": shared_bottom_units(),
+            "rows": [{"correlation": r.correlation, "mse": r.mse, "gap": r.gap} for r in rows],
         }
         with open(args.json, "w") as fh:
             json.dump(payload, fh, indent=1)

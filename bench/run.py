@@ -29,7 +29,7 @@ from bench.floor import measure_floor
 from bench.load import run_load, wrk_available
 from bench.models import MODELS, BenchModel, prepare
 from bench.payloads import make_bodies, read_sample
-from bench.server import ServerProc
+from bench.server import ServerProc, Usage
 
 FLOOR_ROWS = [1, 16, 64, 256, 1024]
 
@@ -138,25 +138,36 @@ def _measure_server(
             server.stop()
     ready = server.usage()
     cells = []
+    edges: dict[str, tuple[float, Usage]] = {}  # the measured window's (time, server usage)
+
+    def window(edge: str) -> None:
+        edges[edge] = (time.perf_counter(), server.usage())
+
     try:
         for n in args.candidates:
             for c in args.concurrency:
-                u0, t0 = server.usage(), time.perf_counter()
+                edges.clear()
                 res = run_load(
-                    args.client, server.port, "/predict", bodies[n], c, args.seconds, args.warmup
+                    args.client,
+                    server.port,
+                    "/predict",
+                    bodies[n],
+                    c,
+                    args.seconds,
+                    args.warmup,
+                    settle=server.wait_idle,
+                    on_window=window,
                 )
-                wall = time.perf_counter() - t0
-                u1 = server.usage()
-                cpu = (u1.cpu_s - u0.cpu_s) / wall if u0.cpu_s is not None and u1.cpu_s else None
+                server.wait_idle()
+                (t0, u0), (t1, u1) = edges["start"], edges["end"]
+                cpu_s = u1.cpu_s - u0.cpu_s if u0.cpu_s is not None and u1.cpu_s else None
                 cell = res.to_dict() | {
                     "server": label,
                     "candidates": n,
                     "rows_per_s": res.rps * n,
-                    "server_cpu": cpu,
+                    "server_cpu": cpu_s / (t1 - t0) if cpu_s is not None else None,
                     "server_cpu_ms_per_request": (
-                        1e3 * (u1.cpu_s - u0.cpu_s) / (res.rps * wall)
-                        if u0.cpu_s is not None and u1.cpu_s and res.rps
-                        else None
+                        1e3 * cpu_s / res.requests if cpu_s is not None and res.requests else None
                     ),
                     "server_rss_mb": u1.rss_mb,
                     "client_cpu": res.client_cpu_s / res.seconds if res.seconds else None,
@@ -166,7 +177,7 @@ def _measure_server(
                 _say(
                     f"  {label:>10} n={n:<5} c={c:<3} {res.rps:8.1f} req/s  "
                     f"p50 {res.p50_ms:7.2f}  p99 {res.p99_ms:7.2f} ms  errors {res.errors}  "
-                    f"server cpu {cpu or 0:.2f}"
+                    f"server cpu {cell['server_cpu'] or 0:.2f}"
                 )
                 if res.errors:
                     _say(f"    errors: {res.error_kinds}; server log: {log_dir}")
@@ -240,8 +251,8 @@ def main(argv: list[str]) -> int:
         args.warmup = 0.2 if args.quick else 1.0
     if args.cold_starts is None:
         args.cold_starts = 1 if args.quick else 3
-    if args.client == "auto":
-        args.client = "wrk" if wrk_available() else "python"
+    if args.client == "auto":  # wrk measures whole seconds: too coarse for --quick
+        args.client = "wrk" if wrk_available() and not args.quick else "python"
     elif args.client == "wrk" and not wrk_available():
         _say("error: wrk is not on PATH (apt-get install wrk), or use --client python")
         return 2

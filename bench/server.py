@@ -124,6 +124,20 @@ class ServerProc:
     def usage(self) -> Usage:
         return process_usage(self.pid)
 
+    def wait_idle(self, timeout: float = 60, interval: float = 0.05) -> None:
+        """Until the process uses (almost) no CPU: it has finished the requests a load
+        generator left behind. Without /proc this waits one interval."""
+        deadline = time.perf_counter() + timeout
+        last = self.usage().cpu_s
+        quiet = 0
+        while quiet < 2 and time.perf_counter() < deadline:
+            time.sleep(interval)
+            now = self.usage().cpu_s
+            if now is None or last is None:
+                return
+            quiet = quiet + 1 if now - last < 0.1 * interval else 0
+            last = now
+
     def log(self) -> str:
         if self.log_path and self.log_path.exists():
             return self.log_path.read_text(errors="replace")[-3000:]

@@ -1,6 +1,6 @@
 """Faults, on real server processes: a model that is not there yet, SIGTERM under load, a worker
-killed with SIGKILL under load and restarted the way its supervisor would, and reload paths that
-try to leave the model directory.
+killed with SIGKILL under load and restarted the way its supervisor would, reload paths that try
+to leave the model directory; and training checkpoints carrying pickled code.
 
 (A corrupt model file reloaded under load is tests/service/test_reload.py's
 test_bad_files_are_rejected_under_load_and_a_good_one_swaps_in.)
@@ -245,6 +245,12 @@ def test_reload_never_reads_outside_the_model_directory(
         r = httpx.post(server.url + "/admin/reload", json={"path": path})
         assert (r.status_code, r.json()["error"]["code"]) == (status, code), (path, r.text)
         assert served_path(server) == original
+    for raw, (status, code) in {
+        b'{"path": "\xff.onnx"}': (400, "malformed_json"),
+        b'{"path": "other.onnx", "path": "../outside/model.onnx"}': (422, "duplicate_key"),
+    }.items():
+        r = httpx.post(server.url + "/admin/reload", content=raw)
+        assert (r.status_code, r.json()["error"]["code"]) == (status, code), (raw, r.text)
     r = httpx.post(server.url + "/admin/reload", json={"path": "other.onnx"})
     assert r.status_code == 200, r.text
     assert served_path(server) == str(models.resolve() / "other.onnx")
@@ -293,3 +299,49 @@ def test_server_runs_as_the_user_that_started_it_and_reads_only_its_model(
     fds = Path(f"/proc/{server.proc.pid}/fd")
     opened = {os.path.realpath(fds / fd) for fd in os.listdir(fds)}
     assert not [p for p in opened if p.endswith(".onnx") and p != str(tiny_onnx.resolve())]
+
+
+# --------------------------------------------------------------------- untrusted checkpoints
+
+
+class _Payload:
+    """Pickled, it calls Path.write_text when loaded: what a hostile weights.pt would do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Path.write_text, (self.marker, "code ran"))
+
+
+def test_a_checkpoint_with_pickled_code_is_refused_not_run(tiny_run: Path, tmp_path: Path) -> None:
+    import shutil
+
+    import torch
+
+    from model.checkpoint import load_run
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    marker = tmp_path / "marker"
+    torch.save({"weight": _Payload(marker)}, run / "weights.pt")
+    with pytest.raises(Exception, match=r"[Ww]eights only load failed"):
+        load_run(run)
+    assert not marker.exists()
+
+
+def test_every_torch_load_is_weights_only() -> None:
+    """The one deserialiser that could run code: every call in the code base says weights_only."""
+    import ast
+
+    root = Path(__file__).parents[2]
+    calls = []
+    for package in ("model", "export", "service", "mmoe", "bench"):
+        for path in (root / package).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Call) and ast.unparse(node.func) == "torch.load":
+                    weights_only = [k for k in node.keywords if k.arg == "weights_only"]
+                    ok = bool(weights_only) and ast.unparse(weights_only[0].value) == "True"
+                    calls.append((f"{path.relative_to(root)}:{node.lineno}", ok))
+    assert calls, "no torch.load found: is the scan looking in the right place?"
+    assert all(ok for _, ok in calls), calls

@@ -304,8 +304,9 @@ def test_encode_table_masks_missing_labels_weights_and_task_space(rich_data: Pat
         {"label": "clk_partial", "sample_weight": "zero"},  # every row weighs 0
         {"label": "nothing"},  # every label is missing
         {"label": "buy", "only_where": {"clk": 5}},  # no row is in the task's space
+        {"label": "buy", "weight": 0.0},  # the task's loss weighs nothing in the total
     ],
-    ids=["sample_weight", "missing_labels", "only_where"],
+    ids=["sample_weight", "missing_labels", "only_where", "task_weight"],
 )
 def test_rows_outside_a_task_do_not_train_it(
     tiny_dict: dict[str, Any], rich_data: Path, tmp_path: Path, task: dict[str, Any]

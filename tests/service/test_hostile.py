@@ -533,6 +533,9 @@ def test_memory_stays_bounded_under_the_whole_corpus(hostile_server: ServerProce
     assert after - settled < 16 * 1024, (settled, after)
     assert peak < 1024 * 1024, peak  # 1 GiB: the bodies total well over that
     assert_still_serves(hostile_server)
+    assert hostile_server.log_path is not None
+    log = hostile_server.log_path.read_text()
+    assert "Traceback" not in log and "Warning:" not in log, log[-3000:]  # only JSON lines
 
 
 # ------------------------------------------------------------------- the HTTP layer, raw
