@@ -126,9 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     print(f"batch {args.batch}, {args.threads} thread(s), best of {args.repeat} alternating calls")
     print("ratio = separate / batched (> 1: batched is faster)\n")
-    header = f"{'experts':<28}{'torch inference':>24}{'torch train step':>24}{'onnxruntime':>24}"
+    header = f"{'experts':<28}{'torch inference':>27}{'torch train step':>27}{'onnxruntime':>27}"
     print(header)
-    print(f"{'':<28}" + f"{'batched  separate  ratio':>24}" * 3)
+    print(f"{'':<28}" + f"{'batched  separate  ratio':>27}" * 3)
     with tempfile.TemporaryDirectory() as tmp:
         for label, in_dim, k, units in SHAPES:
             r = measure(in_dim, k, units, args.batch, args.repeat, Path(tmp))
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
             for kind in ("torch", "train", "ort"):
                 b, s = r[f"{kind}_batched"] * 1e6, r[f"{kind}_separate"] * 1e6
                 cells.append(f"{b:8.0f}us {s:7.0f}us {s / b:5.2f}")
-            print(f"{label:<28}" + "".join(f"{c:>24}" for c in cells))
+            print(f"{label:<28}" + "".join(f"{c:>27}" for c in cells))
     return 0
 
 

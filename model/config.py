@@ -193,6 +193,7 @@ class EarlyStoppingConfig(_Strict):
 
 
 class TrainConfig(_Strict):
+    # Rows per optimiser step; with N processes (torchrun) each takes its share of them.
     batch_size: int = Field(1024, ge=1)
     epochs: int = Field(3, ge=1)
     lr: float = Field(1e-3, gt=0)
@@ -206,7 +207,8 @@ class TrainConfig(_Strict):
     # `shuffle`, rows are shuffled within each chunk, else batches follow the file order.
     read_rows: int = Field(262144, ge=1)
     shuffle: bool = True
-    # Fraction of the training file held out for validation when no --valid file is given.
+    # Fraction of the training file held out for validation when no --valid file is given
+    # (picked by a hash of the row number and the seed; held in memory).
     valid_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     early_stopping: EarlyStoppingConfig | None = None
     # A progress bar on stderr with the running loss per task.

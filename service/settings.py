@@ -2,11 +2,26 @@
 
 from __future__ import annotations
 
+import math
+import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on: its affinity, capped by a cgroup v2 CPU quota (a
+    container's CPU limit, which the affinity does not show)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            return max(1, min(cpus or 1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return cpus or 1
 
 
 class Settings(BaseSettings):
@@ -20,12 +35,14 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535)
 
     provider: Literal["auto", "cpu", "cuda"] = "auto"
-    intra_op_threads: int = Field(0, ge=0, description="0: onnxruntime's default (all cores)")
+    # Threads per onnxruntime run, and runs at once. By default one thread per run and one run
+    # per CPU: on 2 CPUs that gives ~25% more throughput than one run on both, with the same
+    # single-request latency (bench/), and it scales with the CPUs.
+    intra_op_threads: int = Field(1, ge=0, description="0: onnxruntime's default (all cores)")
+    inference_workers: int = Field(0, ge=0, description="0: one per CPU this process may use")
     # Busy-wait between parallel sections: a little lower latency on idle, dedicated cores;
     # off, the threads leave the CPU to the event loop between operators.
     intra_op_spinning: bool = False
-    # Concurrent onnxruntime runs; with 1, requests queue and each run uses intra_op_threads.
-    inference_workers: int = Field(1, ge=1)
 
     max_batch_rows: int = Field(4096, ge=1, description="most rows one request may carry")
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
@@ -47,6 +64,11 @@ class Settings(BaseSettings):
     load_retry_s: float = Field(2.0, gt=0, description="retry interval while no model is loaded")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     access_log: bool = True
+
+    @field_validator("inference_workers")
+    @classmethod
+    def _one_per_cpu(cls, v: int) -> int:
+        return v or usable_cpus()
 
     @property
     def reload_dir(self) -> Path:

@@ -156,7 +156,6 @@ def test_chunk_size_changes_neither_split_nor_row_count_when_shuffling(
     b = run(tiny_dict, tiny_data, tmp_path / "b")
     assert (a["train_rows"], a["valid_rows"]) == (b["train_rows"], b["valid_rows"])
     assert a["steps_per_epoch"] == b["steps_per_epoch"] == -(-a["train_rows"] // 256)
-    assert abs(a["best"]["auc_ctr"] - b["best"]["auc_ctr"]) < 0.05
 
 
 @pytest.mark.parametrize("suffix", [".parquet", ".csv"])
