@@ -4,22 +4,14 @@ stays fast."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from tests.cli import mmoe
+
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def mmoe(*args: str) -> str:
-    proc = subprocess.run(
-        [sys.executable, "-m", "mmoe", *args], capture_output=True, text=True, timeout=900
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stdout
 
 
 @pytest.mark.slow

@@ -4,24 +4,15 @@ and the served probabilities equal PyTorch's in-process outputs."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 
+from tests.cli import mmoe
 from tests.conftest import TINY_CONFIG
 from tests.server import ServerProcess
-
-
-def mmoe(*args: str) -> str:
-    proc = subprocess.run(
-        [sys.executable, "-m", "mmoe", *args], capture_output=True, text=True, timeout=600
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stdout
 
 
 @pytest.mark.slow

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +20,7 @@ from model.config import load_config
 from model.data import write_table
 from model.synthetic import synthetic_ranking
 from model.train import train
+from tests.cli import mmoe
 
 HERE = Path(__file__).parent.parent
 ALL_KINDS = HERE / "data" / "all_kinds.yaml"
@@ -205,11 +204,7 @@ def test_variants_are_written_and_run(tiny_run: Path, tmp_path: Path) -> None:
 
 
 def test_inspect_prints_schema_tasks_and_io(tiny_onnx: Path) -> None:
-    out = subprocess.run(
-        [sys.executable, "-m", "mmoe", "inspect", str(tiny_onnx)], capture_output=True, text=True
-    )
-    assert out.returncode == 0, out.stderr
-    text = out.stdout
+    text = mmoe("inspect", str(tiny_onnx))
     for expected in (
         "tiny v7",
         "user_id",
