@@ -64,32 +64,34 @@ def _label(threads: int, spinning: bool) -> str:
     return f"{threads_text}, spinning {'on' if spinning else 'off'}"
 
 
-def measure_floor(model: Path, bodies: dict[int, bytes], budget_s: float) -> list[FloorPoint]:
-    """One point per body size: the body decoded as the service decodes it, then run()."""
-    sessions = {_label(t, s): session(model, t, s) for t, s in SESSION_SETTINGS}
-    first = next(iter(sessions.values()))
-    decoder = RequestDecoder(read_metadata(first.get_modelmeta().custom_metadata_map), 1 << 20)
-    outputs = [o.name for o in first.get_outputs()]
-    points = []
-    for rows, body in sorted(bodies.items()):
-        feeds = decoder.decode(body).feeds
+class Floor:
+    """onnxruntime sessions with each of SESSION_SETTINGS, kept open so that the floor can be
+    measured again next to every server measurement (the machine's speed moves)."""
+
+    def __init__(self, model: Path) -> None:
+        self.sessions = {_label(t, s): session(model, t, s) for t, s in SESSION_SETTINGS}
+        first = next(iter(self.sessions.values()))
+        meta = read_metadata(first.get_modelmeta().custom_metadata_map)
+        self.decoder = RequestDecoder(meta, 1 << 20)
+        self.outputs = [o.name for o in first.get_outputs()]
+
+    def point(self, body: bytes, budget_s: float) -> FloorPoint:
+        """The body decoded as the service decodes it, then run() with each setting."""
+        decoded = self.decoder.decode(body)
         by = {
-            label: 1e3 * median_seconds(partial(sess.run, outputs, feeds), budget_s)
-            for label, sess in sessions.items()
+            label: 1e3 * median_seconds(partial(sess.run, self.outputs, decoded.feeds), budget_s)
+            for label, sess in self.sessions.items()
         }
         best = min(by, key=by.__getitem__)
         json_s = median_seconds(partial(orjson.loads, body), budget_s / 4)
-        decode_s = median_seconds(partial(decoder.decode, body), budget_s / 4)
-        points.append(
-            FloorPoint(
-                rows,
-                by[best],
-                rows / by[best] * 1e3,
-                json_s * 1e3,
-                decode_s * 1e3,
-                len(body),
-                best,
-                by,
-            )
+        decode_s = median_seconds(partial(self.decoder.decode, body), budget_s / 4)
+        return FloorPoint(
+            decoded.n,
+            by[best],
+            decoded.n / by[best] * 1e3,
+            json_s * 1e3,
+            decode_s * 1e3,
+            len(body),
+            best,
+            by,
         )
-    return points

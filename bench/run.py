@@ -1,11 +1,12 @@
 """`mmoe bench`: how fast the service is on this machine, against a floor and a baseline, measured
 in one run on the same model and the same request bodies.
 
-- floor: onnxruntime run() in-process on ready arrays, batches of 1..1024 rows; plus the time to
-  JSON-decode each body.
+- floor: onnxruntime run() in-process on ready arrays, batches of 1..1024 rows, with the fastest
+  of four session settings; plus the time to JSON-decode each body.
 - service: `mmoe serve` in its own process on loopback, under a closed-loop load generator, at
   each concurrency x candidates-per-request; latency percentiles, throughput, errors, the
-  server's CPU and memory, the generator's CPU.
+  server's CPU and memory, the generator's CPU. Each point is compared with the floor measured
+  just before it, as the speed of a shared machine moves.
 - baseline: bench/baseline.py (FastAPI + a pydantic model per row + torch eager) on the same
   weights and bodies.
 - cold start (process start to /readyz 200) and memory of each server.
@@ -19,13 +20,15 @@ import argparse
 import json
 import os
 import platform
+import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from bench import report
-from bench.floor import measure_floor
+from bench.floor import Floor
 from bench.load import run_load, wrk_available
 from bench.models import MODELS, BenchModel, prepare
 from bench.payloads import make_bodies, read_sample
@@ -41,6 +44,8 @@ def _ints(text: str) -> list[int]:
 def _variant(text: str) -> tuple[str, dict[str, str]]:
     """NAME or NAME:KEY=VALUE,KEY=VALUE (MMOE_* settings for that service run)."""
     name, _, rest = text.partition(":")
+    if not name or name == "baseline":
+        raise argparse.ArgumentTypeError(f"{text!r}: give the variant a name other than baseline")
     env = {}
     for item in filter(None, rest.split(",")):
         key, eq, value = item.partition("=")
@@ -80,6 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
         "service's defaults, named 'service')",
     )
     p.add_argument("--no-baseline", action="store_true")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="record a py-spy flame graph of each server at 256 candidates, concurrency 8 "
+        "(needs py-spy: pip install py-spy, or the dev extra)",
+    )
     p.add_argument("--cold-starts", type=int, help="cold starts to time per server (default 3)")
     p.add_argument("--out", type=Path, default=Path("results"), help="results folder")
     return p
@@ -126,15 +137,18 @@ def _measure_server(
     server: ServerProc,
     label: str,
     bodies: dict[int, list[bytes]],
+    floor: Floor,
     args: argparse.Namespace,
-    cold_starts: int,
     log_dir: Path,
+    profile: Path,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Cold starts (the last start stays up and is measured under load), then the grid."""
+    """Cold starts (the last start stays up and is measured under load), then the grid; each
+    point is paired with the floor for its batch measured just before it, so that the ratio
+    compares the two under the same conditions on a machine whose speed moves."""
     times = []
-    for k in range(cold_starts):
+    for k in range(args.cold_starts):
         times.append(server.start())
-        if k < cold_starts - 1:
+        if k < args.cold_starts - 1:
             server.stop()
     ready = server.usage()
     cells = []
@@ -146,6 +160,10 @@ def _measure_server(
     try:
         for n in args.candidates:
             for c in args.concurrency:
+                near = floor.point(bodies[n][0], 0.05 if args.quick else 0.25)
+                spy = None
+                if args.profile and (n, c) == (256, 8):
+                    spy = _profile(server, profile, args)
                 edges.clear()
                 res = run_load(
                     args.client,
@@ -159,6 +177,8 @@ def _measure_server(
                     on_window=window,
                 )
                 server.wait_idle()
+                if spy is not None:
+                    spy.wait()
                 (t0, u0), (t1, u1) = edges["start"], edges["end"]
                 cpu_s = u1.cpu_s - u0.cpu_s if u0.cpu_s is not None and u1.cpu_s else None
                 cell = res.to_dict() | {
@@ -172,6 +192,10 @@ def _measure_server(
                     "server_rss_mb": u1.rss_mb,
                     "client_cpu": res.client_cpu_s / res.seconds if res.seconds else None,
                     "load": _load(),
+                    "floor_run_ms": near.run_ms,
+                    "floor_rows_per_s": near.rows_per_s,
+                    "floor_json_ms": near.json_ms,
+                    "floor_settings": near.settings,
                 }
                 cells.append(cell)
                 _say(
@@ -195,6 +219,21 @@ def _measure_server(
     return info, cells
 
 
+def _profile(
+    server: ServerProc, out: Path, args: argparse.Namespace
+) -> subprocess.Popen[bytes] | None:
+    """py-spy sampling the server's threads over the coming point (without pausing it: native
+    frames would need that, and would slow the server down)."""
+    if shutil.which("py-spy") is None:
+        _say("  --profile: py-spy is not installed (pip install py-spy); no profile")
+        return None
+    argv = ["py-spy", "record", "--pid", str(server.pid), "--output", str(out), "--threads"]
+    argv += ["--nonblocking", "--duration", str(max(1, round(args.seconds)))]
+    _say(f"  profiling into {out}")
+    with out.with_suffix(".log").open("wb") as log:  # the child keeps its own handle
+        return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+
+
 def bench_model(
     spec: BenchModel,
     args: argparse.Namespace,
@@ -204,10 +243,10 @@ def bench_model(
     _say(f"{spec.name}: building request bodies")
     sizes = sorted(set(FLOOR_ROWS) | set(args.candidates))
     bodies = _bodies(spec, sizes, count=2 if args.quick else 8)
-    floor_bodies = {n: b[0] for n, b in bodies.items()}
     budget = 0.2 if args.quick else 1.0
     _say(f"{spec.name}: floor")
-    before = measure_floor(spec.onnx, floor_bodies, budget)
+    floor = Floor(spec.onnx)
+    before = [floor.point(bodies[n][0], budget) for n in FLOOR_ROWS]
     result: dict[str, Any] = {
         "name": spec.name,
         "onnx": str(spec.onnx),
@@ -225,13 +264,14 @@ def bench_model(
         servers.append(("baseline", s))
     for name, server in servers:
         _say(f"{spec.name}: {name}")
-        info, cells = _measure_server(server, name, bodies, args, args.cold_starts, out_dir)
+        profile = out_dir / f"profile-{spec.name}-{name}.svg"
+        info, cells = _measure_server(server, name, bodies, floor, args, out_dir, profile)
         result["servers"][name] = info
         result["cells"].extend(cells)
     # Measured again after the servers: the faster of the two is the floor (the harder one to
     # meet), and the difference shows how much the machine's speed moved during the run.
     _say(f"{spec.name}: floor again")
-    after = measure_floor(spec.onnx, floor_bodies, budget)
+    after = [floor.point(bodies[n][0], budget) for n in FLOOR_ROWS]
     for b, a in zip(before, after, strict=True):
         p = b if b.run_ms <= a.run_ms else a
         result["floor"].append(p.to_dict() | {"run_ms_before": b.run_ms, "run_ms_after": a.run_ms})

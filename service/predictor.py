@@ -79,11 +79,12 @@ class Predictor:
         if intra_op_threads:
             opts.intra_op_num_threads = intra_op_threads
         opts.inter_op_num_threads = 1
-        # Idle intra-op threads spin by default, taking CPU from the event loop (and from
-        # anything else on the machine); off, a 256-row run costs about half the CPU time when
-        # cores are contended (bench/).
+        # onnxruntime's threads busy-wait for work by default, taking CPU from the event loop
+        # and from anything else on the machine: on 2 shared cores a 256-row request then costs
+        # about twice the CPU time (bench/). Spinning, when asked for, stops as each run ends.
         spin = "1" if intra_op_spinning else "0"
         opts.add_session_config_entry("session.intra_op.allow_spinning", spin)
+        opts.add_session_config_entry("session.force_spinning_stop", spin)
         opts.log_severity_level = 3
         try:
             self.session = ort.InferenceSession(str(self.path), opts, providers=providers)
