@@ -37,3 +37,28 @@ def test_demo_learns_both_tasks_and_exports(tmp_path: Path) -> None:
     assert "parity" in text and model.stat().st_size > 0
     # Reported, not asserted (timings are the benchmark's job): the budget is 10 s.
     print(f"demo export took {time.perf_counter() - started:.1f}s")
+
+    # The README shows `mmoe inspect` of this model: its inputs, tasks and outputs must be what
+    # the demo really has (timestamps, hashes and metric digits may differ).
+    shown = _readme_inspect_block()
+    printed = mmoe("inspect", str(model))
+    for section in ("inputs", "tasks", "outputs"):
+        assert _section(printed, section) == _section(shown, section), section
+
+
+def _readme_inspect_block() -> str:
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index("$ mmoe inspect models/demo.onnx\n")
+    return readme[start : readme.index("```", start)]
+
+
+def _section(text: str, title: str) -> list[str]:
+    lines = text.splitlines()
+    first = next(i for i, line in enumerate(lines) if line.startswith(title)) + 1
+    body = []
+    for line in lines[first:]:
+        if not line.strip():
+            break
+        body.append(line.rstrip())
+    assert body, f"no {title!r} section"
+    return body
