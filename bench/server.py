@@ -95,8 +95,9 @@ class ServerProc:
         port = free_port()
         argv = [sys.executable, "-m", "bench.baseline", "--run", str(run_dir)]
         argv += ["--port", str(port)]
-        # Idle OpenMP threads sleep instead of spinning (as the service's onnxruntime threads
-        # do): spinning would slow the baseline down on a busy machine, flattering the service.
+        # Idle OpenMP threads sleep instead of spinning (as the service's onnxruntime threads do
+        # between runs): spinning would slow the baseline down on a busy machine, flattering the
+        # service.
         env = {"OMP_WAIT_POLICY": "PASSIVE", **(env or {})}
         return cls(argv, port, env, log_path)
 

@@ -68,9 +68,11 @@ class Observability:
                 ]
             await send(message)
 
+        self.metrics.active_requests += 1
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
+            self.metrics.active_requests -= 1
             elapsed = time.perf_counter() - start
             path = scope["path"]
             route = scope.get("route")

@@ -23,14 +23,17 @@ from service.predictor import Predictor
 
 Feeds = dict[str, np.ndarray]
 Outputs = dict[str, np.ndarray]
-RunObserver = Callable[[int, float], None]  # (rows in the runtime call, seconds)
+RunObserver = Callable[[int, float, bool], None]  # (rows in the runtime call, seconds, spun)
 
 
 class Overloaded(Exception):
     """The queue is full; the caller should retry later."""
 
 
-class _Runner:
+class Runner:
+    """Runs a request's feeds on the inference threads: one runtime call per request
+    (DirectRunner) or merged with others (MicroBatcher); refuses work past `max_queue`."""
+
     def __init__(
         self,
         predictor: Predictor,
@@ -38,20 +41,29 @@ class _Runner:
         workers: int,
         max_queue: int,
         observe: RunObserver | None,
+        active_requests: Callable[[], int] | None = None,
     ) -> None:
         self.predictor = predictor
         self.executor = executor
         self.workers = workers
         self.max_queue = max_queue
         self.observe = observe
+        self.active_requests = active_requests  # HTTP requests in progress, this one included
         self.waiting = 0  # requests accepted but not yet in a runtime call
         self.inflight = 0  # runtime calls in progress
 
-    def _run(self, feeds: Feeds) -> Outputs:
+    def _alone(self) -> bool:
+        """Whether a runtime call about to start has the machine to itself: no other call in
+        progress or queued, and no other request on its way (being received or decoded)."""
+        others = self.active_requests() > 1 if self.active_requests is not None else False
+        return self.inflight == 1 and self.waiting == 0 and not others
+
+    def _run(self, feeds: Feeds, alone: bool = False) -> Outputs:
         t0 = time.perf_counter()
-        out = self.predictor.run(feeds)
+        out = self.predictor.run(feeds, alone=alone)
         if self.observe is not None:
-            self.observe(len(next(iter(feeds.values()))), time.perf_counter() - t0)
+            rows = len(next(iter(feeds.values())))
+            self.observe(rows, time.perf_counter() - t0, self.predictor.spins(alone))
         return out
 
     async def infer(self, feeds: Feeds, n: int) -> Outputs:
@@ -61,7 +73,7 @@ class _Runner:
         """Stop taking work; what is accepted still completes."""
 
 
-class DirectRunner(_Runner):
+class DirectRunner(Runner):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._slots = asyncio.Semaphore(self.workers)
@@ -76,7 +88,7 @@ class DirectRunner(_Runner):
             self.waiting -= 1
         self.inflight += 1
         loop = asyncio.get_running_loop()
-        fut = loop.run_in_executor(self.executor, self._run, feeds)
+        fut = loop.run_in_executor(self.executor, self._run, feeds, self._alone())
 
         def release(_: object) -> None:  # when the run really ends, even if the caller gave up
             self.inflight -= 1
@@ -93,7 +105,7 @@ class _Item:
     future: asyncio.Future[Outputs] = field(repr=False)
 
 
-class MicroBatcher(_Runner):
+class MicroBatcher(Runner):
     def __init__(self, *args, max_rows: int, wait_s: float, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.max_rows = max_rows
@@ -161,7 +173,8 @@ class MicroBatcher(_Runner):
                     else batch[0].feeds[k]
                     for k in batch[0].feeds
                 }
-                outputs = await loop.run_in_executor(self.executor, self._run, merged)
+                alone = self._alone()
+                outputs = await loop.run_in_executor(self.executor, self._run, merged, alone)
             except Exception as err:  # hand the failure to every caller in the batch
                 for b in batch:
                     if not b.future.done():

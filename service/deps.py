@@ -13,6 +13,9 @@ from service.metrics import ServiceMetrics
 from service.settings import Settings
 from service.state import LoadedModel, ModelHolder
 
+# Routes call these with their request instead of declaring them with Depends(): FastAPI runs a
+# plain-def dependency in its thread pool, a thread hop per request.
+
 
 def get_settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings

@@ -58,8 +58,20 @@ class ServiceMetrics:
             ["name", "version", "provider", "path"],
             registry=r,
         )
+        self.runs = Counter(
+            "mmoe_runtime_runs",
+            "onnxruntime calls, by whether their threads spun (MMOE_INTRA_OP_SPINNING)",
+            ["spinning"],
+            registry=r,
+        )
+        # HTTP requests being received, decoded, scored or answered. The runner reads it to
+        # know whether a runtime call is alone (see MMOE_INTRA_OP_SPINNING=idle).
+        self.active_requests = 0
+        self.active = Gauge("mmoe_http_requests_active", "HTTP requests in progress", registry=r)
+        self.active.set_function(lambda: self.active_requests)
         self.reloads = Counter("mmoe_reloads", "model reloads by result", ["result"], registry=r)
 
-    def observe_run(self, rows: int, seconds: float) -> None:
+    def observe_run(self, rows: int, seconds: float, spun: bool) -> None:
         self.batch_rows.observe(rows)
         self.runtime_seconds.observe(seconds)
+        self.runs.labels("true" if spun else "false").inc()

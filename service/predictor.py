@@ -67,29 +67,22 @@ class Predictor:
         provider: str = "auto",
         intra_op_threads: int = 0,
         warmup_rows: int = 32,
-        intra_op_spinning: bool = False,
+        intra_op_spinning: str = "idle",
     ) -> None:
         self.path = Path(path)
         t0 = time.perf_counter()
         if not self.path.is_file():
             raise ModelLoadError(f"model file not found: {self.path}")
         providers = choose_providers(provider)
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if intra_op_threads:
-            opts.intra_op_num_threads = intra_op_threads
-        opts.inter_op_num_threads = 1
-        # onnxruntime's threads busy-wait for work by default, taking CPU from the event loop
-        # and from anything else on the machine: on 2 shared cores a 256-row request then costs
-        # about twice the CPU time (bench/). Spinning, when asked for, stops as each run ends.
-        spin = "1" if intra_op_spinning else "0"
-        opts.add_session_config_entry("session.intra_op.allow_spinning", spin)
-        opts.add_session_config_entry("session.force_spinning_stop", spin)
-        opts.log_severity_level = 3
-        try:
-            self.session = ort.InferenceSession(str(self.path), opts, providers=providers)
-        except Exception as err:  # onnxruntime raises several unrelated types here
-            raise ModelLoadError(f"onnxruntime cannot load {self.path}: {err}") from None
+        self.spinning = intra_op_spinning
+        self.session = self._session(providers, intra_op_threads, intra_op_spinning == "on")
+        # With spinning "idle", a run that has the runtime to itself goes to a second session
+        # whose threads spin (the lowest latency for one request), any other run to the first.
+        self._alone_session = (
+            self._session(providers, intra_op_threads, True)
+            if intra_op_spinning == "idle"
+            else self.session
+        )
         self.provider = self.session.get_providers()[0]
         if self.provider != providers[0]:  # onnxruntime falls back silently; say so
             reason = (
@@ -109,13 +102,15 @@ class Predictor:
         self.outputs = [o.name for o in self.session.get_outputs()]
         self.load_seconds = time.perf_counter() - t0
         t1 = time.perf_counter()
-        try:
-            out = self.run(warmup_feeds(self.meta.features, warmup_rows))
-        except Exception as err:
-            raise ModelLoadError(f"{self.path}: warm-up run failed: {err}") from None
-        for name, arr in out.items():
-            if not np.isfinite(arr).all():
-                raise ModelLoadError(f"{self.path}: warm-up produced non-finite {name}")
+        feeds = warmup_feeds(self.meta.features, warmup_rows)
+        for alone in {False, self._alone_session is not self.session}:
+            try:
+                out = self.run(feeds, alone=alone)
+            except Exception as err:
+                raise ModelLoadError(f"{self.path}: warm-up run failed: {err}") from None
+            for name, arr in out.items():
+                if not np.isfinite(arr).all():
+                    raise ModelLoadError(f"{self.path}: warm-up produced non-finite {name}")
         self.warmup_seconds = time.perf_counter() - t1
         log.info(
             "model loaded",
@@ -130,6 +125,26 @@ class Predictor:
             },
         )
 
+    def _session(
+        self, providers: list[str], intra_op_threads: int, spinning: bool
+    ) -> ort.InferenceSession:
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if intra_op_threads:
+            opts.intra_op_num_threads = intra_op_threads
+        opts.inter_op_num_threads = 1
+        # onnxruntime's threads busy-wait for work by default, taking CPU from the event loop
+        # and from anything else on the machine: on 2 shared cores a 256-row request then costs
+        # about twice the CPU time (bench/). Spinning, when asked for, stops as each run ends.
+        spin = "1" if spinning else "0"
+        opts.add_session_config_entry("session.intra_op.allow_spinning", spin)
+        opts.add_session_config_entry("session.force_spinning_stop", spin)
+        opts.log_severity_level = 3
+        try:
+            return ort.InferenceSession(str(self.path), opts, providers=providers)
+        except Exception as err:  # onnxruntime raises several unrelated types here
+            raise ModelLoadError(f"onnxruntime cannot load {self.path}: {err}") from None
+
     def _check_io(self) -> None:
         inputs = {i.name for i in self.session.get_inputs()}
         declared = {f.name for f in self.meta.features}
@@ -143,11 +158,17 @@ class Predictor:
         if missing:
             raise ModelLoadError(f"{self.path}: metadata names outputs {missing} the graph lacks")
 
+    def spins(self, alone: bool) -> bool:
+        """Whether a run with this `alone` goes to a session whose threads spin."""
+        return self.spinning == "on" or (alone and self.spinning == "idle")
+
     def run(
-        self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None
+        self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None, alone: bool = False
     ) -> dict[str, np.ndarray]:
+        """`alone`: no other run is in progress or waiting (see the spinning setting)."""
         names = outputs or self.outputs
-        return dict(zip(names, self.session.run(names, feeds), strict=True))
+        session = self._alone_session if alone else self.session
+        return dict(zip(names, session.run(names, feeds), strict=True))
 
     @property
     def task_outputs(self) -> dict[str, str]:

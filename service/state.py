@@ -10,11 +10,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from service.batching import DirectRunner, MicroBatcher, _Runner
+from service.batching import DirectRunner, MicroBatcher, Runner
 from service.errors import ApiError
 from service.metrics import ServiceMetrics
 from service.payload import RequestDecoder
@@ -28,7 +29,7 @@ log = logging.getLogger("mmoe.service")
 class LoadedModel:
     predictor: Predictor
     decoder: RequestDecoder
-    runner: _Runner
+    runner: Runner
     loaded_at: float
 
     @property
@@ -48,7 +49,8 @@ class ModelHolder:
         self.current: LoadedModel | None = None
         self.not_ready_reason = "model not loaded yet"
         self._lock = asyncio.Lock()
-        self.on_swap: list = []  # callbacks(LoadedModel), e.g. to refresh the OpenAPI schema
+        # Called with each newly swapped-in model, e.g. to refresh the OpenAPI schema.
+        self.on_swap: list[Callable[[LoadedModel], object]] = []
 
     def require(self) -> LoadedModel:
         model = self.current
@@ -101,9 +103,12 @@ class ModelHolder:
                         extra={"event": "model_load_failed", "reason": str(err)},
                     )
                 raise
-            runner: _Runner
+            runner: Runner
             common = dict(
-                workers=s.inference_workers, max_queue=s.max_queue, observe=self.metrics.observe_run
+                workers=s.inference_workers,
+                max_queue=s.max_queue,
+                observe=self.metrics.observe_run,
+                active_requests=lambda: self.metrics.active_requests,
             )
             if s.batch_max_rows > 0:
                 runner = MicroBatcher(

@@ -12,7 +12,6 @@ from service.errors import ApiError, PayloadError
 from service.payload import duplicate_key
 from service.predictor import ModelLoadError
 from service.routes.predict import ERROR_RESPONSES
-from service.state import ModelHolder
 
 router = APIRouter(tags=["operations"], dependencies=[Depends(require_api_key)])
 
@@ -35,7 +34,8 @@ class ReloadRequest(msgspec.Struct, forbid_unknown_fields=True):
         }
     },
 )
-async def reload(request: Request, holder: ModelHolder = Depends(get_holder)) -> dict[str, Any]:
+async def reload(request: Request) -> dict[str, Any]:
+    holder = get_holder(request)
     body = await read_json_body(request, 4096)
     try:
         req = msgspec.json.decode(body, type=ReloadRequest) if body.strip() else ReloadRequest()

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.deps import get_holder, get_metrics, get_settings
-from service.metrics import ServiceMetrics
-from service.settings import Settings
-from service.state import ModelHolder
 
 router = APIRouter(tags=["operations"])
 
@@ -26,7 +23,8 @@ async def livez() -> dict[str, str]:
     summary="A model is loaded and warmed up",
     responses={503: {"description": "Not ready; `reason` says why"}},
 )
-async def readyz(holder: ModelHolder = Depends(get_holder)) -> Response:
+async def readyz(request: Request) -> Response:
+    holder = get_holder(request)
     model = holder.current
     if model is None:
         return JSONResponse({"status": "not_ready", "reason": holder.not_ready_reason}, 503)
@@ -34,10 +32,8 @@ async def readyz(holder: ModelHolder = Depends(get_holder)) -> Response:
 
 
 @router.get("/metadata", summary="Features, tasks, model version, execution provider, batching")
-async def metadata(
-    holder: ModelHolder = Depends(get_holder), settings: Settings = Depends(get_settings)
-) -> dict[str, Any]:
-    model = holder.require()
+async def metadata(request: Request) -> dict[str, Any]:
+    model, settings = get_holder(request).require(), get_settings(request)
     meta = model.predictor.meta
     return {
         "model": {
@@ -58,6 +54,7 @@ async def metadata(
             "batch_wait_ms": settings.batch_wait_ms,
             "inference_workers": settings.inference_workers,
             "intra_op_threads": settings.intra_op_threads,
+            "intra_op_spinning": settings.intra_op_spinning,
             "max_queue": settings.max_queue,
             "max_batch_rows": settings.max_batch_rows,
             "request_timeout_ms": settings.request_timeout_ms,
@@ -66,7 +63,8 @@ async def metadata(
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
-async def metrics(request: Request, m: ServiceMetrics = Depends(get_metrics)) -> Response:
+async def metrics(request: Request) -> Response:
+    m = get_metrics(request)
     holder = get_holder(request)
     if holder.current is not None:
         m.queue_depth.set(holder.current.runner.waiting)

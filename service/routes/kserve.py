@@ -127,8 +127,8 @@ async def live() -> dict[str, bool]:
 
 
 @router.get("/health/ready", summary="Server is ready")
-async def ready(holder: ModelHolder = Depends(get_holder)) -> Response:
-    ok = holder.current is not None
+async def ready(request: Request) -> Response:
+    ok = get_holder(request).current is not None
     return Response(orjson.dumps({"ready": ok}), 200 if ok else 503, media_type="application/json")
 
 
@@ -141,10 +141,8 @@ def _input_meta(f: FeatureInfo) -> dict[str, Any]:
 @router.get(
     "/models/{name}/versions/{version}", summary="Model metadata", responses=MODEL_RESPONSES
 )
-async def model_metadata(
-    name: str, version: str | None = None, holder: ModelHolder = Depends(get_holder)
-) -> dict[str, Any]:
-    model = _model(holder, name, version)
+async def model_metadata(request: Request, name: str, version: str | None = None) -> dict[str, Any]:
+    model = _model(get_holder(request), name, version)
     outputs = [
         {"name": o.name, "datatype": "FP32", "shape": [-1, *o.shape[1:]]}
         for o in model.predictor.session.get_outputs()
@@ -162,10 +160,8 @@ async def model_metadata(
 @router.get(
     "/models/{name}/versions/{version}/ready", summary="Model is ready", responses=MODEL_RESPONSES
 )
-async def model_ready(
-    name: str, version: str | None = None, holder: ModelHolder = Depends(get_holder)
-) -> dict[str, Any]:
-    model = _model(holder, name, version)
+async def model_ready(request: Request, name: str, version: str | None = None) -> dict[str, Any]:
+    model = _model(get_holder(request), name, version)
     return {"name": model.name, "ready": True}
 
 
@@ -188,9 +184,8 @@ async def infer(
     name: str,
     request: Request,
     version: str | None = None,
-    holder: ModelHolder = Depends(get_holder),
 ) -> Response:
-    model = _model(holder, name, version)
+    model = _model(get_holder(request), name, version)
     try:
         body = await read_json_body(
             request, get_settings(request).max_body_bytes, ("application/octet-stream",)

@@ -145,3 +145,45 @@ def test_a_request_over_its_time_budget_answers_503(
     assert error["code"] == "timeout" and "1 ms" in error["reason"]
     assert shed(server, "timeout") == 1
     assert httpx.get(f"{server.url}/readyz").status_code == 200
+
+
+def runs_by_spinning(server: ServerProcess) -> dict[str, float]:
+    text = httpx.get(f"{server.url}/metrics").text
+    return {
+        s.labels["spinning"]: s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == "mmoe_runtime_runs_total"
+    }
+
+
+@pytest.mark.parametrize("spinning", ["idle", "on"])
+def test_spinning_settings_change_speed_not_scores(
+    start_server: Callable[..., ServerProcess], tiny_onnx: Path, spinning: str
+) -> None:
+    """`idle`: a request alone runs on the spinning session, requests that meet run on the
+    other; `on`: every run spins. The scores are the same as without spinning."""
+    plain = start_server(tiny_onnx)
+    server = start_server(tiny_onnx, env={"MMOE_INTRA_OP_SPINNING": spinning})
+    assert httpx.get(f"{server.url}/metadata").json()["batching"]["intra_op_spinning"] == spinning
+    bodies = [request_body(i, 2000) for i in range(6)]
+
+    expected = [httpx.post(f"{plain.url}/predict", json=b).json()["scores"] for b in bodies]
+    start = runs_by_spinning(server)
+    alone = [httpx.post(f"{server.url}/predict", json=b).json()["scores"] for b in bodies]
+    after_alone = runs_by_spinning(server)
+    together = [r.json()["scores"] for r in post_together(server, bodies)]
+    after_together = runs_by_spinning(server)
+
+    for want, one, met in zip(expected, alone, together, strict=True):
+        for task in ("ctr", "cvr"):
+            np.testing.assert_allclose(one[task], want[task], atol=1e-6)
+            np.testing.assert_allclose(met[task], want[task], atol=1e-6)
+    spun = after_alone.get("true", 0) - start.get("true", 0)
+    assert spun == len(bodies)  # each request sent alone ran alone
+    shared = after_together.get("false", 0) - after_alone.get("false", 0)
+    if spinning == "idle":
+        assert shared >= 1, "requests sent together all ran on the spinning session"
+    else:
+        assert shared == 0
+        assert after_together.get("true", 0) - after_alone.get("true", 0) == len(bodies)

@@ -20,7 +20,9 @@ import httpx
 import onnxruntime as ort
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from pydantic import ValidationError
 
+from service.settings import Settings
 from tests.server import ServerProcess
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -114,6 +116,7 @@ def test_metadata_describes_features_tasks_provider_and_batching(
         "batch_wait_ms": 3.0,  # from the environment
         "max_queue": 9,  # the flag, over MMOE_MAX_QUEUE=7
         "intra_op_threads": 1,
+        "intra_op_spinning": "idle",  # the default
     }
 
 
@@ -191,6 +194,10 @@ def test_metrics_count_requests_latency_rows_and_runtime_calls(
     assert delta("mmoe_runtime_batch_rows_count") == 2
     assert delta("mmoe_runtime_batch_rows_sum") == 8
     assert delta("mmoe_runtime_seconds_count") == 2
+    # by default a request that has the server to itself runs on the spinning session
+    assert delta("mmoe_runtime_runs_total", spinning="true") == 2
+    assert delta("mmoe_runtime_runs_total", spinning="false") == 0
+    assert value(after, "mmoe_http_requests_active") == 1  # the scrape itself
     assert ("mmoe_queue_depth", frozenset()) in after
     assert value(after, "mmoe_queue_depth") == 0
     assert value(after, "mmoe_inflight") == 0
@@ -352,3 +359,20 @@ def test_livez_answers_while_inference_is_saturated(
     assert value(busy, "mmoe_request_rows_sum") >= 2 * rows
     median = statistics.median(latencies)
     assert median < 0.05, f"/livez median {median * 1000:.0f} ms under load: {latencies}"
+
+
+@pytest.mark.parametrize(
+    ("given", "means"),
+    [("idle", "idle"), ("ON", "on"), ("1", "on"), ("true", "on"), ("0", "off"), ("false", "off")],
+)
+def test_spinning_setting_takes_its_words_and_booleans(
+    monkeypatch: pytest.MonkeyPatch, given: str, means: str
+) -> None:
+    monkeypatch.setenv("MMOE_INTRA_OP_SPINNING", given)
+    assert Settings().intra_op_spinning == means
+
+
+def test_an_unknown_spinning_setting_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MMOE_INTRA_OP_SPINNING", "sometimes")
+    with pytest.raises(ValidationError, match="intra_op_spinning"):
+        Settings()
