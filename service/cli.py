@@ -1,32 +1,43 @@
-"""`mmoe serve`: flags override MMOE_* environment variables."""
+"""`mmoe serve`: one flag per setting (service/settings.py); flags override MMOE_* environment
+variables."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+import typing
+from pathlib import Path
 from typing import Any
+
+_FLAG_NAMES = {"model_path": "--model"}
+_NO_FLAG = {"api_key"}  # a secret on the command line is visible to every user of the machine
 
 
 def register(sub: Any) -> None:
+    from service.settings import Settings
+
     p = sub.add_parser("serve", help="serve model.onnx over HTTP (FastAPI + onnxruntime)")
-    p.add_argument("--model", dest="model_path", help="model.onnx (env MMOE_MODEL_PATH)")
-    p.add_argument("--model-dir", dest="model_dir", help="directory /admin/reload may load from")
-    p.add_argument("--host")
-    p.add_argument("--port", type=int)
-    p.add_argument("--provider", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--intra-op-threads", type=int)
-    p.add_argument("--inference-workers", type=int)
-    p.add_argument("--max-batch-rows", type=int)
-    p.add_argument("--max-body-bytes", type=int)
-    p.add_argument(
-        "--batch-max-rows", type=int, help="dynamic batching: rows per runtime call (0 = off)"
-    )
-    p.add_argument("--batch-wait-ms", type=float)
-    p.add_argument("--max-queue", type=int)
-    p.add_argument("--request-timeout-ms", type=int)
-    p.add_argument("--client-timeout-s", type=float)
-    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    for name, field in Settings.model_fields.items():
+        if name in _NO_FLAG:
+            continue
+        flag = _FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
+        default = "" if field.default is None else f", default {field.default}"
+        help_text = f"{field.description} (env MMOE_{name.upper()}{default})"
+        p.add_argument(
+            flag, dest=name, help=help_text.replace("%", "%%"), **_kind(field.annotation)
+        )
     p.set_defaults(func=_serve)
+
+
+def _kind(annotation: Any) -> dict[str, Any]:
+    """argparse type or choices for a settings field."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) is typing.Literal:
+        return {"choices": list(args)}
+    if annotation is bool:
+        return {"action": argparse.BooleanOptionalAction}
+    base = args[0] if args else annotation
+    return {"type": str if base is Path else base, "metavar": "PATH" if base is Path else None}
 
 
 def _serve(args: argparse.Namespace) -> int:

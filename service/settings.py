@@ -27,48 +27,68 @@ def usable_cpus() -> int:
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MMOE_", frozen=True, extra="ignore")
 
-    model_path: Path = Path("models/model.onnx")
-    # Directory that /admin/reload may load from (default: the model file's directory). A
-    # request can never make the server read a file outside it.
-    model_dir: Path | None = None
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
+    model_path: Path = Field(Path("models/model.onnx"), description="the model.onnx to serve")
+    # A request can never make the server read a file outside it.
+    model_dir: Path | None = Field(
+        None, description="directory /admin/reload may load from; unset: the model's"
+    )
+    host: str = Field("127.0.0.1", description="address to listen on")
+    port: int = Field(8000, ge=0, le=65535, description="port to listen on")
 
-    provider: Literal["auto", "cpu", "cuda"] = "auto"
-    # Threads per onnxruntime run, and runs at once; 0: one per CPU this process may use (a
-    # container's CPU limit included). The runs share one thread pool: a request alone may use
-    # every core, concurrent ones split them. On 2 CPUs that gave 10-40% more throughput at
-    # concurrency 8 than one run at a time or one thread per run (bench/).
-    intra_op_threads: int = Field(0, ge=0, description="0: one per CPU this process may use")
-    inference_workers: int = Field(0, ge=0, description="0: one per CPU this process may use")
-    # Whether intra-op threads busy-wait between operators while a run is in progress: lower
-    # latency with several intra-op threads on idle cores, far slower when runs or processes
-    # share the cores. `idle`: spin only in a run that has the machine to itself (no other
-    # request in progress), on a second session: 15% lower latency for a lone 256-row request
-    # of the EasyRec-sized model, the same throughput under load, one more copy of the
-    # weights in memory (bench/). `off` for models whose weights are large next to memory.
-    intra_op_spinning: Literal["off", "on", "idle"] = "idle"
+    provider: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="execution provider; auto: CUDA when it loads, else CPU"
+    )
+    # The runs share one thread pool: a request alone may use every core, concurrent ones split
+    # them. On 2 CPUs that gave 10-40% more throughput at concurrency 8 than one run at a time
+    # or one thread per run (bench/).
+    intra_op_threads: int = Field(
+        0, ge=0, description="threads per runtime call; 0: one per CPU this process may use"
+    )
+    inference_workers: int = Field(
+        0, ge=0, description="runtime calls at once; 0: one per CPU this process may use"
+    )
+    # Spinning threads busy-wait between operators while a run is in progress: lower latency
+    # with several intra-op threads on idle cores, far slower when runs or processes share the
+    # cores. `idle` spins only in a run that has the machine to itself (no other request in
+    # progress), on a second session: 15% lower latency for a lone 256-row request of the
+    # EasyRec-sized model, the same throughput under load, one more copy of the weights in
+    # memory (bench/).
+    intra_op_spinning: Literal["off", "on", "idle"] = Field(
+        "idle",
+        description="idle: spin only in a request that has the server to itself (a second "
+        "session: one more copy of the weights); on: always; off: never",
+    )
 
-    max_batch_rows: int = Field(4096, ge=1, description="most rows one request may carry")
-    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
-    # Dynamic batching: merge concurrent requests into one runtime call (0 = off). With no
-    # wait, a call takes the requests that queued while the previous one ran; waiting for
-    # company only idles the cores when they are few (bench/ measures both).
-    batch_max_rows: int = Field(0, ge=0)
-    batch_wait_ms: float = Field(0.0, ge=0.0)
+    max_batch_rows: int = Field(4096, ge=1, description="most rows one request may carry (413)")
+    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="largest request body (413)")
+    # With no wait, a call takes the requests that queued while the previous one ran; waiting
+    # for company only idles the cores when they are few (bench/ measures both).
+    batch_max_rows: int = Field(
+        0, ge=0, description="dynamic batching: most rows per merged runtime call; 0: off"
+    )
+    batch_wait_ms: float = Field(
+        0.0, ge=0.0, description="dynamic batching: how long a call waits for company"
+    )
     max_queue: int = Field(64, ge=1, description="requests waiting for the runtime before 503")
-    request_timeout_ms: int = Field(10_000, ge=1)
-    # A client gets this long to send a request's head (line + headers), and again its body
-    # (408 past it), so slow or stalled clients cannot hold connections open.
-    client_timeout_s: float = Field(10.0, gt=0)
-    retry_after_s: int = Field(1, ge=1)
+    request_timeout_ms: int = Field(
+        10_000, ge=1, description="a request not scored in this time gets 503"
+    )
+    # So that slow or stalled clients cannot hold connections open.
+    client_timeout_s: float = Field(
+        10.0, gt=0, description="time to send the request head, and again the body (408)"
+    )
+    retry_after_s: int = Field(1, ge=1, description="Retry-After of a 503")
 
-    api_key: SecretStr | None = None
-    unknown_features: Literal["error", "ignore"] = "error"
-    warmup_rows: int = Field(32, ge=1)
+    api_key: SecretStr | None = Field(
+        None, description="if set, /predict, KServe infer and /admin need it"
+    )
+    unknown_features: Literal["error", "ignore"] = Field(
+        "error", description="a field the model does not take: 422, or dropped"
+    )
+    warmup_rows: int = Field(32, ge=1, description="rows of the warm-up run before ready")
     load_retry_s: float = Field(2.0, gt=0, description="retry interval while no model is loaded")
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
-    access_log: bool = True
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
+    access_log: bool = Field(True, description="one JSON line per request")
 
     @field_validator("intra_op_spinning", mode="before")
     @classmethod

@@ -376,3 +376,29 @@ def test_an_unknown_spinning_setting_is_refused(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setenv("MMOE_INTRA_OP_SPINNING", "sometimes")
     with pytest.raises(ValidationError, match="intra_op_spinning"):
         Settings()
+
+
+def test_every_setting_is_in_the_readme_with_its_default() -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    rows = {
+        line.split("|")[1].strip(" `"): line.split("|")[3].strip()
+        for line in readme.splitlines()
+        if line.startswith("| `MMOE_")
+    }
+    for name, field in Settings.model_fields.items():
+        variable = f"MMOE_{name.upper()}"
+        assert variable in rows, f"{variable} missing from the README's settings table"
+        if field.default is not None:
+            shown = str(field.default).lower() if isinstance(field.default, bool) else field.default
+            assert rows[variable].startswith(f"`{shown}`"), (variable, rows[variable])
+
+
+def test_serve_has_a_flag_for_every_setting_but_the_key() -> None:
+    cmd = [sys.executable, "-m", "mmoe", "serve", "--help"]
+    text = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=True).stdout
+    flat = " ".join(text.split())  # argparse wraps the help text
+    for name in Settings.model_fields:
+        if name == "api_key":  # a secret in argv is visible to every user of the machine
+            assert "MMOE_API_KEY" not in flat and "--api-key" not in flat
+        else:
+            assert f"env MMOE_{name.upper()}" in flat, name
