@@ -103,6 +103,30 @@ def run_load(
 # ---------------------------------------------------------------------------------- asyncio
 
 
+@dataclass
+class ResponseHead:
+    """The head of the HTTP/1.1 response at the start of a buffer."""
+
+    status: int
+    head: bytes  # lower-cased, without the blank line
+    body_at: int
+    end: int  # where the response ends; -1: no Content-Length (the servers here always send it)
+
+
+def response_head(buf: bytearray) -> ResponseHead | None:
+    """None until the whole head has arrived."""
+    end = buf.find(b"\r\n\r\n")
+    if end < 0:
+        return None
+    head = bytes(buf[:end]).lower()
+    at = head.find(b"content-length:")
+    if at < 0:
+        return ResponseHead(int(head[9:12]), head, end + 4, -1)
+    stop = head.find(b"\r\n", at)
+    length = int(head[at + 15 : stop if stop > 0 else len(head)])
+    return ResponseHead(int(head[9:12]), head, end + 4, end + 4 + length)
+
+
 class _Connection(asyncio.Protocol):
     """One keep-alive connection in the closed loop."""
 
@@ -133,19 +157,15 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.buf += data
         if self.need < 0:
-            end = self.buf.find(b"\r\n\r\n")
-            if end < 0:
+            got = response_head(self.buf)
+            if got is None:
                 return
-            head = bytes(self.buf[:end]).lower()
-            self.status = int(head[9:12])
-            at = head.find(b"content-length:")
-            if at < 0:  # every server here sends Content-Length; anything else is an error
+            self.status = got.status
+            if got.end < 0:  # every server here sends Content-Length; anything else is an error
                 self.run.record(self.sent_ns, 0, "protocol")
                 self.transport.close()
                 return
-            stop = head.find(b"\r\n", at)
-            length = int(head[at + 15 : stop if stop > 0 else len(head)])
-            self.need = end + 4 + length
+            self.need = got.end
         if len(self.buf) >= self.need:
             self.run.record(self.sent_ns, self.status, "status" if self.status >= 300 else "")
             self.send()

@@ -32,6 +32,7 @@ from urllib.parse import urlsplit
 import numpy as np
 import orjson
 
+from bench.load import response_head
 from bench.server import ServerProc, process_usage
 
 
@@ -282,22 +283,18 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.buf += data
         if self.need < 0:
-            end = self.buf.find(b"\r\n\r\n")
-            if end < 0:
+            got = response_head(self.buf)
+            if got is None:
                 return
-            head = bytes(self.buf[:end]).lower()
-            self.status = int(head[9:12])
-            self.close_after = b"\r\nconnection: close" in head
-            self.retry_after = b"\r\nretry-after:" in head
-            at = head.find(b"content-length:")
-            if at < 0:
+            self.status = got.status
+            self.close_after = b"\r\nconnection: close" in got.head
+            self.retry_after = b"\r\nretry-after:" in got.head
+            if got.end < 0:
                 self.soak.tally.fail(self.req, "answer without content-length")
                 self.req = None
                 self.transport.close()
                 return
-            stop = head.find(b"\r\n", at)
-            self.need = end + 4 + int(head[at + 15 : stop if stop > 0 else len(head)])
-            self.body_at = end + 4
+            self.need, self.body_at = got.end, got.body_at
         if len(self.buf) >= self.need and self.req is not None:
             assert self.timer is not None
             self.timer.cancel()
