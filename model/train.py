@@ -465,6 +465,7 @@ class Trainer:
                 | {n: f"{running[i]:.4f}" for i, n in enumerate(names)},
                 refresh=False,
             )
+        bar.refresh()  # the epoch's final running losses, however short the epoch was
         bar.close()
         if self.world > 1:  # the mean over every process's batches
             dist.all_reduce(sums)
