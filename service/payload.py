@@ -34,6 +34,7 @@ from service.errors import PayloadError
 MAX_ID_CHARS = 1024
 _ID = Annotated[str, msgspec.Meta(max_length=MAX_ID_CHARS)] | int
 _STR = {str}
+_STR_OR_INT = {str, int}
 _LIST = {list}
 _TOO_MANY_ROWS = re.compile(r"Expected array of length <= (\d+)")
 
@@ -297,8 +298,11 @@ def column_array(f: FeatureInfo, values: list[Any], field: str) -> np.ndarray:
         return _numeric(f, values, field)
     if f.kind == "tags":
         return _tags(f, values, field)
-    if set(map(type, values)) <= _STR:  # the common case, checked in C: no per-item Python
+    types = set(map(type, values))
+    if types <= _STR:  # the common case, checked in C: no per-item Python
         return np.array(values, dtype=object)
+    if types <= _STR_OR_INT:  # integer ids score as their decimal strings, converted in C
+        return np.array(list(map(str, values)), dtype=object)
     default = f.default
     out = np.array(
         [

@@ -139,12 +139,19 @@ def test_omitted_features_take_their_defaults(server: ServerProcess) -> None:
 
 def test_values_in_their_other_accepted_forms_score_the_same(server: ServerProcess) -> None:
     as_strings = {
-        "user_id": ["u12"],
-        "category": ["c1"],
-        "item_id": ["42"],
-        "tag_brand_list": [["b1", "b2"]],
+        "user_id": ["u12", "u12", "u3"],
+        "category": ["c1", "c2", "c1"],
+        "item_id": ["42", "7", "-3"],
+        "tag_brand_list": [["b1", "b2"], [], ["b3"]],
     }
-    other_forms = {**as_strings, "item_id": [42], "tag_brand_list": ["b1|b2"]}
+    other_forms = {  # integer ids, alone or mixed with strings; a tag string with separators
+        **as_strings,
+        "item_id": [42, "7", -3],
+        "tag_brand_list": ["b1|b2", [], "b3"],
+    }
+    assert predict(server, {"candidates": {**as_strings, "item_id": [42, 7, -3]}}) == predict(
+        server, {"candidates": as_strings}
+    )
     a = predict(server, {"candidates": as_strings})["scores"]
     b = predict(server, {"candidates": other_forms})["scores"]
     assert_same_scores(a, b)
