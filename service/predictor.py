@@ -74,15 +74,7 @@ class Predictor:
         if not self.path.is_file():
             raise ModelLoadError(f"model file not found: {self.path}")
         providers = choose_providers(provider)
-        self.spinning = intra_op_spinning
         self.session = self._session(providers, intra_op_threads, intra_op_spinning == "on")
-        # With spinning "idle", a run that has the runtime to itself goes to a second session
-        # whose threads spin (the lowest latency for one request), any other run to the first.
-        self._alone_session = (
-            self._session(providers, intra_op_threads, True)
-            if intra_op_spinning == "idle"
-            else self.session
-        )
         self.provider = self.session.get_providers()[0]
         if self.provider != providers[0]:  # onnxruntime falls back silently; say so
             reason = (
@@ -92,6 +84,17 @@ class Predictor:
             if provider == "cuda":
                 raise ProviderError(f"MMOE_PROVIDER=cuda but {reason}")
             log.warning(reason, extra={"event": "provider_fallback", "provider": self.provider})
+        # With spinning "idle", a run that has the runtime to itself goes to a second session
+        # whose threads spin (the lowest latency for one request), any other run to the first.
+        # Only on CPU: on a GPU the second session would be a second copy in GPU memory for
+        # threads that mostly wait on the device anyway.
+        on_cpu = self.provider == PROVIDERS["cpu"]
+        self.spinning = "off" if intra_op_spinning == "idle" and not on_cpu else intra_op_spinning
+        self._alone_session = (
+            self._session(providers, intra_op_threads, True)
+            if self.spinning == "idle"
+            else self.session
+        )
         try:
             self.meta: ModelMetadata = read_metadata(
                 self.session.get_modelmeta().custom_metadata_map

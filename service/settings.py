@@ -56,7 +56,7 @@ class Settings(BaseSettings):
     intra_op_spinning: Literal["off", "on", "idle"] = Field(
         "idle",
         description="idle: spin only in a request that has the server to itself (a second "
-        "session: one more copy of the weights); on: always; off: never",
+        "session: one more copy of the weights; CPU only, off on a GPU); on: always; off: never",
     )
 
     max_batch_rows: int = Field(4096, ge=1, description="most rows one request may carry (413)")
