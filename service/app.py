@@ -55,7 +55,7 @@ class Observability:
                 request_id = v.decode("latin-1")[:128]
                 break
         request_id = request_id or uuid.uuid4().hex
-        status = 500
+        status = 0
 
         async def send_wrapper(message: Message) -> None:
             nonlocal status
@@ -69,10 +69,14 @@ class Observability:
             await send(message)
 
         self.metrics.active_requests += 1
+        failed = True
         try:
             await self.app(scope, receive, send_wrapper)
+            failed = False
         finally:
             self.metrics.active_requests -= 1
+            if not status:  # no answer: an error (500 from the outer middleware) or the client left
+                status = 500 if failed else 499
             elapsed = time.perf_counter() - start
             path = scope["path"]
             route = scope.get("route")
@@ -102,17 +106,15 @@ def _custom_openapi(app: FastAPI) -> dict[str, Any]:
     )
     holder: ModelHolder = app.state.holder
     model = holder.current
-    op = schema["paths"]["/predict"]["post"]
-    op.pop("x-model-request-body", None)
+    body: dict[str, Any] | None = None
     if model is not None:
         body = model.decoder.json_schema()
         defs = body.pop("$defs", {})
         schema.setdefault("components", {}).setdefault("schemas", {}).update(defs)
-        op["requestBody"] = {
-            "required": True,
-            "content": {"application/json": {"schema": _rewrite_refs(body)}},
-        }
+        body = _rewrite_refs(body)
         schema["components"]["schemas"] = _rewrite_refs(schema["components"]["schemas"])
+    # /predict is served outside FastAPI's routing (predict.PredictEndpoint): documented here.
+    schema["paths"] = {"/predict": {"post": predict.openapi_operation(body)}, **schema["paths"]}
     # Other msgspec-documented bodies (reload, KServe infer) carry their own $defs; OpenAPI
     # resolves a $ref against the whole document, so they move to components too.
     components = schema.setdefault("components", {}).setdefault("schemas", {})
@@ -196,8 +198,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(ApiError, api_error_handler)
     app.add_exception_handler(StarletteHTTPException, http_error_handler)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
-    for router in (predict.router, health.router, kserve.router, admin.router):
+    for router in (health.router, kserve.router, admin.router):
         app.include_router(router)
     app.openapi = lambda: _custom_openapi(app)  # type: ignore[method-assign]
+    app.add_middleware(predict.PredictEndpoint, state=app.state)  # inside Observability
     app.add_middleware(Observability, metrics=metrics, access_log=settings.access_log)
     return app

@@ -5,12 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
-from fastapi import APIRouter, Depends, Request
-from fastapi.responses import Response
+from starlette.datastructures import Headers, State
+from starlette.requests import ClientDisconnect
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service.deps import get_holder, get_settings, read_json_body, require_api_key, run_inference
-
-router = APIRouter(tags=["scoring"])
+from service.deps import check_api_key, infer, read_body
+from service.errors import ApiError
+from service.settings import Settings
+from service.state import ModelHolder
 
 _ERROR = {
     "content": {
@@ -66,29 +68,89 @@ PREDICT_RESPONSE = {
 }
 
 
-@router.post(
-    "/predict",
-    summary="Score candidates",
-    description=(
-        "Columnar: `candidates` has one list per feature (all of length N), `context` has "
-        "scalars shared by every candidate. Row form: `instances`. Optional `tasks` picks "
-        "which tasks to return. Features with a default may be left out or null."
-    ),
-    dependencies=[Depends(require_api_key)],
-    responses={200: PREDICT_RESPONSE, **ERROR_RESPONSES},
-    openapi_extra={"x-model-request-body": True},
+DESCRIPTION = (
+    "Columnar: `candidates` has one list per feature (all of length N), `context` has scalars "
+    "shared by every candidate. Row form: `instances`. Optional `tasks` picks which tasks to "
+    "return. Features with a default may be left out or null."
 )
-async def predict(request: Request) -> Response:
-    model = get_holder(request).require()  # called, not Depends(): no thread-pool hop
-    body = await read_json_body(request, get_settings(request).max_body_bytes)
-    decoded = model.decoder.decode(body)
-    outputs = await run_inference(request, model, decoded.feeds, decoded.n)
-    task_out = model.predictor.task_outputs
-    payload = {
-        "model": {"name": model.name, "version": model.version},
-        "n": decoded.n,
-        "scores": {t: outputs[task_out[t]] for t in decoded.tasks},
+
+
+def openapi_operation(request_schema: dict[str, Any] | None) -> dict[str, Any]:
+    """The OpenAPI operation for POST /predict, with the request body of the loaded model."""
+    op: dict[str, Any] = {
+        "tags": ["scoring"],
+        "summary": "Score candidates",
+        "description": DESCRIPTION,
+        "operationId": "predict_predict_post",
     }
-    return Response(
-        orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY), media_type="application/json"
-    )
+    if request_schema is not None:
+        op["requestBody"] = {
+            "required": True,
+            "content": {"application/json": {"schema": request_schema}},
+        }
+    op["responses"] = {
+        "200": PREDICT_RESPONSE,
+        **{str(status): response for status, response in ERROR_RESPONSES.items()},
+    }
+    return op
+
+
+_JSON = (b"content-type", b"application/json")
+
+
+class PredictEndpoint:
+    """POST /predict as a plain ASGI app in front of FastAPI (added as the innermost middleware):
+    the hot path skips the router, dependency solving and the Request/Response objects, about
+    0.4 ms of a 256-candidate request on 2 cores (bench/). Everything else goes on to `app`.
+    FastAPI's /openapi.json documents the endpoint (openapi_operation)."""
+
+    def __init__(self, app: ASGIApp, state: State) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or _route_path(scope) != "/predict":
+            await self.app(scope, receive, send)
+            return
+        try:
+            if scope["method"] != "POST":
+                raise ApiError(
+                    405, "method_not_allowed", "Method Not Allowed", None, {"Allow": "POST"}
+                )
+            body = await self.predict(Headers(scope=scope), receive)
+        except ApiError as err:
+            await _respond(send, err.status, orjson.dumps(err.body()), err.headers)
+        except ClientDisconnect:  # nobody to answer
+            return
+        else:
+            await _respond(send, 200, body, {})
+
+    async def predict(self, headers: Headers, receive: Receive) -> bytes:
+        settings: Settings = self.state.settings
+        check_api_key(settings, headers)
+        holder: ModelHolder = self.state.holder
+        model = holder.require()
+        body = await read_body(headers, receive, settings.max_body_bytes, settings.client_timeout_s)
+        decoded = model.decoder.decode(body)
+        outputs = await infer(settings, self.state.metrics, model, decoded.feeds, decoded.n)
+        task_out = model.predictor.task_outputs
+        payload = {
+            "model": {"name": model.name, "version": model.version},
+            "n": decoded.n,
+            "scores": {t: outputs[task_out[t]] for t in decoded.tasks},
+        }
+        return orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def _route_path(scope: Scope) -> str:
+    """The path without the root path the server may be mounted under (as Starlette routes)."""
+    path: str = scope["path"]
+    root: str = scope.get("root_path", "")
+    return path[len(root) :] if root and path.startswith(root) else path
+
+
+async def _respond(send: Send, status: int, body: bytes, headers: dict[str, str]) -> None:
+    raw = [_JSON, (b"content-length", str(len(body)).encode())]
+    raw += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": body})

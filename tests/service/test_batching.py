@@ -3,8 +3,11 @@ splits the scores back in order; the queue is bounded (503 + Retry-After); reque
 
 from __future__ import annotations
 
+import asyncio
 import threading
+import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +16,14 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from service.batching import INLINE_MAX_ROWS, DirectRunner
+from service.deps import infer
+from service.errors import ApiError
+from service.metrics import ServiceMetrics
+from service.payload import RequestDecoder
+from service.predictor import Predictor, warmup_feeds
+from service.settings import Settings
+from service.state import LoadedModel
 from tests.server import ServerProcess
 
 
@@ -187,3 +198,64 @@ def test_spinning_settings_change_speed_not_scores(
     else:
         assert shared == 0
         assert after_together.get("true", 0) - after_alone.get("true", 0) == len(bodies)
+
+
+def test_a_small_request_alone_runs_on_the_event_loop_thread(tiny_onnx: Path) -> None:
+    """Alone and at most INLINE_MAX_ROWS rows: run on the loop's own thread (no hand-off to an
+    inference thread and back); larger, or with another request in progress: on the inference
+    threads. The scores are the same either way."""
+    predictor = Predictor(tiny_onnx)
+    ran_on: list[tuple[int, int]] = []  # (rows, thread) of each runtime call
+    active = [1]  # HTTP requests in progress, as the service counts them
+
+    def observe(rows: int, seconds: float, spun: bool) -> None:
+        ran_on.append((rows, threading.get_ident()))
+
+    small = warmup_feeds(predictor.meta.features, INLINE_MAX_ROWS)
+    large = warmup_feeds(predictor.meta.features, INLINE_MAX_ROWS + 1)
+
+    async def serve() -> tuple[int, list[dict[str, np.ndarray]]]:
+        with ThreadPoolExecutor(2) as pool:
+            runner = DirectRunner(predictor, pool, 2, 8, observe, lambda: active[0])
+            outs = [await runner.infer(small, INLINE_MAX_ROWS)]
+            await runner.infer(large, INLINE_MAX_ROWS + 1)
+            active[0] = 2  # another request is being received
+            outs.append(await runner.infer(small, INLINE_MAX_ROWS))
+        return threading.get_ident(), outs
+
+    loop_thread, (alone, met) = asyncio.run(serve())
+    assert [rows for rows, _ in ran_on] == [INLINE_MAX_ROWS, INLINE_MAX_ROWS + 1, INLINE_MAX_ROWS]
+    assert ran_on[0][1] == loop_thread
+    assert ran_on[1][1] != loop_thread
+    assert ran_on[2][1] != loop_thread
+    for name in alone:
+        np.testing.assert_allclose(alone[name], met[name], atol=1e-6)
+
+
+def test_a_run_on_the_event_loop_thread_over_the_time_budget_answers_503(tiny_onnx: Path) -> None:
+    """Such a run cannot be interrupted; once it ends over MMOE_REQUEST_TIMEOUT_MS the request
+    still gets the 503 the setting promises."""
+
+    class SlowPredictor(Predictor):  # the real model, 50 ms slower
+        def run(self, *args: Any, **kwargs: Any) -> dict[str, np.ndarray]:
+            time.sleep(0.05)
+            return super().run(*args, **kwargs)
+
+    predictor = SlowPredictor(tiny_onnx)
+    settings = Settings(model_path=tiny_onnx, request_timeout_ms=10)
+    feeds = warmup_feeds(predictor.meta.features, 4)
+
+    async def serve() -> tuple[list[int], ApiError]:
+        with ThreadPoolExecutor(1) as pool:
+            ran_on: list[int] = []
+            runner = DirectRunner(
+                predictor, pool, 1, 8, lambda *_: ran_on.append(threading.get_ident())
+            )
+            model = LoadedModel(predictor, RequestDecoder(predictor.meta, 8), runner, 0.0)
+            with pytest.raises(ApiError) as err:
+                await infer(settings, ServiceMetrics(), model, feeds, 4)
+        return ran_on, err.value
+
+    ran_on, err = asyncio.run(serve())
+    assert ran_on == [threading.get_ident()]  # it did run on the loop's thread
+    assert (err.status, err.code) == (503, "timeout")

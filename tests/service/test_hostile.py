@@ -12,6 +12,7 @@ import json
 import select
 import socket
 import struct
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from dataclasses import field as _field
@@ -20,6 +21,7 @@ from typing import Any
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.server import ServerProcess
 
@@ -633,6 +635,37 @@ def test_stalled_body_is_timed_out(hostile_server: ServerProcess) -> None:
     status, error = status_and_error(exchange(hostile_server, head, [b'{"candidates":']))
     assert (status, error["code"]) == (408, "request_timeout")
     assert_still_serves(hostile_server)
+
+
+def _requests_counted(server: ServerProcess, status: str) -> float:
+    for family in text_string_to_metric_families(httpx.get(f"{server.url}/metrics").text):
+        for s in family.samples:
+            if s.name == "mmoe_requests_total" and s.labels == {
+                "route": "/predict",
+                "status": status,
+            }:
+                return s.value
+    return 0.0
+
+
+def test_client_leaving_mid_body_is_counted_as_499_not_an_error(
+    hostile_server: ServerProcess,
+) -> None:
+    """Nobody is left to answer: counted as 499 (client closed request), nothing logged as a
+    server error, and the server goes on."""
+    before = _requests_counted(hostile_server, "499")
+    host, port = hostile_server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(POST + b"content-length: 100\r\n\r\n" + b'{"candidates":')
+        time.sleep(0.2)  # the server is waiting for the rest of the body
+    deadline = time.monotonic() + 10
+    while _requests_counted(hostile_server, "499") == before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _requests_counted(hostile_server, "499") == before + 1
+    assert _requests_counted(hostile_server, "500") == 0
+    assert_still_serves(hostile_server)
+    assert hostile_server.log_path is not None
+    assert "Traceback" not in hostile_server.log_path.read_text()
 
 
 def test_deep_nesting_under_an_ignored_unknown_feature(start_server: Any, tiny_onnx: Path) -> None:
