@@ -58,6 +58,21 @@ class FloorPoint:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def mean(self, other: FloorPoint) -> FloorPoint:
+        """The two measurements of the same body averaged (the fastest setting on average)."""
+        by = {k: (v + other.by_settings[k]) / 2 for k, v in self.by_settings.items()}
+        best = min(by, key=by.__getitem__)
+        return FloorPoint(
+            self.rows,
+            by[best],
+            self.rows / by[best] * 1e3,
+            (self.json_ms + other.json_ms) / 2,
+            (self.decode_ms + other.decode_ms) / 2,
+            self.body_bytes,
+            best,
+            by,
+        )
+
 
 def _label(threads: int, spinning: bool) -> str:
     threads_text = "1 thread" if threads == 1 else f"{threads or 'all'} threads"

@@ -190,7 +190,7 @@ def markdown(results: dict[str, Any]) -> str:
                 "server CPU ms/request",
                 "server RSS MB",
                 "generator CPU (cores)",
-                "floor ms (just before)",
+                "floor ms (around)",
                 "rows/s / floor",
                 "x baseline",
             ],

@@ -6,7 +6,7 @@ in one run on the same model and the same request bodies.
 - service: `mmoe serve` in its own process on loopback, under a closed-loop load generator, at
   each concurrency x candidates-per-request; latency percentiles, throughput, errors, the
   server's CPU and memory, the generator's CPU. Each point is compared with the floor measured
-  just before it, as the speed of a shared machine moves.
+  around it (the mean of just before and just after), as the speed of a shared machine moves.
 - baseline: bench/baseline.py (FastAPI + a pydantic model per row + torch eager) on the same
   weights and bodies.
 - cold start (process start to /readyz 200) and memory of each server.
@@ -143,8 +143,9 @@ def _measure_server(
     profile: Path,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Cold starts (the last start stays up and is measured under load), then the grid; each
-    point is paired with the floor for its batch measured just before it, so that the ratio
-    compares the two under the same conditions on a machine whose speed moves."""
+    point is paired with the floor for its batch measured just before and just after it (their
+    mean), so that the ratio compares the two under the same conditions on a machine whose
+    speed moves."""
     times = []
     for k in range(args.cold_starts):
         times.append(server.start())
@@ -160,7 +161,8 @@ def _measure_server(
     try:
         for n in args.candidates:
             for c in args.concurrency:
-                near = floor.point(bodies[n][0], 0.05 if args.quick else 0.25)
+                budget = 0.05 if args.quick else 0.25
+                before = floor.point(bodies[n][0], budget)
                 spy = None
                 if args.profile and (n, c) == (256, 8):
                     spy = _profile(server, profile, args)
@@ -179,6 +181,8 @@ def _measure_server(
                 server.wait_idle()
                 if spy is not None:
                     spy.wait()
+                after = floor.point(bodies[n][0], budget)
+                near = before.mean(after)
                 (t0, u0), (t1, u1) = edges["start"], edges["end"]
                 cpu_s = u1.cpu_s - u0.cpu_s if u0.cpu_s is not None and u1.cpu_s else None
                 cell = res.to_dict() | {
@@ -193,6 +197,7 @@ def _measure_server(
                     "client_cpu": res.client_cpu_s / res.seconds if res.seconds else None,
                     "load": _load(),
                     "floor_run_ms": near.run_ms,
+                    "floor_run_ms_before_after": [before.run_ms, after.run_ms],
                     "floor_rows_per_s": near.rows_per_s,
                     "floor_json_ms": near.json_ms,
                     "floor_settings": near.settings,
