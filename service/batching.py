@@ -88,6 +88,10 @@ class DirectRunner(Runner):
         self._slots = asyncio.Semaphore(self.workers)
 
     async def infer(self, feeds: Feeds, n: int) -> Outputs:
+        # Requests received together with this one may not be counted yet: their tasks are
+        # scheduled but not started. One turn of the loop lets them start (and count), so that
+        # _alone() below does not take a busy server for an idle one.
+        await asyncio.sleep(0)
         if self.waiting >= self.max_queue:
             raise Overloaded
         self.waiting += 1

@@ -4,6 +4,8 @@ splits the scores back in order; the queue is bounded (503 + Retry-After); reque
 from __future__ import annotations
 
 import asyncio
+import json
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -259,3 +261,39 @@ def test_a_run_on_the_event_loop_thread_over_the_time_budget_answers_503(tiny_on
     ran_on, err = asyncio.run(serve())
     assert ran_on == [threading.get_ident()]  # it did run on the loop's thread
     assert (err.status, err.code) == (503, "timeout")
+
+
+def test_requests_that_arrive_together_are_not_taken_for_alone(
+    start_server: Callable[..., ServerProcess], tiny_onnx: Path
+) -> None:
+    """Eight small requests written at the same moment: a request counts as alone (the spinning
+    session, on the event loop's thread) only if no other is in progress, so most of them run
+    as shared. Counting a request only once its task has started would take each for alone, and
+    run them one by one on the loop."""
+    server = start_server(tiny_onnx)
+    host, port = server.url.removeprefix("http://").split(":")
+    requests = []
+    for i in range(8):
+        body = json.dumps(request_body(i, 64)).encode()
+        head = "POST /predict HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        requests.append(f"{head}content-length: {len(body)}\r\n\r\n".encode() + body)
+    start = runs_by_spinning(server)
+    sockets = [socket.create_connection((host, int(port)), timeout=30) for _ in requests]
+    try:
+        for sock, request in zip(sockets, requests, strict=True):
+            sock.sendall(request)
+        for sock in sockets:
+            answer = b""
+            while b"\r\n\r\n" not in answer or not answer.endswith(b"}"):
+                chunk = sock.recv(65536)
+                assert chunk, answer
+                answer += chunk
+            assert answer.startswith(b"HTTP/1.1 200"), answer
+    finally:
+        for sock in sockets:
+            sock.close()
+    end = runs_by_spinning(server)
+    shared = end.get("false", 0) - start.get("false", 0)
+    alone = end.get("true", 0) - start.get("true", 0)
+    assert shared + alone == len(requests)
+    assert shared >= 4, f"{alone} of {len(requests)} requests sent together ran as alone"
