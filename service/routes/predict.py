@@ -10,7 +10,7 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.deps import check_api_key, infer, read_body
-from service.errors import ApiError
+from service.errors import ApiError, error_response
 from service.settings import Settings
 from service.state import ModelHolder
 
@@ -95,9 +95,6 @@ def openapi_operation(request_schema: dict[str, Any] | None) -> dict[str, Any]:
     return op
 
 
-_JSON = (b"content-type", b"application/json")
-
-
 class PredictEndpoint:
     """POST /predict as a plain ASGI app in front of FastAPI (added as the innermost middleware):
     the hot path skips the router, dependency solving and the Request/Response objects, about
@@ -119,11 +116,11 @@ class PredictEndpoint:
                 )
             body = await self.predict(Headers(scope=scope), receive)
         except ApiError as err:
-            await _respond(send, err.status, orjson.dumps(err.body()), err.headers)
+            await error_response(err)(scope, receive, send)
         except ClientDisconnect:  # nobody to answer
             return
         else:
-            await _respond(send, 200, body, {})
+            await _respond_json(send, body)
 
     async def predict(self, headers: Headers, receive: Receive) -> bytes:
         settings: Settings = self.state.settings
@@ -149,8 +146,9 @@ def _route_path(scope: Scope) -> str:
     return path[len(root) :] if root and path.startswith(root) else path
 
 
-async def _respond(send: Send, status: int, body: bytes, headers: dict[str, str]) -> None:
-    raw = [_JSON, (b"content-length", str(len(body)).encode())]
-    raw += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
-    await send({"type": "http.response.start", "status": status, "headers": raw})
+async def _respond_json(send: Send, body: bytes) -> None:
+    """A 200 with a JSON body, sent directly: a Starlette Response here was 0.1-0.5 ms slower per
+    request at c=1 (medians of two interleaved comparisons, EasyRec, 256 candidates)."""
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
     await send({"type": "http.response.body", "body": body})
