@@ -58,19 +58,22 @@ class FloorPoint:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def of(
+        cls, rows: int, by: dict[str, float], json_ms: float, decode_ms: float, body_bytes: int
+    ) -> FloorPoint:
+        """The point for run() times `by` session settings: the fastest of them is the floor."""
+        best = min(by, key=by.__getitem__)
+        return cls(rows, by[best], rows / by[best] * 1e3, json_ms, decode_ms, body_bytes, best, by)
+
     def mean(self, other: FloorPoint) -> FloorPoint:
         """The two measurements of the same body averaged (the fastest setting on average)."""
-        by = {k: (v + other.by_settings[k]) / 2 for k, v in self.by_settings.items()}
-        best = min(by, key=by.__getitem__)
-        return FloorPoint(
+        return FloorPoint.of(
             self.rows,
-            by[best],
-            self.rows / by[best] * 1e3,
+            {k: (v + other.by_settings[k]) / 2 for k, v in self.by_settings.items()},
             (self.json_ms + other.json_ms) / 2,
             (self.decode_ms + other.decode_ms) / 2,
             self.body_bytes,
-            best,
-            by,
         )
 
 
@@ -97,16 +100,6 @@ class Floor:
             label: 1e3 * median_seconds(partial(sess.run, self.outputs, decoded.feeds), budget_s)
             for label, sess in self.sessions.items()
         }
-        best = min(by, key=by.__getitem__)
         json_s = median_seconds(partial(orjson.loads, body), budget_s / 4)
         decode_s = median_seconds(partial(self.decoder.decode, body), budget_s / 4)
-        return FloorPoint(
-            decoded.n,
-            by[best],
-            decoded.n / by[best] * 1e3,
-            json_s * 1e3,
-            decode_s * 1e3,
-            len(body),
-            best,
-            by,
-        )
+        return FloorPoint.of(decoded.n, by, json_s * 1e3, decode_s * 1e3, len(body))
