@@ -105,17 +105,16 @@ class DirectRunner(Runner):
             try:
                 return self._run(feeds, alone)
             finally:
-                self.inflight -= 1
-                self._slots.release()
+                self._release()
         loop = asyncio.get_running_loop()
         fut = loop.run_in_executor(self.executor, self._run, feeds, alone)
-
-        def release(_: object) -> None:  # when the run really ends, even if the caller gave up
-            self.inflight -= 1
-            self._slots.release()
-
-        fut.add_done_callback(release)
+        # Released when the run really ends, even if the caller gave up waiting.
+        fut.add_done_callback(lambda _: self._release())
         return await asyncio.shield(fut)
+
+    def _release(self) -> None:
+        self.inflight -= 1
+        self._slots.release()
 
 
 @dataclass
