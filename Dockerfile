@@ -18,9 +18,11 @@ FROM python:3.11-slim AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore
 WORKDIR /src
 COPY pyproject.toml README.md ./
+# mmoe/ links to the stage folders (mmoe.model -> model/, ...): the wheel installs them there.
 COPY mmoe ./mmoe
 COPY model ./model
 COPY export ./export
+COPY contract ./contract
 COPY service ./service
 COPY bench ./bench
 RUN pip wheel --no-deps --wheel-dir /wheels .

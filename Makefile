@@ -13,8 +13,11 @@ PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
+# The checkout's folders are importable by their own names too (`import model.config`, the same
+# module as `mmoe.model.config`), from anywhere in this development environment.
 $(VENV)/.train-installed: pyproject.toml | $(BIN)/python
 	$(PIP) install -e ".[serve,train]"
+	$(BIN)/python -c "import pathlib, site; pathlib.Path(site.getsitepackages()[0], 'mmoe-checkout.pth').write_text('$(CURDIR)\n')"
 	touch $@
 
 $(VENV)/.dev-installed: pyproject.toml $(VENV)/.train-installed
@@ -34,7 +37,7 @@ serve: $(VENV)/.train-installed $(MODEL)
 lint: $(VENV)/.dev-installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy model export service mmoe bench
+	$(BIN)/mypy mmoe
 
 test: lint
 	$(BIN)/python -m pytest -q

@@ -2,6 +2,6 @@
 
 import sys
 
-from bench.run import main
+from mmoe.bench.run import main
 
 sys.exit(main(sys.argv[1:]))

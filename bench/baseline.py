@@ -4,7 +4,7 @@ PyTorch eager on the training run's weights, one request at a time.
 It answers the same /predict bodies as the service (context + columnar candidates) with the same
 scores, using the training code's own preprocessing (`FeatureSchema.encode`).
 
-    python -m bench.baseline --run RUN_DIR --port 8001
+    python -m mmoe.bench.baseline --run RUN_DIR --port 8001
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import torch
 from fastapi import FastAPI, HTTPException
 from pydantic import BaseModel, ConfigDict, create_model, field_validator
 
-from model.checkpoint import Run, load_run
-from model.schema import FittedFeature
-from model.train import encode_table, predict
+from mmoe.model.checkpoint import Run, load_run
+from mmoe.model.schema import FittedFeature
+from mmoe.model.train import encode_table, predict
 
 
 def _field_type(f: FittedFeature) -> Any:
@@ -104,7 +104,7 @@ def create_app(run: Run) -> FastAPI:
 def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
-    parser = argparse.ArgumentParser(prog="python -m bench.baseline", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m mmoe.bench.baseline", description=__doc__)
     parser.add_argument("--run", required=True, help="training run directory")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8001)

@@ -1,7 +1,7 @@
 """Batched experts (`ExpertBank`: one matmul per layer for all K experts) against K separate MLPs
 (`ExpertBank.as_modules()`), in PyTorch (inference, and a training step) and in onnxruntime.
 
-    python -m bench.experts [--batch 256] [--repeat 200]
+    python -m mmoe.bench.experts [--batch 256] [--repeat 200]
 
 Prints one row per expert shape with the time per call of each variant and the ratio
 separate / batched (above 1: the batched bank is faster).
@@ -22,7 +22,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from model.network import ExpertBank
+from mmoe.model.network import ExpertBank
 
 # (label, input dim, experts, hidden units): the paper's synthetic set-up, the demo config,
 # and an EasyRec-sized model (17 fields x 16-d embeddings).
@@ -117,7 +117,7 @@ def measure(
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.experts", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m mmoe.bench.experts", description=__doc__)
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--repeat", type=int, default=200)
     p.add_argument("--threads", type=int, default=1, help="torch and onnxruntime threads")

@@ -15,8 +15,8 @@ import numpy as np
 import onnxruntime as ort
 import orjson
 
-from export.metadata import read_metadata
-from service.payload import RequestDecoder
+from mmoe.contract.metadata import read_metadata
+from mmoe.service.payload import RequestDecoder
 
 
 def median_seconds(fn: Callable[[], object], budget_s: float, min_calls: int = 5) -> float:

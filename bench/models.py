@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from bench import taobao
+from mmoe.bench import taobao
 
 
 @dataclass(frozen=True)
@@ -26,7 +26,7 @@ class BenchModel:
 
 
 def _synthetic_ranking(rows: int, seed: int) -> pa.Table:
-    from model.synthetic import synthetic_ranking
+    from mmoe.model.synthetic import synthetic_ranking
 
     return synthetic_ranking(rows, seed)
 
@@ -59,7 +59,7 @@ def _loads(run_dir: Path) -> bool:
     """True when the run exists and the current model code can load it."""
     if not (run_dir / "weights.pt").exists():
         return False
-    from model.checkpoint import load_run
+    from mmoe.model.checkpoint import load_run
 
     try:
         load_run(run_dir)
@@ -75,7 +75,7 @@ def prepare(model: BenchModel, say: Callable[[str], None] = print) -> None:
     if not model.data.exists():
         if model.generate is None:
             raise FileNotFoundError(f"{model.data} is missing")
-        from model.data import write_table
+        from mmoe.model.data import write_table
 
         say(f"{model.name}: generating {model.rows} rows -> {model.data}")
         write_table(model.generate(model.rows, 7), model.data)
@@ -83,13 +83,13 @@ def prepare(model: BenchModel, say: Callable[[str], None] = print) -> None:
     if not _loads(model.run_dir):
         if model.config is None:
             raise FileNotFoundError(f"{model.run_dir} is not a training run this code can load")
-        from model.config import load_config
-        from model.train import train
+        from mmoe.model.config import load_config
+        from mmoe.model.train import train
 
         say(f"{model.name}: training {model.config} -> {model.run_dir}")
         train(load_config(model.config), model.data, model.run_dir)
     if not model.onnx.exists() or model.onnx.stat().st_mtime < weights.stat().st_mtime:
-        from export.exporter import export_run
+        from mmoe.export.exporter import export_run
 
         say(f"{model.name}: exporting -> {model.onnx}")
         export_run(model.run_dir, model.onnx)

@@ -9,9 +9,9 @@ parameter count. Every model trains with Adam on the same rows per (p, seed) and
 test MSE (the mean over both tasks), averaged over seeds. The paper's finding: MMoE is better
 when the tasks are less related, and the gap shrinks as the correlation goes to 1.
 
-    python -m bench.paper_mmoe                # the full table (48 runs: ~8 minutes on 2 cores)
-    python -m bench.paper_mmoe --quick        # a smoke run (seconds)
-    python -m bench.paper_mmoe --json out.json --jobs 2
+    python -m mmoe.bench.paper_mmoe                # the full table (48 runs: ~8 minutes on 2 cores)
+    python -m mmoe.bench.paper_mmoe --quick        # a smoke run (seconds)
+    python -m mmoe.bench.paper_mmoe --json out.json --jobs 2
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from model.network import MMoE, TaskHead
-from model.synthetic import paper_synthetic
+from mmoe.model.network import MMoE, TaskHead
+from mmoe.model.synthetic import paper_synthetic
 
 DIM = 100
 EXPERTS = 8
@@ -172,7 +172,7 @@ def table(rows: list[Row]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.paper_mmoe", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m mmoe.bench.paper_mmoe", description=__doc__)
     p.add_argument("--quick", action="store_true", help="tiny data, one seed: a smoke run")
     p.add_argument("--correlations", type=float, nargs="+", help="task correlations to test")
     p.add_argument("--seeds", type=int, help="runs per model and correlation")

@@ -15,7 +15,7 @@ import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from model.data import data_format
+from mmoe.model.data import data_format
 
 
 def read_sample(path: Path, features: list[str], rows: int = 50_000) -> pa.Table:

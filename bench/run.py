@@ -27,12 +27,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import report
-from bench.floor import Floor
-from bench.load import run_load, wrk_available
-from bench.models import MODELS, BenchModel, prepare
-from bench.payloads import make_bodies, read_sample
-from bench.server import ServerProc, Usage
+from mmoe.bench import report
+from mmoe.bench.floor import Floor
+from mmoe.bench.load import run_load, wrk_available
+from mmoe.bench.models import MODELS, BenchModel, prepare
+from mmoe.bench.payloads import make_bodies, read_sample
+from mmoe.bench.server import ServerProc, Usage
 
 FLOOR_ROWS = [1, 16, 64, 256, 1024]
 
@@ -119,7 +119,7 @@ def _load() -> str:
 
 def _feature_names(run_dir: Path) -> list[tuple[str, str]]:
     """(feature name, data column) for each raw input of the model."""
-    from model.schema import FeatureSchema
+    from mmoe.model.schema import FeatureSchema
 
     schema = FeatureSchema.load(run_dir / "schema.json")
     return [(f.name, f.column) for f in schema.features]

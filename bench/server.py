@@ -93,7 +93,7 @@ class ServerProc:
         cls, run_dir: Path, env: dict[str, str] | None = None, log_path: Path | None = None
     ) -> ServerProc:
         port = free_port()
-        argv = [sys.executable, "-m", "bench.baseline", "--run", str(run_dir)]
+        argv = [sys.executable, "-m", "mmoe.bench.baseline", "--run", str(run_dir)]
         argv += ["--port", str(port)]
         # Idle OpenMP threads sleep instead of spinning (as the service's onnxruntime threads do
         # between runs): spinning would slow the baseline down on a busy machine, flattering the

@@ -1,8 +1,8 @@
 """Soak: mixed valid and invalid traffic against one server for a bounded time, then a report of
 what came back and what the server's memory did.
 
-    python -m bench.soak --model models/demo.onnx --duration 600 --concurrency 32
-    python -m bench.soak --url http://127.0.0.1:8000 --pid 1234 --duration 60
+    python -m mmoe.bench.soak --model models/demo.onnx --duration 600 --concurrency 32
+    python -m mmoe.bench.soak --url http://127.0.0.1:8000 --pid 1234 --duration 60
 
 It starts its own server on a loopback port (or targets `--url`, which must be loopback), builds
 its requests from the model's GET /metadata, and keeps `concurrency` keep-alive connections
@@ -32,8 +32,8 @@ from urllib.parse import urlsplit
 import numpy as np
 import orjson
 
-from bench.load import response_head
-from bench.server import ServerProc, process_usage
+from mmoe.bench.load import response_head
+from mmoe.bench.server import ServerProc, process_usage
 
 
 @dataclass(frozen=True)
@@ -520,7 +520,9 @@ def _is_loopback_ip(host: str) -> bool:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m bench.soak", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m mmoe.bench.soak", description=__doc__.split("\n")[0]
+    )
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--model", type=Path, help="start a server for this model.onnx")
     where.add_argument("--url", help="a running server on a loopback address")

@@ -122,9 +122,9 @@ def taobao_like(rows: int, seed: int = 7) -> pa.Table:
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    from model.data import write_table
+    from mmoe.model.data import write_table
 
-    parser = argparse.ArgumentParser(prog="python -m bench.taobao", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m mmoe.bench.taobao", description=__doc__)
     parser.add_argument("--rows", type=int, default=300_000)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--out", required=True, help="FILE.parquet or FILE.csv")

@@ -31,8 +31,8 @@ def register(sub: Any) -> None:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from export.exporter import export_run
-    from export.parity import ParityError
+    from mmoe.export.exporter import export_run
+    from mmoe.export.parity import ParityError
 
     try:
         report = export_run(
@@ -64,7 +64,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from export.inspect import describe
+    from mmoe.export.inspect import describe
 
     try:
         print(describe(args.model))

@@ -26,7 +26,8 @@ import torch
 from onnx import compose
 from torch import nn
 
-from export.graph import (
+from mmoe.contract.metadata import FeatureInfo, ModelMetadata, TaskInfo
+from mmoe.export.graph import (
     IR_VERSION,
     OPSET,
     OPSET_IMPORTS,
@@ -34,11 +35,10 @@ from export.graph import (
     encoding_text,
     preprocessing_graph,
 )
-from export.metadata import FeatureInfo, ModelMetadata, TaskInfo
-from export.parity import RawColumn, check_parity, generate_rows, to_onnx_inputs
-from model.checkpoint import Run, config_hash, load_run
-from model.network import RankingModel, task_outputs
-from model.schema import FeatureSchema
+from mmoe.export.parity import RawColumn, check_parity, generate_rows, to_onnx_inputs
+from mmoe.model.checkpoint import Run, config_hash, load_run
+from mmoe.model.network import RankingModel, task_outputs
+from mmoe.model.schema import FeatureSchema
 
 
 class ExportNet(nn.Module):

@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from model.schema import (
+from mmoe.model.schema import (
     HASH_SEED,
     MISSING_INDEX,
     OOV_INDEX,

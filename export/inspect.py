@@ -7,7 +7,7 @@ from pathlib import Path
 
 import onnx
 
-from export.metadata import read_metadata
+from mmoe.contract.metadata import read_metadata
 
 _TYPES = {
     onnx.TensorProto.STRING: "string",

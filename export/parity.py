@@ -12,9 +12,9 @@ import onnxruntime as ort
 import pyarrow as pa
 import torch
 
-from model.network import RankingModel
-from model.schema import FeatureSchema, FittedFeature
-from model.train import encode_table, predict
+from mmoe.model.network import RankingModel
+from mmoe.model.schema import FeatureSchema, FittedFeature
+from mmoe.model.train import encode_table, predict
 
 RawColumn = list[object]
 

@@ -10,9 +10,9 @@ from collections.abc import Sequence
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from export import cli as export_cli
-    from model import cli as model_cli
-    from service import cli as service_cli
+    from mmoe.export import cli as export_cli
+    from mmoe.model import cli as model_cli
+    from mmoe.service import cli as service_cli
 
     parser = argparse.ArgumentParser(prog="mmoe", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _bench(args: argparse.Namespace, rest: list[str]) -> int:
-    from bench.run import main as bench_main
+    from mmoe.bench.run import main as bench_main
 
     return bench_main(rest)
 

@@ -18,9 +18,9 @@ from typing import Any
 import torch
 import yaml
 
-from model.config import RunConfig, parse_config
-from model.network import PLE, FeatureSpec, MMoE, RankingModel, TaskHead
-from model.schema import FeatureSchema
+from mmoe.model.config import RunConfig, parse_config
+from mmoe.model.network import PLE, FeatureSpec, MMoE, RankingModel, TaskHead
+from mmoe.model.schema import FeatureSchema
 
 
 def build_model(config: RunConfig, schema: FeatureSchema) -> RankingModel:

@@ -60,8 +60,8 @@ def register(sub: Any) -> None:
 
 
 def _data(args: argparse.Namespace) -> int:
-    from model.data import write_table
-    from model.synthetic import paper_synthetic, synthetic_ranking
+    from mmoe.model.data import write_table
+    from mmoe.model.synthetic import paper_synthetic, synthetic_ranking
 
     if args.dataset == "synthetic-ranking":
         table = synthetic_ranking(args.rows, args.seed)
@@ -90,7 +90,7 @@ def _train(args: argparse.Namespace) -> int:
             "--standalone",
             f"--nproc_per_node={args.nproc}",
             "-m",
-            "model.train",
+            "mmoe.model.train",
             "--config",
             args.config,
             "--data",
@@ -101,8 +101,8 @@ def _train(args: argparse.Namespace) -> int:
         if args.valid:
             cmd += ["--valid", args.valid]
         return subprocess.call(cmd)
-    from model.config import ConfigError, load_config
-    from model.train import train
+    from mmoe.model.config import ConfigError, load_config
+    from mmoe.model.train import train
 
     try:
         config = load_config(args.config)
@@ -118,7 +118,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from model.report import write_report
+    from mmoe.model.report import write_report
 
     try:
         paths = write_report(args.run_dir, args.out)

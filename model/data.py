@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.csv as pcsv
 import pyarrow.dataset as ds
 
-from model.config import NumericFeature, RunConfig
+from mmoe.model.config import NumericFeature, RunConfig
 
 
 def data_format(path: str | Path) -> str:

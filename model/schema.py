@@ -27,7 +27,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict
 
-from model.config import CategoricalFeature, NumericFeature, RunConfig, TagsFeature, VocabConfig
+from mmoe.model.config import (
+    CategoricalFeature,
+    NumericFeature,
+    RunConfig,
+    TagsFeature,
+    VocabConfig,
+)
 
 MISSING_INDEX = 0
 OOV_INDEX = 1

@@ -33,12 +33,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from model.checkpoint import build_model, config_hash, save_config, save_weights
-from model.config import RunConfig, TaskConfig, higher_is_better
-from model.data import DataSource
-from model.metrics import task_metrics
-from model.network import PLE, MMoE, RankingModel, task_outputs
-from model.schema import FeatureSchema, SchemaFitter, numeric_values
+from mmoe.model.checkpoint import build_model, config_hash, save_config, save_weights
+from mmoe.model.config import RunConfig, TaskConfig, higher_is_better
+from mmoe.model.data import DataSource
+from mmoe.model.metrics import task_metrics
+from mmoe.model.network import PLE, MMoE, RankingModel, task_outputs
+from mmoe.model.schema import FeatureSchema, SchemaFitter, numeric_values
 
 
 @dataclass
@@ -590,9 +590,9 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point for `torchrun -m model.train --config ... --data ... --out ...`."""
     import argparse
 
-    from model.config import ConfigError, load_config
+    from mmoe.model.config import ConfigError, load_config
 
-    p = argparse.ArgumentParser(prog="python -m model.train")
+    p = argparse.ArgumentParser(prog="python -m mmoe.model.train")
     p.add_argument("--config", required=True)
     p.add_argument("--data", required=True)
     p.add_argument("--valid")

@@ -18,17 +18,17 @@ from fastapi.openapi.utils import get_openapi
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import (
+from mmoe.service.errors import (
     ApiError,
     api_error_handler,
     http_error_handler,
     validation_error_handler,
 )
-from service.metrics import ServiceMetrics
-from service.predictor import ModelLoadError, ProviderError, choose_providers
-from service.routes import admin, health, kserve, predict
-from service.settings import Settings
-from service.state import ModelHolder
+from mmoe.service.metrics import ServiceMetrics
+from mmoe.service.predictor import ModelLoadError, ProviderError, choose_providers
+from mmoe.service.routes import admin, health, kserve, predict
+from mmoe.service.settings import Settings
+from mmoe.service.state import ModelHolder
 
 log = logging.getLogger("mmoe.access")
 service_log = logging.getLogger("mmoe.service")

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from service.predictor import Predictor
+from mmoe.service.predictor import Predictor
 
 Feeds = dict[str, np.ndarray]
 Outputs = dict[str, np.ndarray]

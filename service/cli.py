@@ -14,7 +14,7 @@ _NO_FLAG = {"api_key"}  # a secret on the command line is visible to every user 
 
 
 def register(sub: Any) -> None:
-    from service.settings import Settings
+    from mmoe.service.settings import Settings
 
     p = sub.add_parser("serve", help="serve model.onnx over HTTP (FastAPI + onnxruntime)")
     for name, field in Settings.model_fields.items():
@@ -44,10 +44,10 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
     from pydantic import ValidationError
 
-    from service.app import create_app
-    from service.logs import configure_logging
-    from service.protocol import bounded_http_protocol
-    from service.settings import Settings
+    from mmoe.service.app import create_app
+    from mmoe.service.logs import configure_logging
+    from mmoe.service.protocol import bounded_http_protocol
+    from mmoe.service.settings import Settings
 
     overrides = {
         k: v for k, v in vars(args).items() if v is not None and k not in ("func", "command")

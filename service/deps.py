@@ -10,11 +10,11 @@ from starlette.datastructures import Headers
 from starlette.requests import ClientDisconnect
 from starlette.types import Receive
 
-from service.batching import Feeds, Outputs, Overloaded
-from service.errors import ApiError, PayloadError
-from service.metrics import ServiceMetrics
-from service.settings import Settings
-from service.state import LoadedModel, ModelHolder
+from mmoe.service.batching import Feeds, Outputs, Overloaded
+from mmoe.service.errors import ApiError, PayloadError
+from mmoe.service.metrics import ServiceMetrics
+from mmoe.service.settings import Settings
+from mmoe.service.state import LoadedModel, ModelHolder
 
 # Routes call these with their request instead of declaring them with Depends(): FastAPI runs a
 # plain-def dependency in its thread pool, a thread hop per request.

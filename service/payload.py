@@ -27,8 +27,8 @@ from typing import Annotated, Any, Literal
 import msgspec
 import numpy as np
 
-from export.metadata import FeatureInfo, ModelMetadata
-from service.errors import PayloadError
+from mmoe.contract.metadata import FeatureInfo, ModelMetadata
+from mmoe.service.errors import PayloadError
 
 # No real id is longer; a longer one is a client bug, refused rather than scored as unknown.
 MAX_ID_CHARS = 1024

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from export.metadata import FeatureInfo, MetadataError, ModelMetadata, read_metadata
+from mmoe.contract.metadata import FeatureInfo, MetadataError, ModelMetadata, read_metadata
 
 log = logging.getLogger("mmoe.service")
 

@@ -15,12 +15,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from service.batching import DirectRunner, MicroBatcher, Runner
-from service.errors import ApiError
-from service.metrics import ServiceMetrics
-from service.payload import RequestDecoder
-from service.predictor import ModelLoadError, Predictor, ProviderError
-from service.settings import Settings
+from mmoe.service.batching import DirectRunner, MicroBatcher, Runner
+from mmoe.service.errors import ApiError
+from mmoe.service.metrics import ServiceMetrics
+from mmoe.service.payload import RequestDecoder
+from mmoe.service.predictor import ModelLoadError, Predictor, ProviderError
+from mmoe.service.settings import Settings
 
 log = logging.getLogger("mmoe.service")
 

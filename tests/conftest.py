@@ -16,8 +16,8 @@ TINY_CONFIG = HERE / "data" / "tiny.yaml"
 
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from model.data import write_table
-    from model.synthetic import synthetic_ranking
+    from mmoe.model.data import write_table
+    from mmoe.model.synthetic import synthetic_ranking
 
     path = tmp_path_factory.mktemp("data") / "train.parquet"
     write_table(synthetic_ranking(6000, seed=11), path)
@@ -26,8 +26,8 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_run(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from model.config import load_config
-    from model.train import train
+    from mmoe.model.config import load_config
+    from mmoe.model.train import train
 
     out = tmp_path_factory.mktemp("run") / "tiny"
     train(load_config(TINY_CONFIG), tiny_data, out)
@@ -36,7 +36,7 @@ def tiny_run(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_onnx(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from export.exporter import export_run
+    from mmoe.export.exporter import export_run
 
     out = tmp_path_factory.mktemp("onnx") / "model.onnx"
     export_run(tiny_run, out, parity_rows=256)

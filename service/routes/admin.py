@@ -7,11 +7,11 @@ from typing import Any
 import msgspec
 from fastapi import APIRouter, Depends, Request
 
-from service.deps import get_holder, read_json_body, require_api_key
-from service.errors import ApiError, PayloadError
-from service.payload import duplicate_key
-from service.predictor import ModelLoadError
-from service.routes.predict import ERROR_RESPONSES
+from mmoe.service.deps import get_holder, read_json_body, require_api_key
+from mmoe.service.errors import ApiError, PayloadError
+from mmoe.service.payload import duplicate_key
+from mmoe.service.predictor import ModelLoadError
+from mmoe.service.routes.predict import ERROR_RESPONSES
 
 router = APIRouter(tags=["operations"], dependencies=[Depends(require_api_key)])
 

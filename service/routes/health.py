@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from service.deps import get_holder, get_metrics, get_settings
+from mmoe.service.deps import get_holder, get_metrics, get_settings
 
 router = APIRouter(tags=["operations"])
 

@@ -17,11 +17,17 @@ import orjson
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
-from export.metadata import FeatureInfo
-from service.deps import get_holder, get_settings, read_json_body, require_api_key, run_inference
-from service.errors import ApiError, PayloadError
-from service.payload import MAX_ID_CHARS, column_array, default_array, duplicate_key
-from service.state import LoadedModel, ModelHolder
+from mmoe.contract.metadata import FeatureInfo
+from mmoe.service.deps import (
+    get_holder,
+    get_settings,
+    read_json_body,
+    require_api_key,
+    run_inference,
+)
+from mmoe.service.errors import ApiError, PayloadError
+from mmoe.service.payload import MAX_ID_CHARS, column_array, default_array, duplicate_key
+from mmoe.service.state import LoadedModel, ModelHolder
 
 router = APIRouter(prefix="/v2", tags=["kserve-v2"])
 

@@ -9,10 +9,10 @@ from starlette.datastructures import Headers, State
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service.deps import check_api_key, infer, read_body
-from service.errors import ApiError, error_response
-from service.settings import Settings
-from service.state import ModelHolder
+from mmoe.service.deps import check_api_key, infer, read_body
+from mmoe.service.errors import ApiError, error_response
+from mmoe.service.settings import Settings
+from mmoe.service.state import ModelHolder
 
 _ERROR = {
     "content": {

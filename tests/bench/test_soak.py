@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from bench.soak import main
+from mmoe.bench.soak import main
 
 
 def test_soak_runs_mixed_traffic_and_reports(tiny_onnx: Path, tmp_path: Path) -> None:
     out = tmp_path / "soak.json"
-    argv = [sys.executable, "-m", "bench.soak", "--model", str(tiny_onnx), "--duration", "3"]
+    argv = [sys.executable, "-m", "mmoe.bench.soak", "--model", str(tiny_onnx), "--duration", "3"]
     argv += ["--max-requests", "400", "--concurrency", "8", "--sample", "1", "--json", str(out)]
     argv += ["--server-env", "MMOE_MAX_QUEUE=1"]  # some requests may be shed: not errors
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=120)

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
-from service.settings import Settings
+from mmoe.service.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY_PORT = 8000

@@ -319,7 +319,7 @@ def test_a_checkpoint_with_pickled_code_is_refused_not_run(tiny_run: Path, tmp_p
 
     import torch
 
-    from model.checkpoint import load_run
+    from mmoe.model.checkpoint import load_run
 
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)

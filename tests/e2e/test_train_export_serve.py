@@ -17,8 +17,8 @@ from tests.server import ServerProcess
 
 @pytest.mark.slow
 def test_cli_path_serves_pytorch_scores(tmp_path: Path) -> None:
-    from export.parity import torch_outputs
-    from model.checkpoint import load_run
+    from mmoe.export.parity import torch_outputs
+    from mmoe.model.checkpoint import load_run
 
     data = tmp_path / "train.csv"
     mmoe("data", "synthetic-ranking", "--rows", "4000", "--seed", "5", "--out", str(data))

@@ -11,15 +11,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from export.exporter import export_run
-from export.graph import IR_VERSION, OPSET
-from export.metadata import METADATA_KEY, read_metadata
-from export.parity import ParityError, check_parity, generate_rows, torch_outputs
-from model.checkpoint import load_run
-from model.config import load_config
-from model.data import write_table
-from model.synthetic import synthetic_ranking
-from model.train import train
+from mmoe.contract.metadata import METADATA_KEY, read_metadata
+from mmoe.export.exporter import export_run
+from mmoe.export.graph import IR_VERSION, OPSET
+from mmoe.export.parity import ParityError, check_parity, generate_rows, torch_outputs
+from mmoe.model.checkpoint import load_run
+from mmoe.model.config import load_config
+from mmoe.model.data import write_table
+from mmoe.model.synthetic import synthetic_ranking
+from mmoe.model.train import train
 from tests.cli import mmoe
 
 HERE = Path(__file__).parent.parent
@@ -169,7 +169,7 @@ def test_file_versions_and_metadata(all_kinds_onnx: Path) -> None:
 
 def test_parity_check_refuses_a_graph_that_differs(tiny_run: Path, tmp_path: Path) -> None:
     run = load_run(tiny_run)
-    from export.exporter import assemble
+    from mmoe.export.exporter import assemble
 
     data = assemble(run).SerializeToString()
     cols = generate_rows(run.schema, 64)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import experts, paper_mmoe
+from mmoe.bench import experts, paper_mmoe
 
 
 def test_shared_bottom_has_mmoes_parameter_count() -> None:

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from mmoe.cli import main
-from model.synthetic import paper_synthetic, synthetic_ranking
+from mmoe.model.synthetic import paper_synthetic, synthetic_ranking
 from tests.conftest import TINY_CONFIG
 
 

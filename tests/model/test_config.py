@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
-from model.config import ConfigError, load_config, parse_config
+from mmoe.model.config import ConfigError, load_config, parse_config
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -15,10 +15,10 @@ import pyarrow as pa
 import pytest
 import yaml
 
-from model.config import load_config, parse_config
-from model.data import write_table
-from model.synthetic import synthetic_ranking
-from model.train import Trainer, train
+from mmoe.model.config import load_config, parse_config
+from mmoe.model.data import write_table
+from mmoe.model.synthetic import synthetic_ranking
+from mmoe.model.train import Trainer, train
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -105,6 +105,6 @@ def test_two_processes_train_like_one(tmp_path: Path) -> None:
     for name in ("logloss_ctr", "logloss_cvr"):
         assert abs(one["best"][name] - two["best"][name]) < 0.01, name
     # the run directory is complete and loads
-    from model.checkpoint import load_run
+    from mmoe.model.checkpoint import load_run
 
     assert load_run(tmp_path / "two").metrics == two

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from model.network import (
+from mmoe.model.network import (
     PLE,
     ExpertBank,
     FeatureEmbedding,

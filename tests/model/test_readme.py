@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from model.config import (
+from mmoe.model.config import (
     CategoricalFeature,
     EarlyStoppingConfig,
     ModelConfig,

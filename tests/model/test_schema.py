@@ -10,8 +10,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from model.config import parse_config
-from model.schema import (
+from mmoe.model.config import parse_config
+from mmoe.model.schema import (
     MISSING_INDEX,
     OOV_INDEX,
     VOCAB_OFFSET,
@@ -209,7 +209,7 @@ def test_only_features_of_the_selected_groups_are_fitted() -> None:
 def test_fitting_in_chunks_equals_fitting_at_once(tiny_data: Any) -> None:
     import pyarrow.parquet as pq
 
-    from model.config import load_config
+    from mmoe.model.config import load_config
     from tests.conftest import TINY_CONFIG
 
     config = load_config(TINY_CONFIG)

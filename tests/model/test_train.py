@@ -15,12 +15,12 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from model.checkpoint import build_model, load_run
-from model.config import TaskConfig, parse_config
-from model.data import DataSource, write_table
-from model.schema import FeatureSchema, SchemaFitter
-from model.synthetic import synthetic_ranking
-from model.train import Trainer, encode_table, evaluate, held_out, predict, task_loss, train
+from mmoe.model.checkpoint import build_model, load_run
+from mmoe.model.config import TaskConfig, parse_config
+from mmoe.model.data import DataSource, write_table
+from mmoe.model.schema import FeatureSchema, SchemaFitter
+from mmoe.model.synthetic import synthetic_ranking
+from mmoe.model.train import Trainer, encode_table, evaluate, held_out, predict, task_loss, train
 
 
 def run(config: dict[str, Any], data: Path, out: Path, **kw: Any) -> dict[str, Any]:
@@ -160,7 +160,7 @@ def test_chunk_size_changes_neither_split_nor_row_count_when_shuffling(
 
 @pytest.mark.parametrize("suffix", [".parquet", ".csv"])
 def test_data_source_reads_bounded_chunks(tiny_data: Path, tmp_path: Path, suffix: str) -> None:
-    from model.config import load_config
+    from mmoe.model.config import load_config
     from tests.conftest import TINY_CONFIG
 
     path = tmp_path / f"data{suffix}"

@@ -18,14 +18,14 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.batching import INLINE_MAX_ROWS, DirectRunner
-from service.deps import infer
-from service.errors import ApiError
-from service.metrics import ServiceMetrics
-from service.payload import RequestDecoder
-from service.predictor import Predictor, warmup_feeds
-from service.settings import Settings
-from service.state import LoadedModel
+from mmoe.service.batching import INLINE_MAX_ROWS, DirectRunner
+from mmoe.service.deps import infer
+from mmoe.service.errors import ApiError
+from mmoe.service.metrics import ServiceMetrics
+from mmoe.service.payload import RequestDecoder
+from mmoe.service.predictor import Predictor, warmup_feeds
+from mmoe.service.settings import Settings
+from mmoe.service.state import LoadedModel
 from tests.server import ServerProcess
 
 

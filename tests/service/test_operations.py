@@ -22,7 +22,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import ValidationError
 
-from service.settings import Settings
+from mmoe.service.settings import Settings
 from tests.server import ServerProcess
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]

@@ -19,7 +19,7 @@ import httpx
 import onnx
 import pytest
 
-from export.metadata import METADATA_KEY
+from mmoe.contract.metadata import METADATA_KEY
 from tests.server import ServerProcess
 
 BODY = {"context": {"user_id": "u1", "age_level": 2}, "candidates": {"category": ["c1"] * 16}}
