@@ -70,7 +70,12 @@ def register(sub: Any) -> None:
         "--data", help="the training data: turns train_config.num_steps into epochs over it"
     )
     convert.add_argument("--valid", help="validation data, if training will have one")
-    convert.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="as for mmoe train")
+    convert.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="as for mmoe train, right after CONFIG (or all options first)",
+    )
     convert.set_defaults(func=_convert_config)
 
     report = sub.add_parser("report", help="plot a run's curves and gate utilisation")
