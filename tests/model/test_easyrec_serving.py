@@ -75,7 +75,9 @@ def test_easyrec_config_trains_exports_and_serves(pipeline: Path, tmp_path: Path
     scores = r.json()["scores"]
     loaded = load_run(run)
     raw = {**candidates, "user_id": [context["user_id"]] * len(rows)}
-    raw["price"] = [str(v) for v in raw["price"]]  # num_buckets ids: strings, as in training
+    for f in loaded.schema.features:
+        if f.kind == "categorical":  # ids as the CSV is read in training: strings
+            raw[f.name] = [None if v is None else str(v) for v in raw[f.name]]
     expected = torch_outputs(loaded.model, loaded.schema, raw)
     for task in ("ctr", "cvr"):
         np.testing.assert_allclose(scores[task], expected[f"probs_{task}"], atol=1e-5, rtol=0)

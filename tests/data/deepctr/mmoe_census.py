@@ -22,15 +22,22 @@ def census_like(n, seed=2020):
     occupation = rng.choice([f"occ_{i}" for i in range(14)], n)
     age = rng.integers(17, 90, n)
     hours = rng.integers(1, 99, n)
-    interests = [" ".join(rng.choice(["sport", "music", "travel", "tech", "art"], rng.integers(0, 4))) for _ in range(n)]
-    z_income = -2 + 0.04 * (age - 40) + 0.03 * (hours - 40) + 1.5 * np.isin(education, ["Masters", "Doctorate"])
+    words = ["sport", "music", "travel", "tech", "art"]
+    interests = [" ".join(rng.choice(words, rng.integers(0, 4))) for _ in range(n)]
+    graduate = np.isin(education, ["Masters", "Doctorate"])
+    z_income = -2 + 0.04 * (age - 40) + 0.03 * (hours - 40) + 1.5 * graduate
     z_marital = -1 + 0.06 * (age - 30) - 0.5 * (education == "HS-grad")
-    return pd.DataFrame({
-        "education": education, "occupation": occupation, "age": age, "hours_per_week": hours,
-        "interests": interests,
-        "label_income": (rng.random(n) < 1 / (1 + np.exp(-z_income))).astype(int),
-        "label_marital": (rng.random(n) < 1 / (1 + np.exp(-z_marital))).astype(int),
-    })
+    return pd.DataFrame(
+        {
+            "education": education,
+            "occupation": occupation,
+            "age": age,
+            "hours_per_week": hours,
+            "interests": interests,
+            "label_income": (rng.random(n) < 1 / (1 + np.exp(-z_income))).astype(int),
+            "label_marital": (rng.random(n) < 1 / (1 + np.exp(-z_marital))).astype(int),
+        }
+    )
 
 
 if __name__ == "__main__":
@@ -51,10 +58,17 @@ if __name__ == "__main__":
         interests[i, : len(ids)] = ids
 
     # 2. the feature columns
-    fixlen_feature_columns = [SparseFeat(feat, vocabulary_size=data[feat].max() + 1, embedding_dim=4)
-                              for feat in sparse_features] + [DenseFeat(feat, 1) for feat in dense_features]
-    varlen_feature_columns = [VarLenSparseFeat(SparseFeat("interests", vocabulary_size=len(vocab), embedding_dim=4),
-                                               maxlen=3, combiner="mean")]
+    fixlen_feature_columns = [
+        SparseFeat(feat, vocabulary_size=data[feat].max() + 1, embedding_dim=4)
+        for feat in sparse_features
+    ] + [DenseFeat(feat, 1) for feat in dense_features]
+    varlen_feature_columns = [
+        VarLenSparseFeat(
+            SparseFeat("interests", vocabulary_size=len(vocab), embedding_dim=4),
+            maxlen=3,
+            combiner="mean",
+        )
+    ]
     dnn_feature_columns = fixlen_feature_columns + varlen_feature_columns
     feature_names = get_feature_names(dnn_feature_columns)
 
@@ -66,18 +80,31 @@ if __name__ == "__main__":
     test_model_input = {name: test[name] for name in feature_names if name != "interests"}
     test_model_input["interests"] = interests[test_idx]
 
-    model = MMOE(dnn_feature_columns, tower_dnn_hidden_units=[], task_types=["binary", "binary"],
-                 task_names=["label_income", "label_marital"])
-    model.compile("adam", loss=["binary_crossentropy", "binary_crossentropy"],
-                  metrics=["binary_crossentropy"])
-    history = model.fit(train_model_input, train[target].values, batch_size=256, epochs=3, verbose=2,
-                        validation_split=0.1)
+    model = MMOE(
+        dnn_feature_columns,
+        tower_dnn_hidden_units=[],
+        task_types=["binary", "binary"],
+        task_names=["label_income", "label_marital"],
+    )
+    model.compile(
+        "adam", loss=["binary_crossentropy", "binary_crossentropy"], metrics=["binary_crossentropy"]
+    )
+    history = model.fit(
+        train_model_input,
+        train[target].values,
+        batch_size=256,
+        epochs=3,
+        verbose=2,
+        validation_split=0.1,
+    )
     pred_ans = model.predict(test_model_input, batch_size=256)
     for i, target_name in enumerate(target):
-        print("%s test AUC" % target_name, round(roc_auc_score(test[target[i]].values, pred_ans[:, i]), 4))
+        auc = roc_auc_score(test[target[i]].values, pred_ans[:, i])
+        print(f"{target_name} test AUC", round(auc, 4))
 
     # 4. keep the model, the rows it scored and its scores (for export and serving)
     model.save(f"{out}/run")
     test.assign(interests=[row[row > 0].tolist() for row in interests[test_idx]]).to_json(
-        f"{out}/test_rows.json", orient="records")
+        f"{out}/test_rows.json", orient="records"
+    )
     np.save(f"{out}/scores.npy", pred_ans)
