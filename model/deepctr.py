@@ -353,18 +353,25 @@ class MMOEModel:
 
     def predict(self, x: Mapping[str, Any] | Sequence[Any], batch_size: int = 256) -> np.ndarray:
         """Scores [n, tasks] (float64): probabilities of binary tasks, values of regressions."""
-        from mmoe.model.train import encode_table, predict
+        from mmoe.model.batches import encode_table
+        from mmoe.model.evaluation import predict
 
         if self._run is None:
             raise RuntimeError("call fit() first")
         table = self._table(x)
-        batch = encode_table(table, self._run.schema, [], with_labels=False)
-        out = predict(self._run.model, batch, batch_size=batch_size)
-        scores = [
-            out[f"probs_{t['name']}" if t["kind"] == "binary" else f"y_{t['name']}"]
-            for t in self._tasks
+        names = [
+            f"probs_{t['name']}" if t["kind"] == "binary" else f"y_{t['name']}" for t in self._tasks
         ]
-        return np.stack(scores, axis=1).astype(np.float64)
+        parts = []
+        for start in range(0, table.num_rows, max(1, batch_size)):
+            rows = table.slice(start, batch_size)
+            out = predict(
+                self._run.model, encode_table(rows, self._run.schema, [], with_labels=False)
+            )
+            parts.append(np.stack([out[n] for n in names], axis=1))
+        if not parts:
+            return np.zeros((0, len(names)))
+        return np.concatenate(parts).astype(np.float64)
 
     def save(self, run_dir: str | Path) -> Path:
         """Writes the trained model as a run directory (config.yaml, schema.json, weights.pt,
