@@ -109,14 +109,13 @@ def _data(args: argparse.Namespace) -> int:
 def _resolve_config(args: argparse.Namespace) -> tuple[Any, dict[str, Any], list[str]]:
     """The validated config of `--config` (YAML, or an EasyRec pipeline.config translated)
     with the overrides applied, its YAML form, and what a translation decided (notes)."""
-    from mmoe.model.config import load_config, read_config_file
+    from mmoe.model.config import load_config
     from mmoe.model.easyrec import is_easyrec_config, load_pipeline_config
-    from mmoe.model.overrides import apply_overrides
 
     if is_easyrec_config(args.config):
         return load_pipeline_config(args.config, args.overrides, data=args.data, valid=args.valid)
     config = load_config(args.config, args.overrides)
-    return config, apply_overrides(read_config_file(args.config), args.overrides), []
+    return config, config.model_dump(mode="json", exclude_none=True), []
 
 
 def _train(args: argparse.Namespace) -> int:
