@@ -30,7 +30,7 @@ from mmoe.model.batches import BatchStream, encode_table
 from mmoe.model.checkpoint import build_model, config_hash, save_config, save_weights
 from mmoe.model.config import RunConfig, higher_is_better
 from mmoe.model.data import DataSource
-from mmoe.model.evaluation import evaluate, gate_utilisation
+from mmoe.model.evaluation import evaluate, feature_rates, gate_utilisation, mean_scores
 from mmoe.model.losses import dense_l2, task_loss
 from mmoe.model.network import PLE, MMoE, RankingModel
 from mmoe.model.schema import FeatureSchema, SchemaFitter
@@ -43,6 +43,9 @@ class History:
     best: dict[str, float] = field(default_factory=dict)
     gates: dict[str, list[float]] | None = None
     gate_experts: list[str] | None = None
+    # On the validation rows, for monitoring: each feature's share of values per outcome
+    # ("features") and the mean score per task ("scores"); see model/evaluation.py.
+    reference: dict[str, Any] | None = None
     stopped_early: bool = False
 
 
@@ -137,7 +140,7 @@ class Trainer:
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, self._lr_lambda(steps * cfg.train.epochs, steps)
         )
-        valid = None
+        valid = valid_table = None
         if self.rank == 0:
             valid_table = self.batches.valid_table()
             if valid_table is not None and valid_table.num_rows:
@@ -190,6 +193,11 @@ class Trainer:
             model.load_state_dict(state)
             if valid is not None and isinstance(model.net, MMoE | PLE):
                 history.gates, history.gate_experts = gate_utilisation(model, valid)
+            if valid is not None and valid_table is not None:
+                history.reference = {
+                    "features": feature_rates(schema, valid_table),
+                    "scores": mean_scores(model, valid),
+                }
             valid_rows = len(valid) if valid is not None else 0
             self._write_metrics(history, n_rows, valid_rows, steps, time.perf_counter() - t0)
             best = " ".join(f"{k}={v:.4f}" for k, v in history.best.items())
@@ -314,6 +322,7 @@ class Trainer:
             "epochs": history.epochs,
             "gates": history.gates,
             "gate_experts": history.gate_experts,
+            "reference": history.reference,
         }
         (self.out_dir / "metrics.json").write_text(json.dumps(payload, indent=1, allow_nan=True))
 
