@@ -45,6 +45,71 @@ class TaskInfo(BaseModel):
     num_class: int | None = None
 
 
+# The columns of the feature-values monitoring output, in order.
+OUTCOMES = ("known", "oov", "default")
+
+
+class FeatureRates(BaseModel):
+    """One feature's values by outcome, as shares of all its values (they add up to 1).
+
+    A value is one id of a categorical feature, each id of a tags row (plus one `default` for a
+    row without ids) and one number of a numeric feature. `default`: missing, empty or equal to
+    the feature's default; `oov`: not in the vocabulary, None where the feature has none (hash
+    buckets, numeric). export/graph.py counts live values by this rule, model/evaluation.py the
+    validation rows."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    known: float
+    oov: float | None = None
+    default: float
+
+
+class MonitorReference(BaseModel):
+    """What the monitoring outputs measured on the validation rows at training time."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rows: int  # validation rows these come from
+    features: dict[str, FeatureRates] = Field(default_factory=dict)
+    # Mean score per task: one per score column ([N] outputs: one; multiclass: one per class).
+    scores: dict[str, list[float]] = Field(default_factory=dict)
+    # Mean gate weight per task, over MonitorInfo.experts.
+    gates: dict[str, list[float]] = Field(default_factory=dict)
+
+
+class MonitorInfo(BaseModel):
+    """The graph's monitoring outputs (never scores: a server need not ask for them) and the
+    training-time reference to compare them with. Files exported before these existed have
+    none, and are served without monitoring."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # int64 [len(features), 3]: each feature's values in one run, by OUTCOMES. A context input
+    # given once for the request counts once (the server weights it by the rows).
+    feature_values: str | None = None
+    features: list[str] = Field(default_factory=list)
+    # Features with a vocabulary: the others never count `oov`.
+    vocabulary: list[str] = Field(default_factory=list)
+    # float32 [tasks, len(experts)]: each task's gate weights summed over the rows of one run
+    # (tasks in metadata order); each row adds 1 over a task's experts.
+    gate_weights: str | None = None
+    experts: list[str] = Field(default_factory=list)
+    reference: MonitorReference | None = None
+
+    @property
+    def outputs(self) -> list[str]:
+        return [o for o in (self.feature_values, self.gate_weights) if o is not None]
+
+
+def score_labels(task: TaskInfo) -> list[str]:
+    """How each score column of a task is named when watched: the task, or `<task>/<class>`
+    for each class of a multiclass task."""
+    if task.kind == "multiclass" and task.num_class:
+        return [f"{task.name}/{k}" for k in range(task.num_class)]
+    return [task.name]
+
+
 class ModelMetadata(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -57,6 +122,7 @@ class ModelMetadata(BaseModel):
     tasks: list[TaskInfo]
     metrics: dict[str, float] = Field(default_factory=dict)
     producer: dict[str, str] = Field(default_factory=dict)
+    monitor: MonitorInfo | None = None
 
     def to_props(self) -> dict[str, str]:
         return {METADATA_KEY: self.model_dump_json()}

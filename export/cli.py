@@ -24,6 +24,12 @@ def register(sub: Any) -> None:
     ex.add_argument(
         "--fp16", action="store_true", help="also write a float16 graph for CUDA (.fp16.onnx)"
     )
+    ex.add_argument(
+        "--no-monitor",
+        dest="monitor",
+        action="store_false",
+        help="leave out the monitoring outputs (feature-value counts, gate weights)",
+    )
     ex.set_defaults(func=_export)
     ins = sub.add_parser("inspect", help="print a model.onnx's schema, tasks, inputs and outputs")
     ins.add_argument("model")
@@ -43,6 +49,7 @@ def _export(args: argparse.Namespace) -> int:
             optimize=args.optimize,
             int8=args.int8,
             fp16=args.fp16,
+            monitor=args.monitor,
         )
     except ParityError as err:
         print(f"error: export refused, parity check failed: {err}", file=sys.stderr)

@@ -26,17 +26,36 @@ import torch
 from onnx import compose
 from torch import nn
 
-from mmoe.contract.metadata import FeatureInfo, ModelMetadata, TaskInfo
+from mmoe.contract.metadata import (
+    OUTCOMES,
+    FeatureInfo,
+    FeatureRates,
+    ModelMetadata,
+    MonitorInfo,
+    MonitorReference,
+    TaskInfo,
+)
 from mmoe.export.graph import (
+    FEATURE_VALUES,
     IR_VERSION,
+    MONITOR_PREFIX,
     OPSET,
     OPSET_IMPORTS,
     encoded_name,
     encoding_text,
     preprocessing_graph,
 )
-from mmoe.export.parity import RawColumn, check_parity, generate_rows, to_onnx_inputs
+from mmoe.export.parity import (
+    ParityError,
+    RawColumn,
+    by_feature_name,
+    check_parity,
+    generate_rows,
+    to_arrow,
+    to_onnx_inputs,
+)
 from mmoe.model.checkpoint import Run, config_hash, load_run
+from mmoe.model.evaluation import feature_outcomes
 from mmoe.model.network import RankingModel, output_names, task_outputs
 from mmoe.model.schema import FeatureSchema
 
@@ -120,7 +139,28 @@ class _quiet_exporter:
         self._ctx.__exit__(None, None, None)
 
 
-def build_metadata(run: Run) -> ModelMetadata:
+def monitor_info(run: Run) -> MonitorInfo:
+    """The monitoring outputs of the graph assembled for `run`, and the reference training
+    measured on its validation rows (none when it had none)."""
+    features = run.schema.features
+    reference = None
+    ref = run.metrics.get("reference")
+    if ref:
+        reference = MonitorReference(
+            rows=int(run.metrics.get("valid_rows", 0)),
+            features={k: FeatureRates.model_validate(v) for k, v in ref["features"].items()},
+            scores=ref["scores"],
+            gates=run.metrics.get("gates") or {},
+        )
+    return MonitorInfo(
+        feature_values=FEATURE_VALUES,
+        features=[f.name for f in features],
+        vocabulary=[f.name for f in features if f.vocab is not None],
+        reference=reference,
+    )
+
+
+def build_metadata(run: Run, monitor: bool = True) -> ModelMetadata:
     features = [
         FeatureInfo(
             name=f.name,
@@ -153,12 +193,14 @@ def build_metadata(run: Run) -> ModelMetadata:
         tasks=tasks,
         metrics={k: float(v) for k, v in best.items() if isinstance(v, float) and math.isfinite(v)},
         producer={"torch": torch.__version__, "onnx": onnx.__version__},
+        monitor=monitor_info(run) if monitor else None,
     )
 
 
-def assemble(run: Run) -> onnx.ModelProto:
-    """One ModelProto: raw features -> preprocessing -> network -> outputs, with metadata."""
-    pre = preprocessing_graph(run.schema)
+def assemble(run: Run, monitor: bool = True) -> onnx.ModelProto:
+    """One ModelProto: raw features -> preprocessing -> network -> outputs, with metadata.
+    With `monitor`, also the monitoring outputs (MONITOR_PREFIX, after the scores)."""
+    pre = preprocessing_graph(run.schema, monitor)
     net = export_network(run.model, run.schema)
     net.ir_version = pre.ir_version
     # The exporter may import extra domains; keep ours and theirs, at our versions.
@@ -169,14 +211,17 @@ def assemble(run: Run) -> onnx.ModelProto:
     for m in (pre, net):
         del m.opset_import[:]
         m.opset_import.extend(onnx.helper.make_opsetid(d, v) for d, v in ours.items())
-    io_map = [(o.name, o.name) for o in pre.graph.output]
+    io_map = [(encoded_name(f.name), encoded_name(f.name)) for f in run.schema.features]
     merged = compose.merge_models(pre, net, io_map=io_map)
+    outputs = sorted(merged.graph.output, key=lambda o: o.name.startswith(MONITOR_PREFIX))
+    del merged.graph.output[:]
+    merged.graph.output.extend(outputs)
     del merged.opset_import[:]  # merge_models lists each domain once per input model
     merged.opset_import.extend(onnx.helper.make_opsetid(d, v) for d, v in ours.items())
     merged.ir_version = IR_VERSION
     merged.producer_name = "mmoe-ranking"
     merged.graph.name = run.config.name
-    meta = build_metadata(run)
+    meta = build_metadata(run, monitor)
     onnx.helper.set_model_props(merged, meta.to_props())
     merged.doc_string = (
         f"MMoE ranking model {meta.name} v{meta.version}: raw features in, per-task scores out."
@@ -205,11 +250,14 @@ def export_run(
     optimize: bool = False,
     int8: bool = False,
     fp16: bool = False,
+    monitor: bool = True,
 ) -> ExportReport:
-    """Export RUN_DIR to `out`; raises ParityError if onnxruntime and PyTorch disagree."""
+    """Export RUN_DIR to `out`; raises ParityError if onnxruntime and PyTorch disagree, or if
+    the graph's feature-value counts disagree with training's rule (model/evaluation.py).
+    `monitor=False` leaves the monitoring outputs out."""
     t0 = time.perf_counter()
     run = load_run(run_dir)
-    proto = assemble(run)
+    proto = assemble(run, monitor)
     data = proto.SerializeToString()
     cols = generate_rows(run.schema, parity_rows)
     if extra_rows:
@@ -218,6 +266,8 @@ def export_run(
             for k, v in cols.items()
         }
     worst = check_parity(run.model, run.schema, data, cols, tolerance)
+    if monitor:
+        check_feature_counts(run.schema, data, cols)
     out = Path(out)
     _write_atomic(out, data)
     report = ExportReport(out, 0.0, worst, len(next(iter(cols.values()))), len(data))
@@ -229,6 +279,23 @@ def export_run(
         report.variants["fp16"] = _float16(out, run.schema, cols)
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def check_feature_counts(
+    schema: FeatureSchema, onnx_bytes: bytes, cols: dict[str, RawColumn]
+) -> None:
+    """The graph counts each feature's values by outcome as training does (the reference
+    rates are computed that way); ParityError naming the feature otherwise."""
+    session = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
+    (counts,) = session.run([FEATURE_VALUES], to_onnx_inputs(schema, cols))
+    table = to_arrow(schema, cols)
+    for f, got in zip(by_feature_name(schema).features, counts.tolist(), strict=True):
+        want = feature_outcomes(f, table.column(f.name))
+        if got != [want[k] for k in OUTCOMES]:
+            raise ParityError(
+                f"{FEATURE_VALUES} of {f.name}: the graph counts "
+                f"{dict(zip(OUTCOMES, got, strict=True))}, training's rule {want}"
+            )
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

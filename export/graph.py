@@ -4,6 +4,10 @@ Implements the index layout documented in `model/schema.py` with standard operat
 `ai.onnx.ml.LabelEncoder` for vocabularies, `com.microsoft.MurmurHash3` (onnxruntime's contrib
 op, the same 32-bit murmur3 training uses via `mmh3`) for hash buckets, arithmetic for
 numeric transforms and comparisons for bucket boundaries.
+
+Beside the encoded values, the graph counts what it is given (FEATURE_VALUES): per feature, its
+values that are known, out of vocabulary or defaulted (the rule: model/evaluation.py's
+feature_outcomes, which computes the same counts on the training side for the reference).
 """
 
 from __future__ import annotations
@@ -29,6 +33,11 @@ OPSET_IMPORTS = [
     helper.make_opsetid("ai.onnx.ml", ML_OPSET),
     helper.make_opsetid("com.microsoft", 1),
 ]
+
+
+# Monitoring outputs: never scores, listed in the metadata (ModelMetadata.monitor).
+MONITOR_PREFIX = "monitor/"
+FEATURE_VALUES = MONITOR_PREFIX + "feature_values"  # int64 [features, 3]: known, oov, default
 
 
 def encoded_name(feature: str) -> str:
@@ -99,6 +108,89 @@ class _GraphBuilder:
         h = self.op("Add", [h, one], f"{f.name}_bucket1")
         self.output("Mul", [h, present], out)
 
+    def ints(self, base: str, value: int | list[int]) -> str:
+        return self.const(base, np.array(value, dtype=np.int64))
+
+    def outcome_codes(
+        self, f: FittedFeature, x: str, encoded: str, slot: int, drop: int
+    ) -> list[str]:
+        """One int64 code per value of feature `f` (raw input `x`, its encoded indices
+        `encoded`): 3 * slot + 0 (known), 1 (out of vocabulary) or 2 (default), or `drop` for a
+        tag position that holds no id. Returns 1-D tensors; count_codes counts them."""
+        known, oov, default = 3 * slot, 3 * slot + 1, 3 * slot + 2
+        name = f.name
+        if f.kind == "numeric":
+            nan = self.op("IsNaN", [x], f"{name}_missing")
+            pick = [
+                nan,
+                self.ints(f"{name}_default_code", default),
+                self.ints(f"{name}_known_code", known),
+            ]
+            return [self.op("Where", pick, f"{name}_code")]
+        # The index layout (model/schema.py): 0 missing, 1 out of vocabulary, 2+ the
+        # vocabulary; or 0 missing, 1+ a hash bucket. min(index, top) is a row of a small table.
+        hashed = f.hash_buckets is not None
+        top = 1 if hashed else 2
+        capped = self.op("Min", [encoded, self.ints(f"{name}_top", top)], f"{name}_capped")
+        if f.kind == "tags":
+            # Each id is known or out of vocabulary, padding is dropped, and a row without ids
+            # (padding from its first position on) is one defaulted value.
+            per_id = [drop, known] if hashed else [drop, oov, known]
+            ids = self.op(
+                "Gather", [self.ints(f"{name}_id_codes", per_id), capped], f"{name}_id_code"
+            )
+            ids = self.op("Reshape", [ids, self.ints(f"{name}_flat", [-1])], f"{name}_id_codes")
+            first = self.ints(f"{name}_first", 0)
+            first = self.op("Gather", [capped, first], f"{name}_first_id", axis=1)
+            per_row = [default, drop] if hashed else [default, drop, drop]
+            rows = self.op(
+                "Gather", [self.ints(f"{name}_row_codes", per_row), first], f"{name}_row_code"
+            )
+            return [ids, rows]
+        table = [default, known] if hashed else [default, oov, known]
+        code = self.op("Gather", [self.ints(f"{name}_codes", table), capped], f"{name}_code")
+        if isinstance(f.default, str) and f.default:
+            # A missing id reaches the graph as the default itself: that id counts as defaulted
+            # (so does the same id sent explicitly; the training-side count agrees).
+            if f.vocab is not None and f.default in f.vocab:
+                index = self.ints(f"{name}_default_index", VOCAB_OFFSET + f.vocab.index(f.default))
+                is_default = self.op("Equal", [encoded, index], f"{name}_is_default")
+            else:
+                marked = self.op(
+                    "LabelEncoder",
+                    [x],
+                    f"{name}_default_mark",
+                    domain="ai.onnx.ml",
+                    keys_strings=[f.default],
+                    values_int64s=[1],
+                    default_int64=0,
+                )
+                is_default = self.op("Cast", [marked], f"{name}_is_default", to=TensorProto.BOOL)
+            pick = [is_default, self.ints(f"{name}_default_code", default), code]
+            code = self.op("Where", pick, f"{name}_code")
+        return [code]
+
+    def count_codes(self, codes: list[str], n_features: int, out: str) -> None:
+        """Counts of outcome_codes' codes -> `out`, int64 [n_features, 3]."""
+        flat = codes[0] if len(codes) == 1 else self.op("Concat", codes, "monitor_codes", axis=0)
+        ones = self.op(
+            "ConstantOfShape",
+            [self.op("Shape", [flat], "monitor_codes_shape")],
+            "monitor_ones",
+            value=numpy_helper.from_array(np.array([1], dtype=np.int64)),
+        )
+        zeros = self.ints("monitor_zeros", [0] * (3 * n_features + 1))
+        counts = self.op(
+            "ScatterElements", [zeros, flat, ones], "monitor_counts", axis=0, reduction="add"
+        )
+        # The last slot collects the dropped codes (tag padding).
+        kept = self.op(
+            "Slice",
+            [counts, self.ints("monitor_start", [0]), self.ints("monitor_end", [3 * n_features])],
+            "monitor_kept",
+        )
+        self.output("Reshape", [kept, self.ints("monitor_shape", [n_features, 3])], out)
+
     def numeric(self, f: FittedFeature, x: str, out: str) -> None:
         if f.default is not None:
             nan = self.op("IsNaN", [x], f"{f.name}_isnan")
@@ -149,11 +241,14 @@ def encoding_text(f: FittedFeature) -> str:
     return f"vocabulary of {len(f.vocab)} (+ OOV)"
 
 
-def preprocessing_graph(schema: FeatureSchema) -> onnx.ModelProto:
-    """Raw inputs named after the features -> `enc__<feature>` outputs the network reads."""
+def preprocessing_graph(schema: FeatureSchema, monitor: bool = True) -> onnx.ModelProto:
+    """Raw inputs named after the features -> `enc__<feature>` outputs the network reads, and
+    with `monitor` the FEATURE_VALUES counts (int64 [features, 3], in schema order)."""
     g = _GraphBuilder()
     outputs = []
-    for f in schema.features:
+    codes: list[str] = []
+    drop = 3 * len(schema.features)
+    for slot, f in enumerate(schema.features):
         out = encoded_name(f.name)
         if f.kind == "numeric":
             g.numeric(f, f.name, out)
@@ -163,6 +258,12 @@ def preprocessing_graph(schema: FeatureSchema) -> onnx.ModelProto:
             g.ids(f, f.name, out)
             shape: list[str | int] = ["batch", f.max_len] if f.kind == "tags" else ["batch"]  # type: ignore[list-item]
             outputs.append(helper.make_tensor_value_info(out, TensorProto.INT64, shape))
+        if monitor:
+            codes += g.outcome_codes(f, f.name, out, slot, drop)
+    if monitor:
+        g.count_codes(codes, len(schema.features), FEATURE_VALUES)
+        shape = [len(schema.features), 3]
+        outputs.append(helper.make_tensor_value_info(FEATURE_VALUES, TensorProto.INT64, shape))
     graph = helper.make_graph(
         g.nodes, "preprocess", [input_info(f) for f in schema.features], outputs, g.initializers
     )

@@ -12,7 +12,7 @@ from mmoe.model.batches import Batch
 from mmoe.model.config import RunConfig
 from mmoe.model.losses import task_loss
 from mmoe.model.metrics import task_metrics
-from mmoe.model.network import PLE, MMoE, RankingModel, TaskHead, output_names, task_outputs
+from mmoe.model.network import PLE, MMoE, RankingModel, output_names, task_outputs
 from mmoe.model.schema import (
     FeatureSchema,
     FittedFeature,
@@ -133,22 +133,13 @@ def feature_rates(schema: FeatureSchema, table: pa.Table) -> dict[str, dict[str,
     return rates
 
 
-def score_series(task: TaskHead) -> list[str]:
-    """The names a task's scores are watched under: the task's, and for a multiclass task one
-    per class (`<task>/<class>`)."""
-    if task.kind == "multiclass":
-        return [f"{task.name}/{k}" for k in range(task.out_dim)]
-    return [task.name]
-
-
 @torch.no_grad()
-def mean_scores(model: RankingModel, data: Batch) -> dict[str, float]:
-    """The mean of each task's score (probability or regression value) over every row, per
-    score_series name."""
+def mean_scores(model: RankingModel, data: Batch) -> dict[str, list[float]]:
+    """The mean of each task's score (probability or regression value) over every row: one per
+    score column (a multiclass task has one per class)."""
     out = predict(model, data)
-    means: dict[str, float] = {}
+    means: dict[str, list[float]] = {}
     for task in model.tasks:
         scores = out[output_names(task).score].astype(np.float64)
-        column_means = scores.reshape(len(scores), -1).mean(axis=0)
-        means.update(zip(score_series(task), column_means.tolist(), strict=True))
+        means[task.name] = scores.reshape(len(scores), -1).mean(axis=0).tolist()
     return means

@@ -25,6 +25,7 @@ from mmoe.service.errors import (
     validation_error_handler,
 )
 from mmoe.service.metrics import ServiceMetrics
+from mmoe.service.monitoring import Watched
 from mmoe.service.predictor import ModelLoadError, ProviderError, choose_providers
 from mmoe.service.routes import admin, health, kserve, predict
 from mmoe.service.settings import Settings
@@ -149,7 +150,9 @@ def _stop_if_failed(loader: asyncio.Task[None]) -> None:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
-    metrics = ServiceMetrics()
+    metrics = ServiceMetrics(
+        Watched(settings.monitor_features, settings.monitor_gates, settings.monitor_scores)
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from mmoe.service.monitoring import ModelMonitor
 from mmoe.service.predictor import Predictor
 
 Feeds = dict[str, np.ndarray]
@@ -43,8 +44,11 @@ class Runner:
         max_queue: int,
         observe: RunObserver | None,
         active_requests: Callable[[], int] | None = None,
+        monitor: ModelMonitor | None = None,
     ) -> None:
         self.predictor = predictor
+        self.monitor = monitor  # counts what each runtime call saw (service/monitoring.py)
+        self._outputs = predictor.outputs + (monitor.outputs if monitor else [])
         self.executor = executor
         self.workers = workers
         self.max_queue = max_queue
@@ -61,10 +65,14 @@ class Runner:
 
     def _run(self, feeds: Feeds, alone: bool = False) -> Outputs:
         t0 = time.perf_counter()
-        out = self.predictor.run(feeds, alone=alone)
+        out = self.predictor.run(feeds, self._outputs, alone=alone)
         if self.observe is not None:
             rows = len(next(iter(feeds.values())))
             self.observe(rows, time.perf_counter() - t0, self.predictor.spins(alone))
+        if self.monitor is not None:
+            self.monitor.record(feeds, out)
+            # The monitoring outputs describe the whole call, not rows to hand back.
+            out = {k: out[k] for k in self.predictor.outputs}
         return out
 
     async def infer(self, feeds: Feeds, n: int) -> Outputs:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from mmoe.service.monitoring import MonitoringMetrics, Watched
+
 _LATENCY_BUCKETS = (
     0.0005,
     0.001,
@@ -25,9 +27,10 @@ _ROW_BUCKETS = (1, 4, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 
 
 class ServiceMetrics:
-    def __init__(self) -> None:
+    def __init__(self, watched: Watched | None = None) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        self.monitoring = MonitoringMetrics(r, watched or Watched())
         self.requests = Counter(
             "mmoe_requests", "HTTP requests by route and status", ["route", "status"], registry=r
         )

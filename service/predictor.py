@@ -102,13 +102,17 @@ class Predictor:
         except MetadataError as err:
             raise ModelLoadError(f"{self.path}: {err}") from None
         self._check_io()
-        self.outputs = [o.name for o in self.session.get_outputs()]
+        # Per-row outputs (scores, logits); the monitoring ones are fetched by who watches them.
+        self.monitor_outputs = self.meta.monitor.outputs if self.meta.monitor else []
+        self.outputs = [
+            o.name for o in self.session.get_outputs() if o.name not in self.monitor_outputs
+        ]
         self.load_seconds = time.perf_counter() - t0
         t1 = time.perf_counter()
         feeds = warmup_feeds(self.meta.features, warmup_rows)
         for alone in {False, self._alone_session is not self.session}:
             try:
-                out = self.run(feeds, alone=alone)
+                out = self.run(feeds, self.outputs + self.monitor_outputs, alone=alone)
             except Exception as err:
                 raise ModelLoadError(f"{self.path}: warm-up run failed: {err}") from None
             for name, arr in out.items():
@@ -157,7 +161,9 @@ class Predictor:
                 f"features {sorted(declared)}"
             )
         outputs = {o.name for o in self.session.get_outputs()}
-        missing = [t.output for t in self.meta.tasks if t.output not in outputs]
+        named = [t.output for t in self.meta.tasks]
+        named += self.meta.monitor.outputs if self.meta.monitor else []
+        missing = [name for name in named if name not in outputs]
         if missing:
             raise ModelLoadError(f"{self.path}: metadata names outputs {missing} the graph lacks")
 

@@ -87,6 +87,13 @@ class Settings(BaseSettings):
     )
     warmup_rows: int = Field(32, ge=1, description="rows of the warm-up run before ready")
     load_retry_s: float = Field(2.0, gt=0, description="retry interval while no model is loaded")
+    # Monitoring (docs/monitoring.md): each piece exports its series and the model's training-
+    # time reference for them; off, neither, and its graph outputs are not fetched.
+    monitor_features: bool = Field(
+        True, description="count feature values by outcome: known, out of vocabulary, default"
+    )
+    monitor_gates: bool = Field(True, description="sum the gate weights per task and expert")
+    monitor_scores: bool = Field(True, description="a histogram of the scores per task")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
     access_log: bool = Field(True, description="one JSON line per request")
 

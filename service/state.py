@@ -51,6 +51,9 @@ class ModelHolder:
         self._lock = asyncio.Lock()
         # Called with each newly swapped-in model, e.g. to refresh the OpenAPI schema.
         self.on_swap: list[Callable[[LoadedModel], object]] = []
+        metrics.monitoring.serve_model(
+            lambda: self.current.predictor.meta if self.current is not None else None
+        )
 
     def require(self) -> LoadedModel:
         model = self.current
@@ -104,11 +107,13 @@ class ModelHolder:
                     )
                 raise
             runner: Runner
+            monitor = self.metrics.monitoring.monitor(predictor.meta)
             common = dict(
                 workers=s.inference_workers,
                 max_queue=s.max_queue,
                 observe=self.metrics.observe_run,
                 active_requests=lambda: self.metrics.active_requests,
+                monitor=monitor if monitor.active else None,
             )
             if s.batch_max_rows > 0:
                 runner = MicroBatcher(

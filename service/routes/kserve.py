@@ -152,6 +152,7 @@ async def model_metadata(request: Request, name: str, version: str | None = None
     outputs = [
         {"name": o.name, "datatype": "FP32", "shape": [-1, *o.shape[1:]]}
         for o in model.predictor.session.get_outputs()
+        if o.name in model.predictor.outputs  # not the monitoring ones: they are no scores
     ]
     return {
         "name": model.name,
