@@ -149,7 +149,7 @@ def _from_raw(field: str, datatype: str, raw: memoryview, count: int) -> np.ndar
         while pos < end:
             (length,) = unpack(data, pos)
             if length > MAX_ID_CHARS:
-                raise PayloadError(field, f"{_TEXT_RULE}: a value {length} bytes long")
+                raise PayloadError(field, f"{_TEXT_RULE}: a value {length} long")
             pos += 4
             append(data[pos : pos + length].decode("utf-8"))
             pos += length
