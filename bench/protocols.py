@@ -2,6 +2,7 @@
 interleaved at each candidates x concurrency point:
 
 - json: POST /predict, the context features sent once (what the ranking API is for);
+- v2-json: the KServe V2 HTTP route with JSON tensors;
 - v2-binary: the KServe V2 HTTP route with binary tensors (Triton's binary_tensor_data);
 - grpc: KServe V2 ModelInfer over gRPC with raw_input_contents (what tritonclient.grpc sends).
 
@@ -34,28 +35,54 @@ from mmoe.bench.load import LoadResult, WindowHook, http_request, load_result, r
 from mmoe.bench.models import BenchModel
 from mmoe.bench.server import ServerProc, Usage, free_port
 
-PROTOCOLS = ("json", "v2-binary", "grpc")
+PROTOCOLS = ("json", "v2-json", "v2-binary", "grpc")
 _INFER = "/inference.GRPCInferenceService/ModelInfer"
 _LENGTH = struct.Struct("<I")
 
-# (name, V2 datatype, shape, raw little-endian bytes) for each input tensor
-Tensor = tuple[str, str, list[int], bytes]
+# (name, V2 datatype, shape, values as an array) for each input tensor
+Tensor = tuple[str, str, list[int], np.ndarray]
 
 
 def tensors(floor: Floor, body: bytes) -> list[Tensor]:
-    """The graph inputs a /predict body decodes to, as V2 tensors."""
+    """The graph inputs a /predict body decodes to, as V2 tensors. A missing number (NaN, which
+    the graph reads as the default) is sent as its default: JSON has no NaN."""
+    defaults = {f.name: f.default for f in floor.decoder.meta.features if f.kind == "numeric"}
     out = []
     for name, arr in floor.decoder.decode(body).feeds.items():
         if arr.dtype == object:
-            raw = b"".join(_LENGTH.pack(len(b)) + b for b in (v.encode() for v in arr.ravel()))
-            out.append((name, "BYTES", list(arr.shape), raw))
+            out.append((name, "BYTES", list(arr.shape), arr))
         else:
-            out.append((name, "FP32", list(arr.shape), np.ascontiguousarray(arr, "<f4").tobytes()))
+            missing = np.isnan(arr)
+            if missing.any():  # only a feature with a default decodes to NaN
+                default = defaults[name]
+                assert isinstance(default, float | int), name
+                arr = np.where(missing, np.float32(default), arr).astype(np.float32)
+            out.append((name, "FP32", list(arr.shape), arr))
     return out
+
+
+def _raw(datatype: str, arr: np.ndarray) -> bytes:
+    """A tensor's raw bytes: little-endian numbers, or each BYTES element after its length."""
+    if datatype == "BYTES":
+        return b"".join(_LENGTH.pack(len(b)) + b for b in (v.encode() for v in arr.ravel()))
+    return np.ascontiguousarray(arr, "<f4").tobytes()
+
+
+def v2_json_request(model: str, outputs: list[str], inputs: list[Tensor], port: int) -> bytes:
+    """The whole HTTP request: JSON tensors (flat `data`, row-major)."""
+    body = {
+        "inputs": [
+            {"name": name, "datatype": datatype, "shape": shape, "data": arr.ravel().tolist()}
+            for name, datatype, shape, arr in inputs
+        ],
+        "outputs": [{"name": o} for o in outputs],
+    }
+    return http_request(f"/v2/models/{model}/infer", orjson.dumps(body), port)
 
 
 def v2_binary_request(model: str, outputs: list[str], inputs: list[Tensor], port: int) -> bytes:
     """The whole HTTP request: a JSON header naming the tensors, then their bytes."""
+    raws = [_raw(datatype, arr) for _, datatype, _, arr in inputs]
     header = orjson.dumps(
         {
             "inputs": [
@@ -65,12 +92,12 @@ def v2_binary_request(model: str, outputs: list[str], inputs: list[Tensor], port
                     "shape": shape,
                     "parameters": {"binary_data_size": len(raw)},
                 }
-                for name, datatype, shape, raw in inputs
+                for (name, datatype, shape, _), raw in zip(inputs, raws, strict=True)
             ],
             "outputs": [{"name": o, "parameters": {"binary_data": True}} for o in outputs],
         }
     )
-    body = header + b"".join(raw for *_, raw in inputs)
+    body = header + b"".join(raws)
     headers = {
         "Content-Type": "application/octet-stream",
         "Inference-Header-Content-Length": str(len(header)),
@@ -81,9 +108,9 @@ def v2_binary_request(model: str, outputs: list[str], inputs: list[Tensor], port
 def grpc_request(model: str, outputs: list[str], inputs: list[Tensor]) -> bytes:
     """A serialised ModelInferRequest with raw_input_contents."""
     request = pb.ModelInferRequest(model_name=model)
-    for name, datatype, shape, raw in inputs:
+    for name, datatype, shape, arr in inputs:
         request.inputs.add(name=name, datatype=datatype, shape=shape)
-        request.raw_input_contents.append(raw)
+        request.raw_input_contents.append(_raw(datatype, arr))
     for o in outputs:
         request.outputs.add(name=o)
     return request.SerializeToString()
@@ -192,6 +219,9 @@ def measure(
         for n in args.candidates:
             v2 = [tensors(floor, b) for b in bodies[n]]
             requests["json", n] = [http_request("/predict", b, server.port) for b in bodies[n]]
+            requests["v2-json", n] = [
+                v2_json_request(meta.name, outputs, t, server.port) for t in v2
+            ]
             requests["v2-binary", n] = [
                 v2_binary_request(meta.name, outputs, t, server.port) for t in v2
             ]

@@ -191,6 +191,23 @@ def _as_text(v: Any) -> str:
     raise TypeError(f"{v!r} is not a string")
 
 
+def _packed_tags(f: FeatureInfo, arr: np.ndarray) -> np.ndarray | None:
+    """A [batch, k] tags tensor that is the graph's input already, up to width: str tokens with
+    "" only after each row's last token (as V2 clients pad), so that the rule (drop empty
+    tokens, keep the first max_len) changes nothing but the width. None otherwise."""
+    assert f.max_len is not None
+    if arr.dtype != object or not set(map(type, arr.reshape(-1))) <= {str}:
+        return None
+    tokens = arr != ""
+    if (tokens[:, 1:] & ~tokens[:, :-1]).any():  # a token after an empty one
+        return None
+    out = np.empty((arr.shape[0], f.max_len), dtype=object)
+    width = min(arr.shape[1], f.max_len)
+    out[:, :width] = arr[:, :width]
+    out[:, width:] = ""
+    return out
+
+
 def feeds(
     features: dict[str, FeatureInfo], given: dict[str, np.ndarray], max_rows: int
 ) -> tuple[int, dict[str, np.ndarray]]:
@@ -227,7 +244,10 @@ def feeds(
                     field,
                     f"tags are [batch, tokens] (max {f.max_len}); got shape {list(arr.shape)}",
                 )
-            out[name] = column_array(f, [list(row) for row in arr], field)
+            packed = _packed_tags(f, arr)
+            out[name] = (
+                column_array(f, [list(row) for row in arr], field) if packed is None else packed
+            )
             continue
         if arr.ndim == 2 and arr.shape[1] == 1:
             arr = arr[:, 0]
