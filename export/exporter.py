@@ -156,6 +156,7 @@ def monitor_info(run: Run) -> MonitorInfo:
         feature_values=FEATURE_VALUES,
         features=[f.name for f in features],
         vocabulary=[f.name for f in features if f.vocab is not None],
+        experts=run.metrics.get("gate_experts") or [],
         reference=reference,
     )
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import onnx
 
-from mmoe.contract.metadata import read_metadata
+from mmoe.contract.metadata import ModelMetadata, read_metadata, score_labels
 
 _TYPES = {
     onnx.TensorProto.STRING: "string",
@@ -59,6 +59,7 @@ def describe(path: str | Path) -> str:
     if meta.metrics:
         lines += ["", "training metrics (best epoch)"]
         lines += [f"  {k:<22} {v:.4f}" for k, v in meta.metrics.items()]
+    lines += _monitoring(meta)
     ops = Counter(f"{n.domain + '.' if n.domain else ''}{n.op_type}" for n in model.graph.node)
     lines += [
         "",
@@ -66,3 +67,27 @@ def describe(path: str | Path) -> str:
         + ", ".join(f"{k} x{v}" for k, v in ops.most_common()),
     ]
     return "\n".join(lines)
+
+
+def _monitoring(meta: ModelMetadata) -> list[str]:
+    """The monitoring outputs and the training-time references the service compares them with."""
+    info = meta.monitor
+    if info is None:
+        return ["", "monitoring   none (exported without monitoring outputs)"]
+    lines = ["", f"monitoring   outputs {', '.join(info.outputs)}"]
+    ref = info.reference
+    if ref is None:
+        return [*lines, "  no reference (the run had no validation rows)"]
+    lines.append(f"  reference on {ref.rows} validation rows: share of values")
+    lines.append(f"  {'feature':<22} {'known':>8} {'oov':>8} {'default':>8}")
+    for name, r in ref.features.items():
+        oov = "-" if r.oov is None else f"{r.oov:.2%}"
+        lines.append(f"  {name:<22} {r.known:>8.2%} {oov:>8} {r.default:>8.2%}")
+    for task in meta.tasks:
+        means = ref.scores.get(task.name, [])
+        for label, mean in zip(score_labels(task), means, strict=True):
+            lines.append(f"  mean score {label:<11} {mean:.4f}")
+    for task, weights in ref.gates.items():
+        experts = "  ".join(f"{e} {w:.3f}" for e, w in zip(info.experts, weights, strict=True))
+        lines.append(f"  mean gate {task:<12} {experts}")
+    return lines

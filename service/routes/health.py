@@ -48,6 +48,8 @@ async def metadata(request: Request) -> dict[str, Any]:
         "provider": model.predictor.provider,
         "features": [f.model_dump() | {"required": f.required} for f in meta.features],
         "tasks": [t.model_dump() for t in meta.tasks],
+        # The monitoring outputs and their training-time references (docs/monitoring.md).
+        "monitor": meta.monitor.model_dump() if meta.monitor is not None else None,
         "batching": {
             "dynamic": settings.batch_max_rows > 0,
             "batch_max_rows": settings.batch_max_rows,
