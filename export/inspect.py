@@ -87,7 +87,7 @@ def _monitoring(meta: ModelMetadata) -> list[str]:
         means = ref.scores.get(task.name, [])
         for label, mean in zip(score_labels(task), means, strict=True):
             lines.append(f"  mean score {label:<11} {mean:.4f}")
-    for task, weights in ref.gates.items():
+    for task_name, weights in ref.gates.items():
         experts = "  ".join(f"{e} {w:.3f}" for e, w in zip(info.experts, weights, strict=True))
-        lines.append(f"  mean gate {task:<12} {experts}")
+        lines.append(f"  mean gate {task_name:<12} {experts}")
     return lines
