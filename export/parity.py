@@ -17,9 +17,10 @@ import pyarrow as pa
 import torch
 
 from mmoe.contract.metadata import read_metadata
+from mmoe.model.batches import encode_table
+from mmoe.model.evaluation import predict
 from mmoe.model.network import RankingModel
 from mmoe.model.schema import FeatureSchema, FittedFeature
-from mmoe.model.train import encode_table, predict
 
 RawColumn = list[object]
 
