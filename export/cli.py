@@ -63,6 +63,8 @@ def _export(args: argparse.Namespace) -> int:
         f"parity on {report.rows_checked} rows: "
         f"max |torch - onnxruntime| = {report.parity_max_abs_diff:.2e}"
     )
+    if report.context:
+        print(f"  context (once per request): {', '.join(report.context)}")
     for name, v in report.variants.items():
         print(
             f"  {name}: max output drift {v['max_abs_diff']:.2e}, speed x{v['speedup']:.2f} "

@@ -226,6 +226,7 @@ class ExportReport:
     rows_checked: int
     size_bytes: int
     variants: dict[str, dict[str, float]] = field(default_factory=dict)
+    context: list[str] = field(default_factory=list)  # inputs taken once per request
 
 
 def export_run(
@@ -258,6 +259,7 @@ def export_run(
     out = Path(out)
     _write_atomic(out, data)
     report = ExportReport(out, 0.0, worst, len(next(iter(cols.values()))), len(data))
+    report.context = run.schema.context_features if context else []
     if optimize:
         report.variants["opt"] = _optimized(out, run.schema, cols)
     if int8:

@@ -179,8 +179,9 @@ def _input(model: onnx.ModelProto, name: str) -> onnx.TypeProto.Tensor:
 def test_without_context_every_input_is_per_row(user_run: Path, tmp_path: Path) -> None:
     """The naive graph: same scores, no context declared, and a [1]-shaped context refused."""
     text = mmoe("export", str(user_run), "--out", str(tmp_path / "naive.onnx"), "--no-context")
-    assert "parity" in text
-    export_run(user_run, tmp_path / "context.onnx", parity_rows=128)
+    assert "parity" in text and "once per request" not in text
+    text = mmoe("export", str(user_run), "--out", str(tmp_path / "context.onnx"))
+    assert f"context (once per request): {', '.join(USER)}" in text
     naive = onnx.load(str(tmp_path / "naive.onnx"))
     assert {i.type.tensor_type.shape.dim[0].dim_param for i in naive.graph.input} == {BATCH_DIM}
     meta = read_metadata({p.key: p.value for p in naive.metadata_props})
