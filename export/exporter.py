@@ -15,6 +15,7 @@ import os
 import tempfile
 import time
 import warnings
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -35,8 +36,11 @@ from mmoe.contract.metadata import (
     MonitorReference,
     TaskInfo,
 )
+from mmoe.export.context import ContextSplit
 from mmoe.export.graph import (
+    CONTEXT_DIM,
     FEATURE_VALUES,
+    GATE_WEIGHTS,
     IR_VERSION,
     MONITOR_PREFIX,
     OPSET,
@@ -54,62 +58,102 @@ from mmoe.export.parity import (
     to_arrow,
     to_onnx_inputs,
 )
+from mmoe.model.batches import encode_table
 from mmoe.model.checkpoint import Run, config_hash, load_run
 from mmoe.model.evaluation import feature_outcomes
-from mmoe.model.network import RankingModel, output_names, task_outputs
+from mmoe.model.network import PLE, MMoE, RankingModel, TaskHead, output_names, task_outputs
 from mmoe.model.schema import FeatureSchema
 
 
 class ExportNet(nn.Module):
-    """RankingModel with positional encoded inputs and the exported outputs, for the exporter."""
+    """Positional encoded inputs -> the exported outputs, for the exporter. `logits` maps the
+    encoded inputs by feature name to per-task logits: the RankingModel, or its ContextSplit.
+    With `gates`, the last output is GATE_WEIGHTS: each task's gate weights summed over the
+    rows, [tasks, experts]."""
 
-    def __init__(self, model: RankingModel, names: list[str]) -> None:
+    def __init__(
+        self, logits: nn.Module, tasks: list[TaskHead], names: list[str], gates: bool = False
+    ) -> None:
         super().__init__()
-        self.model = model
+        self.logits = logits
+        self.tasks = tasks
         self.names = names
+        self.gates = gates
 
     def forward(self, *encoded: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        logits = self.model(dict(zip(self.names, encoded, strict=True)))
+        inputs = dict(zip(self.names, encoded, strict=True))
+        gates = None
+        if self.gates:
+            logits, gates = self.logits(inputs, with_gates=True)
+        else:
+            logits = self.logits(inputs)
         outs: list[torch.Tensor] = []
-        for task in self.model.tasks:
+        for task in self.tasks:
             outs.extend(task_outputs(task, logits[task.name]).values())
+        if gates is not None:
+            outs.append(gates.sum(dim=1))
         return tuple(outs)
 
 
-def graph_output_names(model: RankingModel) -> list[str]:
+def has_gates(model: RankingModel) -> bool:
+    """Whether the network mixes experts with gates (not a Shared-Bottom's single expert)."""
+    net = model.net
+    return isinstance(net, PLE) or (isinstance(net, MMoE) and len(net.gates) > 0)
+
+
+def graph_output_names(model: RankingModel, gates: bool = False) -> list[str]:
     """The network's outputs in ExportNet's order."""
     names: list[str] = []
     for t in model.tasks:
         n = output_names(t)
         names.extend([n.score] if n.logits is None else [n.score, n.logits])
-    return names
+    return [*names, GATE_WEIGHTS] if gates else names
 
 
-def example_inputs(schema: FeatureSchema, batch: int = 3) -> tuple[torch.Tensor, ...]:
+def example_inputs(
+    schema: FeatureSchema, context: Collection[str] = (), batch: int = 3
+) -> tuple[torch.Tensor, ...]:
+    """Encoded inputs to trace with: `batch` rows, one for the features in `context`."""
     out = []
     for f in schema.features:
+        rows = 1 if f.name in context else batch
         if f.kind == "tags":
-            out.append(torch.ones(batch, f.max_len or 1, dtype=torch.long))
+            out.append(torch.ones(rows, f.max_len or 1, dtype=torch.long))
         elif f.embedded:
-            out.append(torch.zeros(batch, dtype=torch.long))
+            out.append(torch.zeros(rows, dtype=torch.long))
         else:
-            out.append(torch.zeros(batch))
+            out.append(torch.zeros(rows))
     return tuple(out)
 
 
-def export_network(model: RankingModel, schema: FeatureSchema) -> onnx.ModelProto:
-    """The network alone: `enc__<feature>` inputs -> per-task outputs, dynamic batch axis."""
+def export_network(
+    model: RankingModel,
+    schema: FeatureSchema,
+    context: Collection[str] = (),
+    gates: bool = False,
+) -> onnx.ModelProto:
+    """The network alone: `enc__<feature>` inputs -> per-task outputs, dynamic batch axis, and
+    with `gates` the GATE_WEIGHTS output.
+
+    The features in `context` enter through a ContextSplit of the model and get their own
+    batch axis (CONTEXT_DIM: 1, or N like the rest)."""
     names = [f.name for f in schema.features]
-    wrapper = ExportNet(model.eval(), names).eval()
+    logits = ContextSplit(model.eval(), context) if context else model.eval()
+    wrapper = ExportNet(logits, model.tasks, names, gates).eval()
     batch = torch.export.Dim("batch", min=1)
-    dynamic = tuple({0: batch} for _ in names)
+    # Context inputs are traced at a fixed batch of 1: with one symbolic batch for all inputs
+    # the exporter takes the candidates' row count from whichever input comes first, a context
+    # one included, and a [1]-shaped context then breaks the graph. Traced at 1, nothing sizes
+    # the candidates by the context; their batch axis is made symbolic below, and the runtime's
+    # broadcasting (the [1, H] bias of a Gemm, Expand) takes 1 or N alike.
+    dynamic = tuple(None if n in context else {0: batch} for n in names)
     with warnings.catch_warnings(), _quiet_exporter():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             wrapper,
-            example_inputs(schema),
+            example_inputs(schema, context),
             input_names=[encoded_name(n) for n in names],
-            output_names=graph_output_names(model),
+            output_names=graph_output_names(model, gates),
             dynamic_shapes=(dynamic,),  # forward(*encoded): one varargs entry
             opset_version=OPSET,
             dynamo=True,
@@ -121,6 +165,13 @@ def export_network(model: RankingModel, schema: FeatureSchema) -> onnx.ModelProt
     # Node-level metadata (source locations) is IR 10 only and says nothing to a server.
     for node in proto.graph.node:
         del node.metadata_props[:]
+    if context:
+        ctx_inputs = {encoded_name(n) for n in context}
+        for value in proto.graph.input:
+            if value.name in ctx_inputs:
+                value.type.tensor_type.shape.dim[0].dim_param = CONTEXT_DIM
+        # Shapes inferred while tracing give the context's intermediates a batch of 1.
+        del proto.graph.value_info[:]
     return proto
 
 
@@ -143,6 +194,9 @@ def monitor_info(run: Run) -> MonitorInfo:
     """The monitoring outputs of the graph assembled for `run`, and the reference training
     measured on its validation rows (none when it had none)."""
     features = run.schema.features
+    gates = has_gates(run.model)
+    net = run.model.net
+    assert isinstance(net, MMoE | PLE)
     reference = None
     ref = run.metrics.get("reference")
     if ref:
@@ -150,18 +204,19 @@ def monitor_info(run: Run) -> MonitorInfo:
             rows=int(run.metrics.get("valid_rows", 0)),
             features={k: FeatureRates.model_validate(v) for k, v in ref["features"].items()},
             scores=ref["scores"],
-            gates=run.metrics.get("gates") or {},
+            gates=(run.metrics.get("gates") or {}) if gates else {},
         )
     return MonitorInfo(
         feature_values=FEATURE_VALUES,
         features=[f.name for f in features],
         vocabulary=[f.name for f in features if f.vocab is not None],
-        experts=run.metrics.get("gate_experts") or [],
+        gate_weights=GATE_WEIGHTS if gates else None,
+        experts=net.expert_names if gates else [],
         reference=reference,
     )
 
 
-def build_metadata(run: Run, monitor: bool = True) -> ModelMetadata:
+def build_metadata(run: Run, context: Collection[str] = (), monitor: bool = True) -> ModelMetadata:
     features = [
         FeatureInfo(
             name=f.name,
@@ -171,6 +226,7 @@ def build_metadata(run: Run, monitor: bool = True) -> ModelMetadata:
             separator=f.separator,
             max_len=f.max_len,
             encoding=encoding_text(f),
+            context=f.name in context,
         )
         for f in run.schema.features
     ]
@@ -198,11 +254,16 @@ def build_metadata(run: Run, monitor: bool = True) -> ModelMetadata:
     )
 
 
-def assemble(run: Run, monitor: bool = True) -> onnx.ModelProto:
+def assemble(run: Run, *, context: bool = True, monitor: bool = True) -> onnx.ModelProto:
     """One ModelProto: raw features -> preprocessing -> network -> outputs, with metadata.
-    With `monitor`, also the monitoring outputs (MONITOR_PREFIX, after the scores)."""
-    pre = preprocessing_graph(run.schema, monitor)
-    net = export_network(run.model, run.schema)
+
+    With `context`, the features the schema declares request context are taken once per
+    request and their share of the network computed once (export/context.py); without, every
+    feature is per row, as any other exporter would give. With `monitor`, also the monitoring
+    outputs (MONITOR_PREFIX, after the scores)."""
+    ctx = run.schema.context_features if context else []
+    pre = preprocessing_graph(run.schema, ctx, monitor)
+    net = export_network(run.model, run.schema, ctx, monitor and has_gates(run.model))
     net.ir_version = pre.ir_version
     # The exporter may import extra domains; keep ours and theirs, at our versions.
     ours = {o.domain: o.version for o in OPSET_IMPORTS}
@@ -222,7 +283,7 @@ def assemble(run: Run, monitor: bool = True) -> onnx.ModelProto:
     merged.ir_version = IR_VERSION
     merged.producer_name = "mmoe-ranking"
     merged.graph.name = run.config.name
-    meta = build_metadata(run, monitor)
+    meta = build_metadata(run, ctx, monitor)
     onnx.helper.set_model_props(merged, meta.to_props())
     merged.doc_string = (
         f"MMoE ranking model {meta.name} v{meta.version}: raw features in, per-task scores out."
@@ -239,6 +300,7 @@ class ExportReport:
     rows_checked: int
     size_bytes: int
     variants: dict[str, dict[str, float]] = field(default_factory=dict)
+    context: list[str] = field(default_factory=list)  # inputs taken once per request
 
 
 def export_run(
@@ -248,6 +310,7 @@ def export_run(
     tolerance: float = 1e-5,
     parity_rows: int = 1024,
     extra_rows: dict[str, RawColumn] | None = None,
+    context: bool = True,
     optimize: bool = False,
     int8: bool = False,
     fp16: bool = False,
@@ -255,10 +318,12 @@ def export_run(
 ) -> ExportReport:
     """Export RUN_DIR to `out`; raises ParityError if onnxruntime and PyTorch disagree, or if
     the graph's feature-value counts disagree with training's rule (model/evaluation.py).
-    `monitor=False` leaves the monitoring outputs out."""
+
+    `context=False`: every feature per row, ignoring the config's `context: true` (the naive
+    graph, for comparison). `monitor=False` leaves the monitoring outputs out."""
     t0 = time.perf_counter()
     run = load_run(run_dir)
-    proto = assemble(run, monitor)
+    proto = assemble(run, context=context, monitor=monitor)
     data = proto.SerializeToString()
     cols = generate_rows(run.schema, parity_rows)
     if extra_rows:
@@ -268,10 +333,11 @@ def export_run(
         }
     worst = check_parity(run.model, run.schema, data, cols, tolerance)
     if monitor:
-        check_feature_counts(run.schema, data, cols)
+        check_monitoring(run, data, cols)
     out = Path(out)
     _write_atomic(out, data)
     report = ExportReport(out, 0.0, worst, len(next(iter(cols.values()))), len(data))
+    report.context = run.schema.context_features if context else []
     if optimize:
         report.variants["opt"] = _optimized(out, run.schema, cols)
     if int8:
@@ -282,20 +348,35 @@ def export_run(
     return report
 
 
-def check_feature_counts(
-    schema: FeatureSchema, onnx_bytes: bytes, cols: dict[str, RawColumn]
-) -> None:
-    """The graph counts each feature's values by outcome as training does (the reference
-    rates are computed that way); ParityError naming the feature otherwise."""
+def check_monitoring(run: Run, onnx_bytes: bytes, cols: dict[str, RawColumn]) -> None:
+    """The monitoring outputs on the parity rows: the graph counts each feature's values by
+    outcome exactly as training's rule does (the reference rates are computed that way), and
+    its gate-weight sums are PyTorch's. ParityError naming the output otherwise."""
+    schema = run.schema
     session = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
-    (counts,) = session.run([FEATURE_VALUES], to_onnx_inputs(schema, cols))
+    names = [FEATURE_VALUES, *([GATE_WEIGHTS] if has_gates(run.model) else [])]
+    got = dict(zip(names, session.run(names, to_onnx_inputs(schema, cols)), strict=True))
     table = to_arrow(schema, cols)
-    for f, got in zip(by_feature_name(schema).features, counts.tolist(), strict=True):
+    for f, counts in zip(
+        by_feature_name(schema).features, got[FEATURE_VALUES].tolist(), strict=True
+    ):
         want = feature_outcomes(f, table.column(f.name))
-        if got != [want[k] for k in OUTCOMES]:
+        if counts != [want[k] for k in OUTCOMES]:
             raise ParityError(
                 f"{FEATURE_VALUES} of {f.name}: the graph counts "
-                f"{dict(zip(OUTCOMES, got, strict=True))}, training's rule {want}"
+                f"{dict(zip(OUTCOMES, counts, strict=True))}, training's rule {want}"
+            )
+    if GATE_WEIGHTS in got:
+        batch = encode_table(table, by_feature_name(schema), [], with_labels=False)
+        with torch.no_grad():
+            _, gates = run.model.eval()(batch.inputs, with_gates=True)
+        want_sums = gates.sum(dim=1).double().numpy()
+        # Sums of float32 probabilities over the rows: within float32 rounding of their size.
+        allowed = 1e-5 * max(1.0, float(np.abs(want_sums).max()))
+        worst = float(np.abs(got[GATE_WEIGHTS] - want_sums).max())
+        if worst > allowed:
+            raise ParityError(
+                f"{GATE_WEIGHTS} differs from PyTorch by {worst:.3g} (> {allowed:.3g})"
             )
 
 

@@ -15,7 +15,7 @@ import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -110,12 +110,21 @@ class ExpertBank(nn.Module):
         self.act = ACTIVATIONS[activation]()
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        k = self.num_experts
+    def input_layer(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer 0 of all experts as one matrix: weight [in, K*out] and bias [K*out]."""
         w, b = self.weights[0], self.biases[0]
-        out = w.shape[2]
+        return w.permute(1, 0, 2).reshape(w.shape[1], -1), b.reshape(-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, b = self.input_layer()
         # [B, in] @ [in, K*out] + [K*out]: one Gemm (fused with its bias in onnxruntime).
-        h = torch.addmm(b.reshape(-1), x, w.permute(1, 0, 2).reshape(w.shape[1], k * out))
+        return self.after_input_layer(torch.addmm(b, x, w))
+
+    def after_input_layer(self, h: torch.Tensor) -> torch.Tensor:
+        """The rest of the experts, from layer 0's output before its norm and activation
+        ([B, K*out], `x @ weight + bias` of `input_layer()`)."""
+        k = self.num_experts
+        out = self.weights[0].shape[2]
         if self.norms:
             h = self.norms[0](h)
         h = self.dropout(self.act(h)).view(-1, k, out).transpose(0, 1)  # [K, B, out]
@@ -166,8 +175,25 @@ class Gate(nn.Module):
         self.hidden = mlp(in_dim, units, activation)
         self.out = nn.Linear(units[-1] if units else in_dim, num_experts)
 
+    def _input_linear(self) -> nn.Linear:
+        first = self.hidden[0] if len(self.hidden) else self.out
+        assert isinstance(first, nn.Linear)
+        return first
+
+    def input_layer(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer that reads the input (the MLP's first, else the output layer): weight
+        [in, out] and bias [out]."""
+        first = self._input_linear()
+        return first.weight.T, first.bias
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.softmax(self.out(self.hidden(x)), dim=-1)
+        return self.after_input_layer(self._input_linear()(x))
+
+    def after_input_layer(self, h: torch.Tensor) -> torch.Tensor:
+        """The gate from its input layer's output (`x @ weight + bias` of `input_layer()`)."""
+        if len(self.hidden):
+            h = self.out(self.hidden[1:](h))
+        return F.softmax(h, dim=-1)
 
 
 def _mix(gate: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
@@ -232,14 +258,36 @@ class MMoE(nn.Module):
 
     def gate_weights(self, x: torch.Tensor) -> torch.Tensor:
         """[tasks, B, K] gate distributions (for analysis)."""
-        if not self.gates:
-            return torch.ones(len(self.tasks), x.shape[0], 1)
-        g = torch.stack([gate(x) for gate in self.gates])
-        return g.expand(len(self.tasks), -1, -1) if len(self.gates) == 1 else g
+        return self._task_gates([gate(x) for gate in self.gates], x.shape[0])
 
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        experts = self.experts(x)
-        gates = [gate(x) for gate in self.gates]
+    def _task_gates(self, gates: list[torch.Tensor], rows: int) -> torch.Tensor:
+        """The gates' outputs ([B, K] each) as [tasks, B, K]."""
+        if not gates:
+            return torch.ones(len(self.tasks), rows, 1)
+        g = torch.stack(gates)
+        return g.expand(len(self.tasks), -1, -1) if len(gates) == 1 else g
+
+    def input_layers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(weight [in, out], bias [out]) of each layer that reads the input: the experts' first
+        layer, then each gate's. `forward(x)` equals `forward_from_input_layers([x @ w + b for
+        w, b in input_layers()])`; export uses it to split the input into parts."""
+        gates = cast(list[Gate], list(self.gates))
+        return [self.experts.input_layer(), *(gate.input_layer() for gate in gates)]
+
+    def forward_from_input_layers(self, h: Sequence[torch.Tensor], with_gates: bool = False) -> Any:
+        """Per-task logits from the outputs of `input_layers()` (same order); `with_gates` as
+        in forward."""
+        experts = self.experts.after_input_layer(h[0])
+        mods = cast(list[Gate], list(self.gates))
+        gates = [gate.after_input_layer(g) for gate, g in zip(mods, h[1:], strict=True)]
+        return self._heads(experts, gates, with_gates)
+
+    def forward(self, x: torch.Tensor, with_gates: bool = False) -> Any:
+        """Per-task logits; with `with_gates`, also the gate weights that mixed them, [tasks, B,
+        K] as gate_weights gives."""
+        return self._heads(self.experts(x), [gate(x) for gate in self.gates], with_gates)
+
+    def _heads(self, experts: torch.Tensor, gates: list[torch.Tensor], with_gates: bool) -> Any:
         out = {}
         for i, (task, head) in enumerate(zip(self.tasks, self.towers, strict=True)):
             if not gates:
@@ -247,7 +295,7 @@ class MMoE(nn.Module):
             else:
                 h = _mix(gates[0] if len(gates) == 1 else gates[i], experts)
             out[task.name] = head(h)
-        return out
+        return (out, self._task_gates(gates, experts.shape[1])) if with_gates else out
 
 
 class CGCLayer(nn.Module):
@@ -283,18 +331,45 @@ class CGCLayer(nn.Module):
             else Gate(in_dim, num_tasks * num_specific + num_shared, gate_units, activation)
         )
 
+    def input_modules(self) -> list[ExpertBank | Gate]:
+        """What reads the input when every task's input is the same x (the first layer): the
+        shared experts, each task's experts, each task's gate, then the shared gate if any."""
+        shared_gate = [] if self.shared_gate is None else [self.shared_gate]
+        return cast(
+            list[ExpertBank | Gate], [self.shared, *self.specific, *self.task_gates, *shared_gate]
+        )
+
     def forward(
         self, task_in: list[torch.Tensor], shared_in: torch.Tensor
-    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+    ) -> tuple[list[torch.Tensor], torch.Tensor | None, list[torch.Tensor]]:
+        """Each task's output, the next layer's shared input (None below no layer), and each
+        task's gate weights ([B, own + shared experts])."""
         shared = self.shared(shared_in)
         specific = [bank(h) for bank, h in zip(self.specific, task_in, strict=True)]
-        task_out = [
-            _mix(gate(h), torch.cat([own, shared]))
-            for gate, h, own in zip(self.task_gates, task_in, specific, strict=True)
-        ]
+        gates = [gate(h) for gate, h in zip(self.task_gates, task_in, strict=True)]
         if self.shared_gate is not None:
-            shared_in = _mix(self.shared_gate(shared_in), torch.cat([*specific, shared]))
-        return task_out, shared_in
+            gates.append(self.shared_gate(shared_in))
+        return self._mix_experts(shared, specific, gates)
+
+    def forward_from_input_layers(
+        self, h: Sequence[torch.Tensor]
+    ) -> tuple[list[torch.Tensor], torch.Tensor | None, list[torch.Tensor]]:
+        """`forward` from the outputs of the input layers of `input_modules()` (same order)."""
+        outs = [m.after_input_layer(x) for m, x in zip(self.input_modules(), h, strict=True)]
+        n = len(self.specific)
+        return self._mix_experts(outs[0], outs[1 : 1 + n], outs[1 + n :])
+
+    def _mix_experts(
+        self, shared: torch.Tensor, specific: list[torch.Tensor], gates: list[torch.Tensor]
+    ) -> tuple[list[torch.Tensor], torch.Tensor | None, list[torch.Tensor]]:
+        task_gates = gates[: len(specific)]
+        task_out = [
+            _mix(gate, torch.cat([own, shared]))
+            for gate, own in zip(task_gates, specific, strict=True)
+        ]
+        if self.shared_gate is None:
+            return task_out, None, task_gates
+        return task_out, _mix(gates[-1], torch.cat([*specific, shared])), task_gates
 
 
 class PLE(nn.Module):
@@ -349,28 +424,55 @@ class PLE(nn.Module):
     def gate_weights(self, x: torch.Tensor) -> torch.Tensor:
         """[tasks, B, experts] gate distributions of the last layer over `expert_names`
         (0 for another task's experts, which a task's gate cannot choose)."""
-        task_in = [x] * len(self.tasks)
-        shared_in = x
-        for layer in self.layers[:-1]:
-            task_in, shared_in = layer(task_in, shared_in)
-        last = self.layers[-1]
-        assert isinstance(last, CGCLayer)
-        n_tasks, s = len(self.tasks), self.num_specific
-        out = torch.zeros(n_tasks, x.shape[0], n_tasks * s + self.num_shared)
-        for t, (gate, h) in enumerate(zip(last.task_gates, task_in, strict=True)):
-            g = gate(h)
-            out[t, :, t * s : (t + 1) * s] = g[:, :s]
-            out[t, :, n_tasks * s :] = g[:, s:]
-        return out
+        _, gates = self.forward(x, with_gates=True)
+        return gates
 
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        task_in = [x] * len(self.tasks)
-        shared_in = x
-        for layer in self.layers:
-            task_in, shared_in = layer(task_in, shared_in)
-        return {
-            t.name: head(h) for t, head, h in zip(self.tasks, self.towers, task_in, strict=True)
-        }
+    def _task_gates(self, gates: list[torch.Tensor]) -> torch.Tensor:
+        """The last layer's task gates ([B, own + shared] each) over `expert_names`."""
+        n_tasks, s = len(self.tasks), self.num_specific
+        out = []
+        for t, g in enumerate(gates):
+            zeros = g.new_zeros(g.shape[0], n_tasks * s)
+            own = torch.cat([zeros[:, : t * s], g[:, :s], zeros[:, (t + 1) * s :]], dim=1)
+            out.append(torch.cat([own, g[:, s:]], dim=1))
+        return torch.stack(out)
+
+    def input_layers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(weight [in, out], bias [out]) of each layer that reads the input (the first CGC
+        layer's banks and gates). `forward(x)` equals `forward_from_input_layers([x @ w + b for
+        w, b in input_layers()])`; export uses it to split the input into parts."""
+        first = self.layers[0]
+        assert isinstance(first, CGCLayer)
+        return [m.input_layer() for m in first.input_modules()]
+
+    def forward_from_input_layers(self, h: Sequence[torch.Tensor], with_gates: bool = False) -> Any:
+        """Per-task logits from the outputs of `input_layers()` (same order); `with_gates` as
+        in forward."""
+        first = self.layers[0]
+        assert isinstance(first, CGCLayer)
+        return self._upper_layers(*first.forward_from_input_layers(h), with_gates)
+
+    def forward(self, x: torch.Tensor, with_gates: bool = False) -> Any:
+        """Per-task logits; with `with_gates`, also the last layer's gate weights that mixed
+        them, [tasks, B, experts] as gate_weights gives."""
+        first = self.layers[0]
+        assert isinstance(first, CGCLayer)
+        task_in, shared_in, gates = first([x] * len(self.tasks), x)
+        return self._upper_layers(task_in, shared_in, gates, with_gates)
+
+    def _upper_layers(
+        self,
+        task_in: list[torch.Tensor],
+        shared_in: torch.Tensor | None,
+        gates: list[torch.Tensor],
+        with_gates: bool,
+    ) -> Any:
+        """The layers above the first, and the towers."""
+        for layer in self.layers[1:]:
+            assert shared_in is not None  # every layer but the last has a shared output
+            task_in, shared_in, gates = layer(task_in, shared_in)
+        out = {t.name: head(h) for t, head, h in zip(self.tasks, self.towers, task_in, strict=True)}
+        return (out, self._task_gates(gates)) if with_gates else out
 
 
 class SENet(nn.Module):
@@ -464,14 +566,27 @@ class RankingModel(nn.Module):
 
     def dense_input(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         fields, sq = self.embedding(inputs)
+        return self.join_fields(fields), sq
+
+    def join_fields(self, fields: list[torch.Tensor]) -> torch.Tensor:
+        """The field vectors (in feature order) -> the network's dense input, through SENet."""
         if self.senet is not None:
             fields = self.senet(fields)
-        return torch.cat(fields, dim=1), sq
+        return torch.cat(fields, dim=1)
 
-    def forward(self, inputs: dict[str, torch.Tensor], with_embedding_l2: bool = False) -> Any:
+    def forward(
+        self,
+        inputs: dict[str, torch.Tensor],
+        with_embedding_l2: bool = False,
+        with_gates: bool = False,
+    ) -> Any:
         """Per-task logits; with `with_embedding_l2`, also the squared norm of the embeddings
-        looked up for this batch (the embedding L2 term, computed in one pass)."""
+        looked up for this batch (the embedding L2 term, computed in one pass); with
+        `with_gates` (MMoE, PLE), the logits and the gate weights that mixed them, [tasks, B,
+        experts], instead."""
         x, sq = self.dense_input(inputs)
+        if with_gates:
+            return self.net(x, with_gates=True)
         logits = self.net(x)
         return (logits, sq) if with_embedding_l2 else logits
 
