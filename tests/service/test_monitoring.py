@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -128,6 +129,54 @@ def test_gate_weights_add_up_to_the_rows_scored_per_task(
         per_expert = [moved[(task, e)] for e in experts]
         assert all(w > 0 for w in per_expert)
         assert sum(per_expert) == pytest.approx(1 + 5 + 37, rel=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("batching", ["direct", "merged"])
+def test_context_given_once_counts_once_per_candidate(
+    start_server: Callable[..., ServerProcess],
+    tiny_context_onnx: Path,
+    tiny_context_run: Path,
+    batching: str,
+) -> None:
+    # Merged: concurrent requests in one runtime call, their contexts broadcast to their rows.
+    merged = {"MMOE_BATCH_MAX_ROWS": "1024", "MMOE_BATCH_WAIT_MS": "500"}
+    server = start_server(tiny_context_onnx, env=merged if batching == "merged" else {})
+    fitted = schema(tiny_context_run)
+    users, categories = fitted["user_id"]["vocab"], fitted["category"]["vocab"]
+    tags = fitted["tag_brand_list"]["vocab"]
+    body = {
+        "context": {
+            "user_id": users[0],
+            "age_level": "no-such-level",
+            "tag_brand_list": [tags[0], "unknown-tag"],
+            # hour left out: its default, given once
+        },
+        "candidates": {"category": [categories[0], "new-category", *categories[1:4]]},
+    }
+    before = scrape(server)
+    with ThreadPoolExecutor(4) as pool:
+        for result in pool.map(lambda _: predict(server, body), range(4)):
+            assert result["n"] == 5
+    after = scrape(server)
+    moved = delta(before, after, "mmoe_feature_values_total", "feature", "outcome")
+    rows = 4 * 5
+    assert {k: v for k, v in moved.items() if v} == {
+        ("user_id", "known"): rows,
+        ("item_id", "default"): rows,
+        ("category", "known"): 4 * 4,
+        ("category", "oov"): 4,
+        ("age_level", "oov"): rows,
+        ("price", "default"): rows,
+        ("hour", "default"): rows,
+        ("tag_brand_list", "known"): rows,
+        ("tag_brand_list", "oov"): rows,
+    }
+    gates = delta(before, after, "mmoe_gate_weight_total", "task", "expert")
+    for task in ("ctr", "cvr"):
+        assert sum(w for (t, _), w in gates.items() if t == task) == pytest.approx(rows, rel=1e-6)
+    (runs,) = delta(before, after, "mmoe_runtime_batch_rows_count").values()
+    assert runs < 4 if batching == "merged" else runs == 4
 
 
 # ---------------------------------------------------------------- the validation rows
