@@ -16,7 +16,13 @@ import pytest
 
 from mmoe.contract.metadata import FeatureInfo, ModelMetadata, read_metadata
 from mmoe.export.exporter import export_run
-from mmoe.export.graph import BATCH_DIM, CONTEXT_DIM
+from mmoe.export.graph import (
+    BATCH_DIM,
+    CONTEXT_DIM,
+    FEATURE_VALUES,
+    GATE_WEIGHTS,
+    MONITOR_PREFIX,
+)
 from mmoe.export.parity import (
     ParityError,
     RawColumn,
@@ -139,11 +145,14 @@ def test_context_once_scores_the_request_as_flat_and_as_pytorch(
     got_once = dict(zip(names, session.run(names, once), strict=True))
     got_flat = dict(zip(names, session.run(names, flat), strict=True))
     expected = torch_outputs(run.model, run.schema, request)
-    assert set(expected) == set(names)
-    for name in names:
+    scores = [name for name in names if not name.startswith(MONITOR_PREFIX)]
+    assert set(expected) == set(scores)
+    for name in scores:
         assert got_once[name].shape == expected[name].shape, name
         np.testing.assert_allclose(got_once[name], got_flat[name], atol=1e-5, rtol=1e-5)
         np.testing.assert_allclose(got_once[name], expected[name], atol=1e-5, rtol=1e-5)
+    if GATE_WEIGHTS in got_once:  # the same experts mixed, however the context is given
+        np.testing.assert_allclose(got_once[GATE_WEIGHTS], got_flat[GATE_WEIGHTS], rtol=1e-5)
 
 
 @pytest.fixture(scope="module")
@@ -166,7 +175,8 @@ def test_context_inputs_have_their_own_batch_axis_and_are_declared(
     assert tag_dims == [CONTEXT_DIM, 3]
     meta = read_metadata({p.key: p.value for p in model.metadata_props})
     assert [f.name for f in meta.features if f.context] == list(USER)
-    assert all(o.type.tensor_type.shape.dim[0].dim_param == BATCH_DIM for o in model.graph.output)
+    scores = [o for o in model.graph.output if not o.name.startswith(MONITOR_PREFIX)]
+    assert all(o.type.tensor_type.shape.dim[0].dim_param == BATCH_DIM for o in scores)
     # Nothing of size [N, H] is built from the context before it meets the candidates.
     assert "Expand" not in {n.op_type for n in model.graph.node}
 
@@ -195,8 +205,11 @@ def test_without_context_every_input_is_per_row(user_run: Path, tmp_path: Path) 
         for k in ("naive", "context")
     }
     once = {k: v[:1] if k in USER else v for k, v in flat.items()}
+    # The scores and the gates agree; the feature counts do not (a context input given once
+    # counts once in the graph: the server weights it by the rows).
+    names = [o.name for o in naive.graph.output if o.name != FEATURE_VALUES]
     for a, b in zip(
-        sessions["naive"].run(None, flat), sessions["context"].run(None, once), strict=True
+        sessions["naive"].run(names, flat), sessions["context"].run(names, once), strict=True
     ):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
     with pytest.raises(Exception, match=r"Concat|dimension|shape"):
