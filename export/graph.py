@@ -13,6 +13,8 @@ feature_outcomes, which computes the same counts on the training side for the re
 from __future__ import annotations
 
 from collections.abc import Collection
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx
@@ -79,8 +81,9 @@ class _GraphBuilder:
             helper.make_node(op_type, inputs, [out], name=out, domain=domain, **attrs)
         )
 
-    def ids(self, f: FittedFeature, x: str, out: str) -> None:
-        """String ids (any shape) -> int64 indices of the same shape."""
+    def ids(self, f: FittedFeature, x: str, out: str) -> str | None:
+        """String ids (any shape) -> int64 indices of the same shape. Returns, for hashed ids,
+        the tensor that is 1 where an id is present and 0 where it is "" (else None)."""
         if f.hash_buckets is None:
             assert f.vocab is not None
             keys = ["", *f.vocab]
@@ -94,7 +97,7 @@ class _GraphBuilder:
                 values_int64s=values,
                 default_int64=OOV_INDEX,
             )
-            return
+            return None
         # 1 + murmur3(x) % buckets, and 0 where x == "" (the present-mask is a one-key encoder).
         present = self.op(
             "LabelEncoder",
@@ -114,91 +117,16 @@ class _GraphBuilder:
         one = self.const(f"{f.name}_one", np.array(1, dtype=np.int64))
         h = self.op("Add", [h, one], f"{f.name}_bucket1")
         self.output("Mul", [h, present], out)
+        return present
 
-    def ints(self, base: str, value: int | list[int]) -> str:
+    def ints(self, base: str, value: int | list[Any]) -> str:
+        """An int64 constant (a scalar or nested lists)."""
         return self.const(base, np.array(value, dtype=np.int64))
 
-    def outcome_codes(
-        self, f: FittedFeature, x: str, encoded: str, slot: int, drop: int
-    ) -> list[str]:
-        """One int64 code per value of feature `f` (raw input `x`, its encoded indices
-        `encoded`): 3 * slot + 0 (known), 1 (out of vocabulary) or 2 (default), or `drop` for a
-        tag position that holds no id. Returns 1-D tensors; count_codes counts them."""
-        known, oov, default = 3 * slot, 3 * slot + 1, 3 * slot + 2
-        name = f.name
-        if f.kind == "numeric":
-            nan = self.op("IsNaN", [x], f"{name}_missing")
-            pick = [
-                nan,
-                self.ints(f"{name}_default_code", default),
-                self.ints(f"{name}_known_code", known),
-            ]
-            return [self.op("Where", pick, f"{name}_code")]
-        # The index layout (model/schema.py): 0 missing, 1 out of vocabulary, 2+ the
-        # vocabulary; or 0 missing, 1+ a hash bucket. min(index, top) is a row of a small table.
-        hashed = f.hash_buckets is not None
-        top = 1 if hashed else 2
-        capped = self.op("Min", [encoded, self.ints(f"{name}_top", top)], f"{name}_capped")
-        if f.kind == "tags":
-            # Each id is known or out of vocabulary, padding is dropped, and a row without ids
-            # (padding from its first position on) is one defaulted value.
-            per_id = [drop, known] if hashed else [drop, oov, known]
-            ids = self.op(
-                "Gather", [self.ints(f"{name}_id_codes", per_id), capped], f"{name}_id_code"
-            )
-            ids = self.op("Reshape", [ids, self.ints(f"{name}_flat", [-1])], f"{name}_id_codes")
-            first = self.ints(f"{name}_first", 0)
-            first = self.op("Gather", [capped, first], f"{name}_first_id", axis=1)
-            per_row = [default, drop] if hashed else [default, drop, drop]
-            rows = self.op(
-                "Gather", [self.ints(f"{name}_row_codes", per_row), first], f"{name}_row_code"
-            )
-            return [ids, rows]
-        table = [default, known] if hashed else [default, oov, known]
-        code = self.op("Gather", [self.ints(f"{name}_codes", table), capped], f"{name}_code")
-        if isinstance(f.default, str) and f.default:
-            # A missing id reaches the graph as the default itself: that id counts as defaulted
-            # (so does the same id sent explicitly; the training-side count agrees).
-            if f.vocab is not None and f.default in f.vocab:
-                index = self.ints(f"{name}_default_index", VOCAB_OFFSET + f.vocab.index(f.default))
-                is_default = self.op("Equal", [encoded, index], f"{name}_is_default")
-            else:
-                marked = self.op(
-                    "LabelEncoder",
-                    [x],
-                    f"{name}_default_mark",
-                    domain="ai.onnx.ml",
-                    keys_strings=[f.default],
-                    values_int64s=[1],
-                    default_int64=0,
-                )
-                is_default = self.op("Cast", [marked], f"{name}_is_default", to=TensorProto.BOOL)
-            pick = [is_default, self.ints(f"{name}_default_code", default), code]
-            code = self.op("Where", pick, f"{name}_code")
-        return [code]
-
-    def count_codes(self, codes: list[str], n_features: int, out: str) -> None:
-        """Counts of outcome_codes' codes -> `out`, int64 [n_features, 3]."""
-        flat = codes[0] if len(codes) == 1 else self.op("Concat", codes, "monitor_codes", axis=0)
-        ones = self.op(
-            "ConstantOfShape",
-            [self.op("Shape", [flat], "monitor_codes_shape")],
-            "monitor_ones",
-            value=numpy_helper.from_array(np.array([1], dtype=np.int64)),
-        )
-        zeros = self.ints("monitor_zeros", [0] * (3 * n_features + 1))
-        counts = self.op(
-            "ScatterElements", [zeros, flat, ones], "monitor_counts", axis=0, reduction="add"
-        )
-        # The last slot collects the dropped codes (tag padding).
-        kept = self.op(
-            "Slice",
-            [counts, self.ints("monitor_start", [0]), self.ints("monitor_end", [3 * n_features])],
-            "monitor_kept",
-        )
-        self.output("Reshape", [kept, self.ints("monitor_shape", [n_features, 3])], out)
-
-    def numeric(self, f: FittedFeature, x: str, out: str) -> None:
+    def numeric(self, f: FittedFeature, x: str, out: str) -> str | None:
+        """Returns the tensor that is true where a value is missing, when the feature has a
+        default (else None)."""
+        nan = None
         if f.default is not None:
             nan = self.op("IsNaN", [x], f"{f.name}_isnan")
             default = self.const(f"{f.name}_default", np.array(f.default, dtype=np.float32))
@@ -210,7 +138,7 @@ class _GraphBuilder:
             ge = self.op("GreaterOrEqual", [col, b], f"{f.name}_ge")
             ge = self.op("Cast", [ge], f"{f.name}_ge64", to=TensorProto.INT64)
             self.output("ReduceSum", [ge, axes], out, keepdims=0)
-            return
+            return nan
         if f.transform == "log1p":
             zero = self.const(f"{f.name}_zero", np.array(0, dtype=np.float32))
             one = self.const(f"{f.name}_one", np.array(1, dtype=np.float32))
@@ -225,6 +153,132 @@ class _GraphBuilder:
             self.output("Div", [x, std], out)
         else:
             self.output("Identity", [x], out)
+        return nan
+
+
+@dataclass(frozen=True)
+class _States:
+    """Values of one feature as small integer states, to be counted: `tensor` holds a state per
+    value ([batch] or [batch, max_len]); `picks` is the state counted as known, oov and default
+    (None: this tensor says nothing of that outcome); `capped`: vocabulary indices, states
+    only after min(index, 2)."""
+
+    tensor: str
+    shape: tuple[str, int]  # (batch dimension, values per row): tensors of one shape go together
+    picks: tuple[int | None, int | None, int | None]
+    capped: bool = False
+
+
+class _ValueCounter:
+    """FEATURE_VALUES: each feature's values counted by outcome (the rule of model/evaluation.py
+    feature_outcomes), from what the preprocessing computes anyway (the indices, the hashed
+    ids' presence, the numbers' missing mask).
+
+    A few nodes for all features, not a few per feature: the states of every tensor of one
+    shape are stacked and counted at once (Equal against 0, 1, 2, summed over the values), and
+    one GatherND picks each feature's three counts from the stacked counts."""
+
+    def __init__(self, g: _GraphBuilder) -> None:
+        self.g = g
+        self.features: list[list[_States]] = []
+
+    def add(
+        self,
+        f: FittedFeature,
+        x: str,
+        encoded: str,
+        batch: str,
+        present: str | None,
+        missing: str | None,
+    ) -> None:
+        g, name = self.g, f.name
+        if f.kind == "numeric":
+            missing = missing or g.op("IsNaN", [x], f"{name}_missing")
+            state = g.op("Cast", [missing], f"{name}_missing64", to=TensorProto.INT64)
+            self.features.append([_States(state, (batch, 1), (0, None, 1))])
+            return
+        # The index layout (model/schema.py): 0 missing, 1 out of vocabulary, 2+ the
+        # vocabulary; hashed: `present` is 0 missing, 1 an id.
+        hashed = present is not None
+        state = present if present is not None else encoded
+        if f.kind == "tags":
+            # Each id is known or out of vocabulary (padding is state 0, never picked); a row
+            # without ids (padding from its first position on) is one defaulted value.
+            first = g.op("Gather", [state, g.ints(f"{name}_first", 0)], f"{name}_first", axis=1)
+            assert f.max_len is not None
+            self.features.append(
+                [
+                    _States(
+                        state,
+                        (batch, f.max_len),
+                        (1, None, None) if hashed else (2, 1, None),
+                        not hashed,
+                    ),
+                    _States(first, (batch, 1), (None, None, 0)),
+                ]
+            )
+            return
+        if isinstance(f.default, str) and f.default:
+            # A missing id reaches the graph as the default itself: that id counts as defaulted
+            # (the same id sent explicitly too; the training-side count agrees).
+            if f.vocab is not None and f.default in f.vocab:
+                index = g.ints(f"{name}_default_index", VOCAB_OFFSET + f.vocab.index(f.default))
+                is_default = g.op("Equal", [encoded, index], f"{name}_is_default")
+            else:
+                marked = g.op(
+                    "LabelEncoder",
+                    [x],
+                    f"{name}_default_mark",
+                    domain="ai.onnx.ml",
+                    keys_strings=[f.default],
+                    values_int64s=[1],
+                    default_int64=0,
+                )
+                is_default = g.op("Cast", [marked], f"{name}_is_default", to=TensorProto.BOOL)
+            zero = g.ints(f"{name}_default_state", MISSING_INDEX)
+            state = g.op("Where", [is_default, zero, state], f"{name}_state")
+        picks = (1, None, 0) if hashed else (2, 1, 0)
+        self.features.append([_States(state, (batch, 1), picks, not hashed)])
+
+    def build(self, out: str) -> None:
+        g = self.g
+        by_shape: dict[tuple[str, int], list[_States]] = {}
+        for states in self.features:
+            for s in states:
+                by_shape.setdefault(s.shape, []).append(s)
+        counts: list[str] = []
+        column: dict[_States, int] = {}  # each tensor's column in the stacked counts
+        for members in by_shape.values():
+            tensors = [s.tensor for s in members]
+            x = tensors[0]
+            if len(tensors) > 1:
+                x = g.op("Concat", tensors, "monitor_states", axis=0)
+            if any(s.capped for s in members):
+                x = g.op("Min", [x, g.ints("monitor_top", 2)], "monitor_capped")
+            shape = g.ints("monitor_stack", [1, len(members), -1])
+            x = g.op("Reshape", [x, shape], "monitor_stacked")
+            # [3, 1, 1] against [1, tensors, values]: each level against a contiguous block
+            # (onnxruntime's fast broadcast), summed in float32 (its int64 sums are far
+            # slower; counts stay exact below 2**24).
+            levels = g.ints("monitor_levels", [[[0]], [[1]], [[2]]])
+            hits = g.op("Equal", [levels, x], "monitor_hits")
+            hits = g.op("Cast", [hits], "monitor_hits_f", to=TensorProto.FLOAT)
+            axis = g.ints("monitor_values_axis", [2])
+            counts.append(g.op("ReduceSum", [hits, axis], "monitor_counts", keepdims=0))
+            for s in members:
+                column[s] = len(column)
+        # A last column of zeros for the outcomes a feature never has (oov without vocabulary).
+        zero = len(column)
+        counts.append(g.const("monitor_zeros", np.zeros((3, 1), dtype=np.float32)))
+        index = [[[0, zero]] * 3 for _ in self.features]
+        for f, states in enumerate(self.features):
+            for s in states:
+                for outcome, state in enumerate(s.picks):
+                    if state is not None:
+                        index[f][outcome] = [state, column[s]]
+        stacked = g.op("Concat", counts, "monitor_all_counts", axis=1)  # [3 levels, columns]
+        picked = g.op("GatherND", [stacked, g.ints("monitor_index", index)], "monitor_picked")
+        g.output("Cast", [picked], out, to=TensorProto.INT64)
 
 
 def _shape(f: FittedFeature, batch: str) -> list[str | int]:
@@ -258,24 +312,24 @@ def preprocessing_graph(
     input counts the values it is given, one for a request). Features in `context` have the
     batch dimension CONTEXT_DIM, the others BATCH_DIM."""
     g = _GraphBuilder()
+    counter = _ValueCounter(g)
     inputs, outputs = [], []
-    codes: list[str] = []
-    drop = 3 * len(schema.features)
-    for slot, f in enumerate(schema.features):
+    for f in schema.features:
         batch = CONTEXT_DIM if f.name in context else BATCH_DIM
         inputs.append(input_info(f, batch))
         out = encoded_name(f.name)
+        present = missing = None
         if f.kind == "numeric":
-            g.numeric(f, f.name, out)
+            missing = g.numeric(f, f.name, out)
             dtype = TensorProto.INT64 if f.boundaries is not None else TensorProto.FLOAT
         else:
-            g.ids(f, f.name, out)
+            present = g.ids(f, f.name, out)
             dtype = TensorProto.INT64
         outputs.append(helper.make_tensor_value_info(out, dtype, _shape(f, batch)))
         if monitor:
-            codes += g.outcome_codes(f, f.name, out, slot, drop)
+            counter.add(f, f.name, out, batch, present, missing)
     if monitor:
-        g.count_codes(codes, len(schema.features), FEATURE_VALUES)
+        counter.build(FEATURE_VALUES)
         shape = [len(schema.features), 3]
         outputs.append(helper.make_tensor_value_info(FEATURE_VALUES, TensorProto.INT64, shape))
     graph = helper.make_graph(g.nodes, "preprocess", inputs, outputs, g.initializers)
