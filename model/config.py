@@ -192,6 +192,27 @@ class EarlyStoppingConfig(_Strict):
         return self.mode == "max" if self.mode else higher_is_better(self.metric)
 
 
+class LossWeightingConfig(_Strict):
+    """How the task losses are combined. `fixed`: sum of tasks[i].weight * loss_i.
+    `uncertainty` (Kendall et al., 2018): a learned log-variance s_i per task, loss
+    exp(-s_i) * L_i + s_i / 2 for classification and exp(-s_i) / 2 * L_i + s_i / 2 for
+    regression. `gradnorm` (Chen et al., 2018): learned weights whose gradient norms on the last
+    shared layer are pulled towards the mean norm times (relative inverse training rate)^alpha.
+    In both, tasks[i].weight stays a constant factor on its task's term."""
+
+    kind: Literal["fixed", "uncertainty", "gradnorm"] = "fixed"
+    # gradnorm only: the restoring force's strength (the paper's alpha; default 1.5).
+    alpha: float | None = Field(None, ge=0.0)
+    # uncertainty and gradnorm: the Adam learning rate of the learned weights (both learn in
+    # log space, so 0.025, the default, moves a weight by about 2.5% a step).
+    lr: float | None = Field(None, gt=0.0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, data: Any) -> Any:
+        return {"kind": data} if isinstance(data, str) else data
+
+
 class TrainConfig(_Strict):
     # Rows per optimiser step; with N processes (torchrun) each takes its share of them.
     batch_size: int = Field(1024, ge=1)
@@ -211,6 +232,7 @@ class TrainConfig(_Strict):
     # (picked by a hash of the row number and the seed; held in memory).
     valid_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     early_stopping: EarlyStoppingConfig | None = None
+    loss_weighting: LossWeightingConfig = Field(default_factory=LossWeightingConfig)
     # A progress bar on stderr with the running loss per task.
     progress: bool = True
     # torch intra-op threads while training (default: torch's choice, one per core). Small
@@ -256,6 +278,16 @@ class RunConfig(_Strict):
             for key in ("task_experts", "ple_layers"):
                 if getattr(m, key) != 1:
                     raise ValueError(f"model.{key}: only for kind: ple")
+        lw = self.train.loss_weighting
+        if lw.kind != "gradnorm" and lw.alpha is not None:
+            raise ValueError("train.loss_weighting.alpha: only for kind: gradnorm")
+        if lw.kind == "fixed" and lw.lr is not None:
+            raise ValueError("train.loss_weighting.lr: only for learned weights")
+        if lw.kind != "fixed" and len(self.tasks) < 2:
+            raise ValueError(
+                f"train.loss_weighting.kind: {lw.kind} balances two or more tasks; "
+                "this config has one"
+            )
         es = self.train.early_stopping
         if es is not None and es.metric not in self.metric_names:
             raise ValueError(

@@ -230,6 +230,11 @@ class MMoE(nn.Module):
     def expert_names(self) -> list[str]:
         return [f"e{k}" for k in range(self.experts.num_experts)]
 
+    def last_shared_layer(self) -> nn.Parameter:
+        """The weights of the experts' last layer, which every task's loss reaches (GradNorm
+        balances the tasks' gradient norms on it)."""
+        return self.experts.weights[-1]
+
     def gate_weights(self, x: torch.Tensor) -> torch.Tensor:
         """[tasks, B, K] gate distributions (for analysis)."""
         if not self.gates:
@@ -339,6 +344,12 @@ class PLE(nn.Module):
         )
         self.num_shared = num_shared_experts
         self.num_specific = num_task_experts
+
+    def last_shared_layer(self) -> nn.Parameter:
+        """The weights of the last layer's shared experts, which every task's gate reads."""
+        last = self.layers[-1]
+        assert isinstance(last, CGCLayer)
+        return last.shared.weights[-1]
 
     @property
     def expert_names(self) -> list[str]:

@@ -14,8 +14,9 @@ import numpy as np
 
 def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:
     """Writes curves.png (per task and in total: training loss and validation metrics per
-    epoch, the best epoch marked) and, when the run has validation data, gates.png (mean gate
-    weight per task x expert on it)."""
+    epoch, the best epoch marked), task_weights.png (each task's loss weight per epoch: learned
+    with `train.loss_weighting` uncertainty or gradnorm) and, when the run has validation data,
+    gates.png (mean gate weight per task x expert on it)."""
     run_dir = Path(run_dir)
     path = run_dir / "metrics.json"
     if not path.exists():
@@ -54,6 +55,20 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> list
     fig.savefig(path, dpi=100)
     plt.close(fig)
     written.append(path)
+
+    weights = [e.get("task_weights") for e in epochs]
+    if all(weights):
+        fig, ax = plt.subplots(figsize=(5.5, 3.6))
+        for task in weights[0]:
+            ax.plot(xs, [w[task] for w in weights], marker="o", label=task)
+        kind = metrics.get("loss_weighting", "fixed")
+        ax.set(title=f"task loss weights ({kind}, end of epoch)", xlabel="epoch", yscale="log")
+        ax.legend(fontsize="small")
+        fig.tight_layout()
+        path = out / "task_weights.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
 
     gates = metrics.get("gates")
     if gates:

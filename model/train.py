@@ -31,7 +31,13 @@ from mmoe.model.checkpoint import build_model, config_hash, save_config, save_we
 from mmoe.model.config import RunConfig, higher_is_better
 from mmoe.model.data import DataSource
 from mmoe.model.evaluation import evaluate, gate_utilisation
-from mmoe.model.losses import dense_l2, task_loss
+from mmoe.model.losses import (
+    TaskBalancer,
+    UncertaintyWeighting,
+    dense_l2,
+    task_balancer,
+    task_loss,
+)
 from mmoe.model.network import PLE, MMoE, RankingModel
 from mmoe.model.schema import FeatureSchema, SchemaFitter
 
@@ -125,9 +131,14 @@ class Trainer:
         torch.manual_seed(cfg.train.seed + self.rank)  # dropout differs between processes
         ddp: nn.Module = nn.parallel.DistributedDataParallel(model) if self.world > 1 else model
         opt_cls = torch.optim.AdamW if cfg.train.optimizer == "adamw" else torch.optim.Adam
-        optimizer = opt_cls(
-            model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
-        )
+        balancer = task_balancer(cfg)
+        groups: list[dict[str, Any]] = [{"params": list(model.parameters())}]
+        if balancer.network_parameters():
+            assert isinstance(balancer, UncertaintyWeighting)
+            groups.append(
+                {"params": balancer.network_parameters(), "lr": balancer.lr, "weight_decay": 0.0}
+            )
+        optimizer = opt_cls(groups, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
         steps = self.batches.steps_per_epoch(n_rows)
         if cfg.train.batch_size < self.world or steps == 0:
             raise ValueError(
@@ -147,13 +158,18 @@ class Trainer:
         stale = 0
         for epoch in range(1, cfg.train.epochs + 1):
             t_epoch = time.perf_counter()
-            losses = self._train_epoch(ddp, model, optimizer, scheduler, schema, epoch, n_rows)
+            losses = self._train_epoch(
+                ddp, model, balancer, optimizer, scheduler, schema, epoch, n_rows
+            )
             stop = False
             if self.rank == 0:
                 record: dict[str, Any] = {
                     "epoch": epoch,
                     "train_loss": losses,
                     "lr": optimizer.param_groups[0]["lr"],
+                    "task_weights": dict(
+                        zip([t.name for t in cfg.tasks], balancer.weights(), strict=True)
+                    ),
                 }
                 if valid is not None:
                     record["valid"] = evaluate(model, cfg, valid)
@@ -238,6 +254,7 @@ class Trainer:
         self,
         ddp: nn.Module,
         model: RankingModel,
+        balancer: TaskBalancer,
         optimizer: torch.optim.Optimizer,
         scheduler: torch.optim.lr_scheduler.LRScheduler,
         schema: FeatureSchema,
@@ -248,6 +265,11 @@ class Trainer:
         model.train()
         names = [t.name for t in cfg.tasks]
         sums = torch.zeros(len(names) + 1, dtype=torch.float64)  # per task, then total
+        shared = (
+            model.net.last_shared_layer()
+            if cfg.train.loss_weighting.kind == "gradnorm" and isinstance(model.net, MMoE | PLE)
+            else None
+        )
         steps = 0
         bar = tqdm(
             total=self.batches.steps_per_epoch(n_rows),
@@ -263,14 +285,20 @@ class Trainer:
                 task_loss(t, logits[t.name], batch.labels[t.name], batch.weights[t.name])
                 for t in cfg.tasks
             ]
-            loss = torch.stack([t.weight * v for t, v in zip(cfg.tasks, per_task, strict=True)])
-            loss = loss.sum()
+            task_losses = torch.stack(per_task)
+            balancer.step(task_losses, shared)
+            loss = balancer(task_losses)
             if cfg.model.l2:
                 loss = loss + cfg.model.l2 * dense_l2(model)
             if cfg.model.embedding_l2:
                 loss = loss + cfg.model.embedding_l2 * emb_sq
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if self.world > 1:  # DDP averages the network's gradients, not the balancer's
+                for p in balancer.network_parameters():
+                    assert p.grad is not None
+                    dist.all_reduce(p.grad)
+                    p.grad /= self.world
             optimizer.step()
             scheduler.step()
             steps += 1
@@ -303,6 +331,7 @@ class Trainer:
             "steps_per_epoch": steps,
             "train_seconds": round(seconds, 2),
             "world_size": self.world,
+            "loss_weighting": cfg.train.loss_weighting.kind,
             "threads": torch.get_num_threads(),
             "best_epoch": history.best_epoch,
             "best": history.best,

@@ -31,11 +31,9 @@ def test_report_writes_curves_and_gate_heatmap(
 ) -> None:
     assert main(["report", str(tiny_run), "--out", str(tmp_path / "report")]) == 0
     printed = capsys.readouterr().out.split()
-    assert printed == [
-        str(tmp_path / "report" / "curves.png"),
-        str(tmp_path / "report" / "gates.png"),
-    ]
-    for name in ("curves.png", "gates.png"):
+    names = ["curves.png", "task_weights.png", "gates.png"]
+    assert printed == [str(tmp_path / "report" / name) for name in names]
+    for name in names:
         width, height = png_size(tmp_path / "report" / name)
         assert width > 200 and height > 100
 
