@@ -37,7 +37,7 @@ from mmoe.export.graph import (
 )
 from mmoe.export.parity import RawColumn, check_parity, generate_rows, to_onnx_inputs
 from mmoe.model.checkpoint import Run, config_hash, load_run
-from mmoe.model.network import RankingModel, output_names, task_outputs
+from mmoe.model.network import RankingModel, model_outputs, output_names
 from mmoe.model.schema import FeatureSchema
 
 
@@ -51,18 +51,15 @@ class ExportNet(nn.Module):
 
     def forward(self, *encoded: torch.Tensor) -> tuple[torch.Tensor, ...]:
         logits = self.model(dict(zip(self.names, encoded, strict=True)))
-        outs: list[torch.Tensor] = []
-        for task in self.model.tasks:
-            outs.extend(task_outputs(task, logits[task.name]).values())
-        return tuple(outs)
+        return tuple(model_outputs(self.model.tasks, logits).values())
 
 
 def graph_output_names(model: RankingModel) -> list[str]:
-    """The network's outputs in ExportNet's order."""
+    """The network's outputs in ExportNet's (model_outputs') order."""
     names: list[str] = []
     for t in model.tasks:
         n = output_names(t)
-        names.extend([n.score] if n.logits is None else [n.score, n.logits])
+        names.extend(name for name in (n.score, n.logits, n.product) if name is not None)
     return names
 
 
@@ -142,6 +139,12 @@ def build_metadata(run: Run) -> ModelMetadata:
             num_class=t.num_class,
         )
         for t in run.model.tasks
+    ]
+    # An ESMM task's product (pCTCVR) is served as a task of its own.
+    tasks += [
+        TaskInfo(name=t.product, kind="binary", output=product)
+        for t in run.model.tasks
+        if t.product and (product := output_names(t).product)
     ]
     best = run.metrics.get("best", {})
     return ModelMetadata(

@@ -34,7 +34,10 @@ def build_model(config: RunConfig, schema: FeatureSchema) -> RankingModel:
         )
         for f in schema.features
     ]
-    tasks = [TaskHead(t.name, t.kind, tuple(t.tower), t.num_class) for t in config.tasks]
+    tasks = [
+        TaskHead(t.name, t.kind, tuple(t.tower), t.num_class, t.multiply, t.product_name)
+        for t in config.tasks
+    ]
     m = config.model
     input_dim = sum(schema.tables[s.table][1] if s.table else 1 for s in specs)
     common: dict[str, Any] = dict(

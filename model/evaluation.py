@@ -9,7 +9,7 @@ from mmoe.model.batches import Batch
 from mmoe.model.config import RunConfig
 from mmoe.model.losses import task_loss
 from mmoe.model.metrics import task_metrics
-from mmoe.model.network import PLE, MMoE, RankingModel, output_names, task_outputs
+from mmoe.model.network import PLE, MMoE, RankingModel, model_outputs, output_names
 
 EVAL_ROWS = 8192  # rows per forward pass
 
@@ -31,27 +31,45 @@ def _logits(model: RankingModel, batch: Batch) -> dict[str, torch.Tensor]:
 @torch.no_grad()
 def predict(model: RankingModel, batch: Batch) -> dict[str, np.ndarray]:
     """Exported outputs (`probs_<task>`, `y_<task>`, `logits_<task>`) for encoded rows."""
-    logits = _logits(model, batch)
-    out: dict[str, np.ndarray] = {}
-    for task in model.tasks:
-        out.update({k: v.numpy() for k, v in task_outputs(task, logits[task.name]).items()})
-    return out
+    return {k: v.numpy() for k, v in model_outputs(model.tasks, _logits(model, batch)).items()}
 
 
 @torch.no_grad()
 def evaluate(model: RankingModel, config: RunConfig, data: Batch) -> dict[str, float]:
     """Each task's metrics on the rows in its space (label present, `only_where` holds), and
-    `loss`: the sum of the task losses weighted by `tasks[i].weight` (without regularisation)."""
+    `loss`: the sum of the task losses weighted by `tasks[i].weight` (without regularisation).
+
+    An ESMM task (`multiply`) has its metrics twice: `<metric>_<product>` of the product on
+    every row, and `<metric>_<task>` of its own probability (pCVR) on the rows where the task it
+    multiplies has label 1 (the clicked rows), the space that probability is about."""
     logits = _logits(model, data)
+    outputs = model_outputs(model.tasks, logits)
     metrics: dict[str, float] = {}
     total = 0.0
     for t, head in zip(config.tasks, model.tasks, strict=True):
-        z = logits[t.name]
         y, w = data.labels[t.name], data.weights[t.name]
-        total += t.weight * float(task_loss(t, z, y, w))
-        scores = task_outputs(head, z)[output_names(head).score]
-        labels = np.where(data.masks[t.name].numpy(), y.numpy().astype(np.float64), np.nan)
-        metrics.update(task_metrics(t.default_metrics, t.kind, labels, scores.numpy(), t.name))
+        multiplier = logits[t.multiply] if t.multiply else None
+        total += t.weight * float(task_loss(t, logits[t.name], y, w, multiplier))
+        names = output_names(head)
+        mask = data.masks[t.name].numpy()
+        labels = y.numpy().astype(np.float64)
+        if t.multiply is not None and t.product_name and names.product:
+            product = outputs[names.product].numpy()
+            metrics.update(
+                task_metrics(
+                    t.default_metrics,
+                    t.kind,
+                    np.where(mask, labels, np.nan),
+                    product,
+                    t.product_name,
+                )
+            )
+            mask = mask & (data.labels[t.multiply].numpy() == 1)
+        scores = outputs[names.score].numpy()
+        own = task_metrics(
+            t.default_metrics, t.kind, np.where(mask, labels, np.nan), scores, t.name
+        )
+        metrics.update(own)
     metrics["loss"] = total
     return metrics
 

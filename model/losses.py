@@ -11,12 +11,24 @@ from mmoe.model.config import RunConfig, TaskConfig
 
 
 def task_loss(
-    task: TaskConfig, logits: torch.Tensor, y: torch.Tensor, w: torch.Tensor
+    task: TaskConfig,
+    logits: torch.Tensor,
+    y: torch.Tensor,
+    w: torch.Tensor,
+    multiplier: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """sum(w * loss) / count(w > 0): the mean over the rows that count for this task, each
-    scaled by its sample weight (TensorFlow's SUM_BY_NONZERO_WEIGHTS, as in EasyRec)."""
+    scaled by its sample weight (TensorFlow's SUM_BY_NONZERO_WEIGHTS, as in EasyRec).
+
+    `multiplier`: the logits of the task this one multiplies (ESMM): the log loss is then on
+    the product p = sigmoid(logits) * sigmoid(multiplier), computed in log space."""
     y = torch.nan_to_num(y, nan=0.0)
-    if task.kind == "binary":
+    if multiplier is not None:
+        log_p = F.logsigmoid(logits[:, 0]) + F.logsigmoid(multiplier[:, 0])
+        # log(1 - p) = log(-expm1(log p)); p = 1 exactly would be log(0)
+        log_not_p = torch.log(-torch.expm1(log_p.clamp(max=-1e-7)))
+        per_row = -(y * log_p + (1 - y) * log_not_p)
+    elif task.kind == "binary":
         per_row = F.binary_cross_entropy_with_logits(logits[:, 0], y, reduction="none")
     elif task.kind == "regression":
         per_row = F.mse_loss(logits[:, 0], y, reduction="none")
@@ -113,7 +125,10 @@ class GradNorm(TaskBalancer):
 
     The weights are w = T * softmax(v), with their own Adam on v: the paper's renormalisation
     to sum T, and steps that are relative, so weights whose right values differ by orders of
-    magnitude (losses of very different scale) get there in as many steps as close ones.
+    magnitude (losses of very different scale) get there in as many steps as close ones. They
+    start at the first step's optimum (every r_i is 1 then: equal weighted norms), as
+    `UncertaintyWeighting` does, instead of at 1, which for tasks whose gradients differ
+    1000-fold would take hundreds of steps to leave.
     """
 
     def __init__(self, tasks: list[TaskConfig], alpha: float, lr: float) -> None:
@@ -143,6 +158,9 @@ class GradNorm(TaskBalancer):
         current, norms = stats[: len(losses)], stats[len(losses) :]
         if self.initial is None:
             self.initial = current.clamp(min=1e-12)
+            with torch.no_grad():  # equal weighted norms: the optimum while every r_i is 1
+                self.logits.copy_(-torch.log(norms.clamp(min=1e-12)))
+                self.logits.sub_(self.logits.mean())
         ratio = current / self.initial
         g = self._w() * norms
         target = (g.mean() * (ratio / ratio.mean()) ** self.alpha).detach()

@@ -39,6 +39,10 @@ class TaskHead:
     kind: str = "binary"
     tower: tuple[int, ...] = (64,)
     num_class: int | None = None
+    # ESMM: this task's probability is multiplied by task `multiply`'s; the product is also an
+    # output, named `product`.
+    multiply: str | None = None
+    product: str | None = None
 
     @property
     def out_dim(self) -> int:
@@ -493,6 +497,7 @@ class OutputNames:
 
     score: str  # probs_<task> (binary, multiclass) or y_<task> (regression)
     logits: str | None  # logits_<task>; None for regression
+    product: str | None = None  # probs_<product> of an ESMM task (`multiply`)
 
 
 def output_names(task: TaskHead) -> OutputNames:
@@ -500,11 +505,13 @@ def output_names(task: TaskHead) -> OutputNames:
     all read it."""
     if task.kind == "regression":
         return OutputNames(f"y_{task.name}", None)
-    return OutputNames(f"probs_{task.name}", f"logits_{task.name}")
+    product = f"probs_{task.product}" if task.product else None
+    return OutputNames(f"probs_{task.name}", f"logits_{task.name}", product)
 
 
 def task_outputs(task: TaskHead, logits: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The exported outputs of one task, by the names of `output_names`."""
+    """The exported outputs of one task by the names of `output_names`, the product of an ESMM
+    task aside (see `model_outputs`)."""
     names = output_names(task)
     if task.kind == "regression":
         return {names.score: logits[:, 0]}
@@ -513,3 +520,19 @@ def task_outputs(task: TaskHead, logits: torch.Tensor) -> dict[str, torch.Tensor
         z = logits[:, 0]
         return {names.score: torch.sigmoid(z), names.logits: z}
     return {names.score: F.softmax(logits, dim=-1), names.logits: logits}
+
+
+def model_outputs(
+    tasks: Sequence[TaskHead], logits: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Every exported output, task by task (score, logits, then an ESMM task's product
+    `probs_<product>` = p(task) * p(multiply)): what export serves and evaluation scores."""
+    out: dict[str, torch.Tensor] = {}
+    for task in tasks:
+        own = task_outputs(task, logits[task.name])
+        out.update(own)
+        names = output_names(task)
+        if names.product is not None:
+            assert task.multiply is not None
+            out[names.product] = own[names.score] * torch.sigmoid(logits[task.multiply][:, 0])
+    return out

@@ -282,7 +282,13 @@ class Trainer:
         for batch in self.batches.epoch(schema, epoch, n_rows):
             logits, emb_sq = ddp(batch.inputs, with_embedding_l2=True)
             per_task = [
-                task_loss(t, logits[t.name], batch.labels[t.name], batch.weights[t.name])
+                task_loss(
+                    t,
+                    logits[t.name],
+                    batch.labels[t.name],
+                    batch.weights[t.name],
+                    logits[t.multiply] if t.multiply else None,
+                )
                 for t in cfg.tasks
             ]
             task_losses = torch.stack(per_task)

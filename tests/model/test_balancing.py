@@ -113,6 +113,17 @@ def test_gradnorm_moves_weight_to_the_task_with_the_smaller_gradient() -> None:
     assert wa > 1.5 and wb < 0.5 and wa + wb == pytest.approx(2.0, rel=1e-5)
 
 
+def test_gradnorm_starts_with_equal_weighted_gradient_norms() -> None:
+    tasks = [TaskConfig(name="a", label="a"), TaskConfig(name="b", label="b")]
+    g = GradNorm(tasks, alpha=1.5, lr=1e-9)  # no learning: the start alone
+    shared = torch.nn.Parameter(torch.randn(4, 4))
+    h = torch.randn(32, 4) @ shared
+    losses = torch.stack([h.pow(2).mean(), 1000 * h.pow(2).mean()])
+    g.step(losses, shared)
+    wa, wb = g.weights()
+    assert wa / wb == pytest.approx(1000, rel=1e-3) and wa + wb == pytest.approx(2.0)
+
+
 def test_task_balancer_follows_the_config(tiny_dict: dict[str, Any]) -> None:
     tiny_dict["tasks"][1]["weight"] = 3.0
     assert task_balancer(parse_config(tiny_dict)).weights() == [1.0, 3.0]
