@@ -246,6 +246,10 @@ class MMoE(nn.Module):
         g = torch.stack([gate(x) for gate in self.gates])
         return g.expand(len(self.tasks), -1, -1) if len(self.gates) == 1 else g
 
+    def expert_outputs(self, x: torch.Tensor) -> torch.Tensor:
+        """[experts, B, H]: what the gates mix (for analysis)."""
+        return self.experts(x)
+
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         experts = self.experts(x)
         gates = [gate(x) for gate in self.gates]
@@ -377,6 +381,17 @@ class PLE(nn.Module):
             out[t, :, t * s : (t + 1) * s] = g[:, :s]
             out[t, :, n_tasks * s :] = g[:, s:]
         return out
+
+    def expert_outputs(self, x: torch.Tensor) -> torch.Tensor:
+        """[experts, B, H] of the last layer, in `expert_names` order (for analysis)."""
+        task_in = [x] * len(self.tasks)
+        shared_in = x
+        for layer in self.layers[:-1]:
+            task_in, shared_in = layer(task_in, shared_in)
+        last = self.layers[-1]
+        assert isinstance(last, CGCLayer)
+        own = [bank(h) for bank, h in zip(last.specific, task_in, strict=True)]
+        return torch.cat([*own, last.shared(shared_in)])
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         task_in = [x] * len(self.tasks)

@@ -30,7 +30,7 @@ from mmoe.model.batches import BatchStream, encode_table
 from mmoe.model.checkpoint import build_model, config_hash, save_config, save_weights
 from mmoe.model.config import RunConfig, higher_is_better
 from mmoe.model.data import DataSource
-from mmoe.model.evaluation import evaluate, gate_utilisation
+from mmoe.model.evaluation import evaluate, expert_health
 from mmoe.model.losses import (
     TaskBalancer,
     UncertaintyWeighting,
@@ -50,6 +50,7 @@ class History:
     gates: dict[str, list[float]] | None = None
     gate_experts: list[str] | None = None
     stopped_early: bool = False
+    warnings: list[dict[str, Any]] = field(default_factory=list)
 
 
 class Trainer:
@@ -173,6 +174,11 @@ class Trainer:
                 }
                 if valid is not None:
                     record["valid"] = evaluate(model, cfg, valid)
+                    health = expert_health(model, valid)
+                    if health is not None:
+                        record["experts"] = health.record()
+                        for warning in health.warnings():
+                            self._warn(history, epoch, warning)
                 record["seconds"] = round(time.perf_counter() - t_epoch, 2)
                 history.epochs.append(record)
                 value = self._monitored(record)
@@ -204,8 +210,9 @@ class Trainer:
             # Analyses use the best weights, as export does.
             state = torch.load(self.out_dir / "weights.pt", weights_only=True)
             model.load_state_dict(state)
-            if valid is not None and isinstance(model.net, MMoE | PLE):
-                history.gates, history.gate_experts = gate_utilisation(model, valid)
+            health = expert_health(model, valid) if valid is not None else None
+            if health is not None:
+                history.gates, history.gate_experts = health.gates, health.experts
             valid_rows = len(valid) if valid is not None else 0
             self._write_metrics(history, n_rows, valid_rows, steps, time.perf_counter() - t0)
             best = " ".join(f"{k}={v:.4f}" for k, v in history.best.items())
@@ -214,6 +221,11 @@ class Trainer:
         if self.world > 1:
             dist.barrier()  # every process returns once the run is written
         return history
+
+    def _warn(self, history: History, epoch: int, message: str) -> None:
+        """Logged, and kept in metrics.json's `warnings`."""
+        history.warnings.append({"epoch": epoch, "warning": message})
+        self.log(f"warning: epoch {epoch}: {message}")
 
     def _maximise(self) -> bool:
         es = self.config.train.early_stopping
@@ -345,6 +357,7 @@ class Trainer:
             "epochs": history.epochs,
             "gates": history.gates,
             "gate_experts": history.gate_experts,
+            "warnings": history.warnings,
         }
         (self.out_dir / "metrics.json").write_text(json.dumps(payload, indent=1, allow_nan=True))
 

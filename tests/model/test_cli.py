@@ -31,7 +31,7 @@ def test_report_writes_curves_and_gate_heatmap(
 ) -> None:
     assert main(["report", str(tiny_run), "--out", str(tmp_path / "report")]) == 0
     printed = capsys.readouterr().out.split()
-    names = ["curves.png", "task_weights.png", "gates.png"]
+    names = ["curves.png", "task_weights.png", "experts.png", "gates.png"]
     assert printed == [str(tmp_path / "report" / name) for name in names]
     for name in names:
         width, height = png_size(tmp_path / "report" / name)
@@ -53,6 +53,7 @@ def test_report_of_a_multi_epoch_ple_run(
     assert main(["report", str(run_dir)]) == 0
     assert png_size(run_dir / "report" / "curves.png")[0] > 200
     assert png_size(run_dir / "report" / "gates.png")[0] > 200
+    assert png_size(run_dir / "report" / "experts.png")[0] > 200
 
 
 def test_report_of_a_missing_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
