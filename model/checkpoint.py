@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,8 +64,16 @@ def build_model(config: RunConfig, schema: FeatureSchema) -> RankingModel:
     return RankingModel(specs, schema.tables, net, senet_reduction=reduction)
 
 
+# Train settings that change how fast a run goes or what it prints, never the model it trains.
+NOT_IDENTITY = {"progress", "threads", "cache_mb"}
+
+
 def config_hash(config: RunConfig) -> str:
-    text = json.dumps(config.model_dump(mode="json"), sort_keys=True)
+    """What identifies the model a config trains (train.progress, threads and cache_mb left
+    out)."""
+    text = json.dumps(
+        config.model_dump(mode="json", exclude={"train": NOT_IDENTITY}), sort_keys=True
+    )
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -75,6 +84,30 @@ class Run:
     model: RankingModel
     metrics: dict[str, Any]
     path: Path
+
+
+class RunDirError(ValueError):
+    """An output directory that a run may not be written into."""
+
+
+def prepare_run_dir(path: str | Path, overwrite: bool = False) -> None:
+    """Refuse an existing non-empty RUN_DIR (its old files, report plots, would mix with the
+    new run's) unless `overwrite`, which empties it."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise RunDirError(f"--out {path} is a file, not a directory")
+    if not path.exists() or not any(path.iterdir()):
+        return
+    if not overwrite:
+        raise RunDirError(
+            f"--out {path} exists and is not empty; pass --overwrite to replace it, or choose "
+            "another directory"
+        )
+    for child in path.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
 
 
 def save_config(config: RunConfig, run_dir: Path) -> None:

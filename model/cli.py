@@ -51,6 +51,11 @@ def register(sub: Any) -> None:
     train.add_argument("--valid", help="validation data (default: hold out train.valid_fraction)")
     train.add_argument("--out", required=True, help="RUN_DIR to write")
     train.add_argument("--nproc", type=int, default=1, help="processes (DDP via torchrun)")
+    train.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="clear RUN_DIR first if it exists and is not empty (else that is refused)",
+    )
     train.set_defaults(func=_train)
 
     report = sub.add_parser("report", help="plot a run's curves and gate utilisation")
@@ -82,6 +87,15 @@ def _data(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from mmoe.model.checkpoint import prepare_run_dir
+    from mmoe.model.config import load_config
+
+    try:
+        config = load_config(args.config)  # a bad config must not clear the old run
+        prepare_run_dir(args.out, args.overwrite)
+    except ValueError as err:  # ConfigError, RunDirError
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         cmd = [
             sys.executable,
@@ -101,14 +115,8 @@ def _train(args: argparse.Namespace) -> int:
         if args.valid:
             cmd += ["--valid", args.valid]
         return subprocess.call(cmd)
-    from mmoe.model.config import ConfigError, load_config
     from mmoe.model.train import train
 
-    try:
-        config = load_config(args.config)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
     try:
         train(config, args.data, args.out, args.valid)
     except (ValueError, FileNotFoundError) as err:

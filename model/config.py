@@ -258,7 +258,8 @@ class TrainConfig(_Strict):
     # this many MiB (later epochs then skip reading and encoding); past it every epoch streams
     # from the file. 0: always stream.
     cache_mb: float = Field(2048, ge=0)
-    # A progress bar on stderr with the running loss per task.
+    # A progress bar on stderr with the running loss per task, when stderr is a terminal (else
+    # the line per epoch on stdout only).
     progress: bool = True
     # torch intra-op threads while training (default: torch's choice, one per core). Small
     # models train fastest with 1, and far faster when other processes share the cores.

@@ -27,8 +27,14 @@ from torch import nn
 from tqdm import tqdm
 
 from mmoe.model.batches import BatchStream, encode_table
-from mmoe.model.checkpoint import build_model, config_hash, save_config, save_weights
-from mmoe.model.config import RunConfig, higher_is_better
+from mmoe.model.checkpoint import (
+    build_model,
+    config_hash,
+    prepare_run_dir,
+    save_config,
+    save_weights,
+)
+from mmoe.model.config import ConfigError, RunConfig, higher_is_better
 from mmoe.model.data import DataSource
 from mmoe.model.evaluation import evaluate, expert_health
 from mmoe.model.losses import (
@@ -65,6 +71,14 @@ class Trainer:
         self.out_dir = Path(out_dir)
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
+        es = config.train.early_stopping
+        no_valid = not valid_path and config.train.valid_fraction == 0
+        if es is not None and es.metric != "loss" and no_valid:
+            raise ConfigError(
+                f"train.early_stopping.metric: {es.metric!r} is measured on validation rows "
+                "and there are none (train.valid_fraction is 0 and no validation file); "
+                "set train.valid_fraction, give a validation file, or use metric: loss"
+            )
         self.batches = BatchStream(
             config,
             DataSource(train_path, config),
@@ -163,6 +177,8 @@ class Trainer:
                 ddp, model, balancer, optimizer, scheduler, schema, epoch, n_rows
             )
             stop = False
+            if epoch == 1 and cfg.train.epochs > 1 and cfg.train.cache_mb > 0:
+                self.log(self._cache_note())
             if self.rank == 0:
                 record: dict[str, Any] = {
                     "epoch": epoch,
@@ -181,23 +197,33 @@ class Trainer:
                             self._warn(history, epoch, warning)
                 record["seconds"] = round(time.perf_counter() - t_epoch, 2)
                 history.epochs.append(record)
-                value = self._monitored(record)
-                improved = best_value is None or (
-                    value > best_value if self._maximise() else value < best_value
-                )
+                name, value = self._monitored(history, record)
+                if math.isnan(value):
+                    self._warn(
+                        history,
+                        epoch,
+                        f"{name} is NaN on the validation rows (a single class?): "
+                        "this epoch cannot be judged",
+                    )
+                improved = not math.isnan(value) and (best_value is None or value > best_value)
                 summary = " ".join(f"{k}={v:.4f}" for k, v in record.get("valid", {}).items())
-                self.log(f"epoch {epoch}: train loss {losses['total']:.4f}  valid {summary}")
+                self.log(
+                    f"epoch {epoch}: train loss {losses['total']:.4f} "
+                    f"({record['seconds']:.1f} s)  valid {summary}"
+                )
                 if improved:
                     best_value, stale = value, 0
+                else:
+                    stale += 1
+                # Until an epoch can be judged, the latest weights are kept.
+                if improved or best_value is None:
                     history.best_epoch = epoch
                     history.best = dict(record.get("valid", {}))
                     save_weights(model, self.out_dir)
-                else:
-                    stale += 1
-                    es = cfg.train.early_stopping
-                    if es is not None and stale >= es.patience and epoch < cfg.train.epochs:
-                        self.log(f"early stopping: no better {es.metric} for {stale} epochs")
-                        stop = history.stopped_early = True
+                es = cfg.train.early_stopping
+                if es is not None and stale >= es.patience and epoch < cfg.train.epochs:
+                    self.log(f"early stopping: no better {name} for {stale} epochs")
+                    stop = history.stopped_early = True
             if self.world > 1:
                 flag = [stop]
                 dist.broadcast_object_list(flag, src=0)
@@ -222,30 +248,42 @@ class Trainer:
             dist.barrier()  # every process returns once the run is written
         return history
 
+    def _cache_note(self) -> str:
+        b = self.batches
+        if b.cached:
+            return f"encoded training rows kept in memory ({b.cache_mib:.0f} MiB) for epochs 2+"
+        return (
+            f"encoded training rows exceed train.cache_mb ({self.config.train.cache_mb:g} MiB): "
+            "every epoch reads the file"
+        )
+
     def _warn(self, history: History, epoch: int, message: str) -> None:
         """Logged, and kept in metrics.json's `warnings`."""
         history.warnings.append({"epoch": epoch, "warning": message})
         self.log(f"warning: epoch {epoch}: {message}")
 
-    def _maximise(self) -> bool:
-        es = self.config.train.early_stopping
-        if es is not None:
-            return es.maximise
-        return True  # _monitored negates lower-is-better metrics
-
-    def _monitored(self, record: dict[str, Any]) -> float:
-        """The value that picks the best epoch: the early-stopping metric, else the first
-        metric of the first task (negated when lower is better), else (no validation data) the
-        negated training loss."""
+    def _monitored(self, history: History, record: dict[str, Any]) -> tuple[str, float]:
+        """The metric that picks the best epoch and its value, signed so that larger is better:
+        the early-stopping metric, else the first metric of the first task, else (no
+        validation rows) the training loss. NaN when the metric is undefined on these rows."""
         es = self.config.train.early_stopping
         valid = record.get("valid", {})
         if es is not None:
             source = {"loss": record["train_loss"]["total"], **valid}
-            return float(source[es.metric])
-        if valid:
+            if es.metric in source:
+                value = float(source[es.metric])
+                return es.metric, value if es.maximise else -value
+            if not any(w["warning"].startswith("train.early_stopping") for w in history.warnings):
+                self._warn(
+                    history,
+                    record["epoch"],
+                    f"train.early_stopping.metric: {es.metric} needs validation rows and there "
+                    "are none; the training loss picks the best epoch",
+                )
+        elif valid:
             name, value = next(iter(valid.items()))
-            return value if higher_is_better(name) else -value
-        return -float(record["train_loss"]["total"])
+            return name, value if higher_is_better(name) else -value
+        return "training loss", -float(record["train_loss"]["total"])
 
     def _lr_lambda(self, total_steps: int, steps_per_epoch: int) -> Callable[[int], float]:
         t = self.config.train
@@ -286,7 +324,9 @@ class Trainer:
         bar = tqdm(
             total=self.batches.steps_per_epoch(n_rows),
             desc=f"epoch {epoch}",
-            disable=not (cfg.train.progress and self.rank == 0),
+            # Off a terminal (a log file, CI, `mmoe bench`) a bar would be one line per refresh;
+            # the per-epoch line on stdout says what it would.
+            disable=not (cfg.train.progress and self.rank == 0 and sys.stderr.isatty()),
             file=sys.stderr,
             leave=False,
             dynamic_ncols=True,
@@ -395,8 +435,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", required=True)
     p.add_argument("--valid")
     p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true", help="clear a non-empty --out first")
     args = p.parse_args(argv)
     try:
+        if int(os.environ.get("RANK", "0")) == 0:  # the others write nothing there
+            prepare_run_dir(args.out, args.overwrite)
         train(load_config(args.config), args.data, args.out, args.valid)
     except (ConfigError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)

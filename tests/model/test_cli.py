@@ -158,3 +158,21 @@ def test_paper_synthetic_sines_noise_and_seeds() -> None:
 def test_metrics_json_is_plain_json(tiny_run: Path) -> None:
     metrics = json.loads((tiny_run / "metrics.json").read_text())
     assert isinstance(metrics["epochs"][0]["valid"]["auc_ctr"], float)
+
+
+def test_train_refuses_a_non_empty_out_dir_unless_overwrite(
+    tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "run"
+    (out / "report").mkdir(parents=True)
+    (out / "report" / "stale.png").write_bytes(b"old")
+    args = ["train", "--config", str(TINY_CONFIG), "--data", str(tiny_data), "--out", str(out)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"--out {out} exists and is not empty; pass --overwrite" in err
+    assert (out / "report" / "stale.png").exists()  # untouched
+    assert main([*args, "--config", str(tmp_path / "missing.yaml"), "--overwrite"]) == 2
+    assert (out / "report" / "stale.png").exists()  # a bad config clears nothing
+    assert main([*args, "--overwrite"]) == 0
+    assert not (out / "report").exists() and (out / "weights.pt").exists()
+    assert main([*args, "--overwrite"]) == 0  # again over its own run: the Makefile's case
