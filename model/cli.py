@@ -40,6 +40,13 @@ def register(sub: Any) -> None:
         default=0,
         help="seed of the sine parameters alpha, beta ~ N(0, 1) (default 0)",
     )
+    paper.add_argument(
+        "--sine-params",
+        choices=["normal", "index"],
+        default="normal",
+        help="alpha, beta of the sines (the paper gives none): N(0, 1) draws from --sine-seed "
+        "(default), or alpha_j = j+1, beta_j = j^2 as in Google Research's generator",
+    )
     paper.add_argument("--out", required=True)
     paper.set_defaults(func=_data)
 
@@ -80,6 +87,7 @@ def _data(args: argparse.Namespace) -> int:
             noise_std=args.noise,
             seed=args.seed,
             sine_seed=args.sine_seed,
+            sine_params=args.sine_params,
         )
     write_table(table, args.out)
     print(f"wrote {table.num_rows} rows to {args.out}")

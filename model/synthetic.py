@@ -82,22 +82,33 @@ def paper_synthetic(
     noise_std: float = 0.01,
     seed: int = 0,
     sine_seed: int = 0,
+    sine_params: str = "normal",
 ) -> pa.Table:
     """Two regression tasks whose correlation is controlled (Ma et al., KDD 2018, section 3.2).
 
     u1, u2: random orthogonal unit vectors in R^d. w1 = c*u1, w2 = c*(p*u1 + sqrt(1-p^2)*u2).
     x ~ N(0, I). y_i = w_i.x + sum_{j<m} sin(alpha_j * w_i.x + beta_j) + N(0, noise_std^2).
-    alpha_j, beta_j ~ N(0, 1) are the paper's "given parameters" shaping the sines: shared by
-    both tasks and drawn from `sine_seed`, so data sets with different `seed`s (new u1, u2, x,
-    noise) share them. Columns x0..x{d-1}, y1, y2.
+
+    The paper calls alpha_j, beta_j "given parameters" and gives no values. `sine_params`:
+    "normal": alpha_j, beta_j ~ N(0, 1), drawn from `sine_seed` (mostly slow sines: the labels
+    are close to linear in w_i.x); "index": alpha_j = j + 1, beta_j = j^2, the values of Google
+    Research's generator for this experiment (sines up to m times faster than the linear
+    term: the nonlinearity the experiment is about). Both tasks share them, so data sets with
+    different `seed`s (new u1, u2, x, noise) share them. Columns x0..x{d-1}, y1, y2.
     """
     if not -1.0 <= correlation <= 1.0:
         raise ValueError("correlation must be in [-1, 1]")
     if rows < 1 or dim < 2 or num_sines < 0 or noise_std < 0:
         raise ValueError("need rows >= 1, dim >= 2, sines >= 0 and noise >= 0")
-    shape = np.random.default_rng(sine_seed)
-    alpha = shape.normal(size=num_sines)
-    beta = shape.normal(size=num_sines)
+    if sine_params == "index":
+        alpha = np.arange(1, num_sines + 1, dtype=np.float64)
+        beta = np.arange(num_sines, dtype=np.float64) ** 2
+    elif sine_params == "normal":
+        shape = np.random.default_rng(sine_seed)
+        alpha = shape.normal(size=num_sines)
+        beta = shape.normal(size=num_sines)
+    else:
+        raise ValueError(f"sine_params must be 'normal' or 'index', got {sine_params!r}")
     rng = np.random.default_rng(seed)
     q, _ = np.linalg.qr(rng.normal(size=(dim, 2)))
     u1, u2 = q[:, 0], q[:, 1]

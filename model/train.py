@@ -176,6 +176,7 @@ class Trainer:
             losses = self._train_epoch(
                 ddp, model, balancer, optimizer, scheduler, schema, epoch, n_rows
             )
+            train_seconds = time.perf_counter() - t_epoch
             stop = False
             if epoch == 1 and cfg.train.epochs > 1 and cfg.train.cache_mb > 0:
                 self.log(self._cache_note())
@@ -195,6 +196,9 @@ class Trainer:
                         record["experts"] = health.record()
                         for warning in health.warnings():
                             self._warn(history, epoch, warning)
+                # the training steps alone, and with validation
+                record["train_seconds"] = round(train_seconds, 2)
+                record["rows_per_second"] = round(n_rows / train_seconds)
                 record["seconds"] = round(time.perf_counter() - t_epoch, 2)
                 history.epochs.append(record)
                 name, value = self._monitored(history, record)

@@ -155,6 +155,18 @@ def test_paper_synthetic_sines_noise_and_seeds() -> None:
         paper_synthetic(10, 1.5)
 
 
+def test_paper_synthetic_index_sines_follow_the_formula() -> None:
+    """alpha_j = j + 1, beta_j = j^2: y minus its noise is exactly z + sum sin(alpha z + beta)."""
+    t = paper_synthetic(500, 1.0, dim=10, num_sines=4, noise_std=0.0, seed=3, sine_params="index")
+    x = np.stack([t.column(f"x{i}").to_numpy() for i in range(10)], axis=1)
+    u1 = np.linalg.qr(np.random.default_rng(3).normal(size=(10, 2)))[0][:, 0]  # seed 3's u1
+    z = x @ u1
+    want = z + sum(np.sin((j + 1) * z + j**2) for j in range(4))
+    np.testing.assert_allclose(t.column("y1").to_numpy(), want, atol=1e-9)
+    with pytest.raises(ValueError, match="sine_params must be"):
+        paper_synthetic(10, 0.5, sine_params="uniform")
+
+
 def test_metrics_json_is_plain_json(tiny_run: Path) -> None:
     metrics = json.loads((tiny_run / "metrics.json").read_text())
     assert isinstance(metrics["epochs"][0]["valid"]["auc_ctr"], float)
