@@ -7,7 +7,8 @@ parameters are fixed, each seed draws new task directions, inputs and noise). MM
 the tasks. Shared-Bottom: one expert (`experts: 1`, no gates) as wide as gives the same
 parameter count. Every model trains with Adam on the same rows per (p, seed) and is scored by
 test MSE (the mean over both tasks), averaged over seeds. The paper's finding: MMoE is better
-when the tasks are less related, and the gap shrinks as the correlation goes to 1.
+when the tasks are less related, and the gap shrinks as the correlation goes to 1. What of it
+this bench reproduces, and with which sines (`--sine-params`): docs/paper_mmoe.md.
 
     python -m mmoe.bench.paper_mmoe                # the full table (48 runs: ~8 minutes on 2 cores)
     python -m mmoe.bench.paper_mmoe --quick        # a smoke run (seconds)
