@@ -2,8 +2,10 @@
 
 The network is exported with `torch.onnx.export` (the torch.export-based exporter); the fitted
 schema becomes nodes in front of it (`export/graph.py`); both are merged into one graph whose
-inputs are the raw features. The result is checked with `onnx.checker` and against PyTorch
-before it is written (atomically: a failed export never leaves a half-written file).
+inputs are the raw features and whose internal names are prefixed. The result is checked with
+`onnx.checker` and against PyTorch (`export/parity.py`); a few of the parity rows and PyTorch's
+outputs for them go into the metadata as golden rows, which a server checks at load. The file
+is written atomically: a failed export never leaves a half-written file, or a temporary one.
 """
 
 from __future__ import annotations
@@ -23,19 +25,27 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
-from onnx import compose
 from torch import nn
 
-from mmoe.contract.metadata import FeatureInfo, ModelMetadata, TaskInfo
+from mmoe.contract.metadata import GoldenRows, ModelMetadata, TaskInfo, read_metadata
 from mmoe.export.graph import (
     IR_VERSION,
     OPSET,
     OPSET_IMPORTS,
     encoded_name,
-    encoding_text,
+    feature_info,
     preprocessing_graph,
+    with_plain_io,
 )
-from mmoe.export.parity import RawColumn, check_parity, generate_rows, to_onnx_inputs
+from mmoe.export.parity import (
+    RawColumn,
+    check_parity,
+    generate_rows,
+    golden_rows,
+    join_columns,
+    sample_rows,
+    to_onnx_inputs,
+)
 from mmoe.model.checkpoint import Run, config_hash, load_run
 from mmoe.model.network import RankingModel, task_outputs
 from mmoe.model.schema import FeatureSchema
@@ -119,19 +129,8 @@ class _quiet_exporter:
         self._ctx.__exit__(None, None, None)
 
 
-def build_metadata(run: Run) -> ModelMetadata:
-    features = [
-        FeatureInfo(
-            name=f.name,
-            kind=f.kind,
-            dtype="float32" if f.kind == "numeric" else "string",
-            default=f.default,
-            separator=f.separator,
-            max_len=f.max_len,
-            encoding=encoding_text(f),
-        )
-        for f in run.schema.features
-    ]
+def build_metadata(run: Run, golden: GoldenRows | None = None) -> ModelMetadata:
+    features = [feature_info(f) for f in run.schema.features]
     tasks = [
         TaskInfo(
             name=t.name,
@@ -152,11 +151,16 @@ def build_metadata(run: Run) -> ModelMetadata:
         tasks=tasks,
         metrics={k: float(v) for k, v in best.items() if isinstance(v, float) and math.isfinite(v)},
         producer={"torch": torch.__version__, "onnx": onnx.__version__},
+        golden=golden,
     )
 
 
-def assemble(run: Run) -> onnx.ModelProto:
+def assemble(run: Run, golden: GoldenRows | None = None) -> onnx.ModelProto:
     """One ModelProto: raw features -> preprocessing -> network -> outputs, with metadata."""
+    features = [f.name for f in run.schema.features]
+    clash = sorted(set(features) & set(output_names(run.model)))
+    if clash:
+        raise ValueError(f"features {clash} have the names of outputs; rename the features")
     pre = preprocessing_graph(run.schema)
     net = export_network(run.model, run.schema)
     net.ir_version = pre.ir_version
@@ -168,14 +172,13 @@ def assemble(run: Run) -> onnx.ModelProto:
     for m in (pre, net):
         del m.opset_import[:]
         m.opset_import.extend(onnx.helper.make_opsetid(d, v) for d, v in ours.items())
-    io_map = [(o.name, o.name) for o in pre.graph.output]
-    merged = compose.merge_models(pre, net, io_map=io_map)
+    merged = with_plain_io(pre, net, features)
     del merged.opset_import[:]  # merge_models lists each domain once per input model
     merged.opset_import.extend(onnx.helper.make_opsetid(d, v) for d, v in ours.items())
     merged.ir_version = IR_VERSION
     merged.producer_name = "mmoe-ranking"
     merged.graph.name = run.config.name
-    meta = build_metadata(run)
+    meta = build_metadata(run, golden)
     onnx.helper.set_model_props(merged, meta.to_props())
     merged.doc_string = (
         f"MMoE ranking model {meta.name} v{meta.version}: raw features in, per-task scores out."
@@ -192,6 +195,10 @@ class ExportReport:
     rows_checked: int
     size_bytes: int
     variants: dict[str, dict[str, float]] = field(default_factory=dict)
+    sample_rows: int = 0  # of rows_checked, real validation rows kept by training
+    golden_rows: int = 0
+    # The largest |torch - onnxruntime| as a fraction of the difference the rule allows.
+    parity_fraction_of_allowed: float = 0.0
 
 
 def export_run(
@@ -204,22 +211,40 @@ def export_run(
     optimize: bool = False,
     int8: bool = False,
     fp16: bool = False,
+    golden: int = 8,
 ) -> ExportReport:
-    """Export RUN_DIR to `out`; raises ParityError if onnxruntime and PyTorch disagree."""
+    """Export RUN_DIR to `out`; raises ParityError if onnxruntime and PyTorch disagree.
+
+    Parity is checked on `parity_rows` generated rows, the run's validation sample and
+    `extra_rows`; `golden` of those rows (half generated, half real where the run has a sample)
+    are stored in the file with PyTorch's outputs, for servers to check at load."""
     t0 = time.perf_counter()
     run = load_run(run_dir)
     proto = assemble(run)
     data = proto.SerializeToString()
-    cols = generate_rows(run.schema, parity_rows)
-    if extra_rows:
-        cols = {
-            k: v + list(extra_rows.get(k, [None] * len(next(iter(extra_rows.values())))))
-            for k, v in cols.items()
-        }
-    worst = check_parity(run.model, run.schema, data, cols, tolerance)
+    generated = generate_rows(run.schema, parity_rows)
+    sample = sample_rows(run.path, run.schema)
+    parts = [generated, *([sample] if sample else []), *([extra_rows] if extra_rows else [])]
+    cols = join_columns(run.schema, parts)
+    parity = check_parity(run.model, run.schema, data, cols, tolerance)
+    # Golden rows: the first generated rows (edge cases of every rule) and the first real ones.
+    n_sample = len(next(iter(sample.values()))) if sample else 0
+    real = min(golden // 2, n_sample)
+    picks = [*range(golden - real), *range(parity_rows, parity_rows + real)]
+    _set_golden(proto, golden_rows(cols, parity, picks))
+    data = proto.SerializeToString()
     out = Path(out)
     _write_atomic(out, data)
-    report = ExportReport(out, 0.0, worst, len(next(iter(cols.values()))), len(data))
+    report = ExportReport(
+        out,
+        0.0,
+        parity.max_abs_diff,
+        parity.rows,
+        len(data),
+        sample_rows=n_sample,
+        golden_rows=len(picks),
+        parity_fraction_of_allowed=parity.fraction_of_allowed,
+    )
     if optimize:
         report.variants["opt"] = _optimized(out, run.schema, cols)
     if int8:
@@ -230,15 +255,29 @@ def export_run(
     return report
 
 
+def _metadata(proto: onnx.ModelProto) -> ModelMetadata:
+    return read_metadata({p.key: p.value for p in proto.metadata_props})
+
+
+def _set_golden(proto: onnx.ModelProto, golden: GoldenRows) -> None:
+    meta = _metadata(proto).model_copy(update={"golden": golden})
+    onnx.helper.set_model_props(proto, meta.to_props())
+
+
 def _write_atomic(path: Path, data: bytes) -> None:
+    """Writes `data` to `path` by rename; on any failure the temporary file is removed."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    # mkstemp makes the file 0600; the model is read by other users too (a container's
-    # non-root server reading a mounted file).
-    os.fchmod(fd, 0o644)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-    os.replace(tmp, path)
+    try:
+        # mkstemp makes the file 0600; the model is read by other users too (a container's
+        # non-root server reading a mounted file).
+        os.fchmod(fd, 0o644)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _variant_path(path: Path, tag: str) -> Path:
@@ -248,7 +287,10 @@ def _variant_path(path: Path, tag: str) -> Path:
 def _compare(
     base: Path, variant: Path, schema: FeatureSchema, cols: dict[str, RawColumn]
 ) -> dict[str, float]:
-    """Max output drift against the base file and the speed ratio (base time / variant time)."""
+    """Max output drift against the base file and the speed ratio (base time / variant time).
+    The variant's golden rows then allow that drift: each output's allowed difference grows by
+    twice its largest drift over the parity rows, so a server loads the variant but still
+    refuses one edited beyond that."""
     feeds = to_onnx_inputs(schema, cols)
     results = {}
     for p in (base, variant):
@@ -260,10 +302,25 @@ def _compare(
             outs = s.run(names, feeds)
         results[p] = ((time.perf_counter() - t) / 10, dict(zip(names, outs, strict=True)))
     (t_base, o_base), (t_var, o_var) = results[base], results[variant]
+    drifts = {k: float(np.abs(v.astype(np.float64) - o_var[k]).max()) for k, v in o_base.items()}
+    _allow_drift(base, variant, drifts)
     # Drift of the scores callers see (probabilities and regression values), not of logits.
-    scores = [k for k in o_base if k.startswith(("probs_", "y_"))]
-    drift = max(float(np.abs(o_base[k].astype(np.float64) - o_var[k]).max()) for k in scores)
+    drift = max(v for k, v in drifts.items() if k.startswith(("probs_", "y_")))
     return {"max_abs_diff": drift, "speedup": t_base / t_var, "size_bytes": variant.stat().st_size}
+
+
+def _allow_drift(base: Path, variant: Path, drifts: dict[str, float]) -> None:
+    meta = _metadata(onnx.load(str(base)))
+    if meta.golden is not None:
+        allowed = {
+            k: (np.asarray(v) + 2 * drifts[k]).tolist() for k, v in meta.golden.allowed.items()
+        }
+        meta = meta.model_copy(
+            update={"golden": meta.golden.model_copy(update={"allowed": allowed})}
+        )
+    model = onnx.load(str(variant))
+    onnx.helper.set_model_props(model, meta.to_props())
+    _write_atomic(variant, model.SerializeToString())
 
 
 def _optimized(path: Path, schema: FeatureSchema, cols: dict[str, RawColumn]) -> dict[str, float]:

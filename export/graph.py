@@ -4,14 +4,21 @@ Implements the index layout documented in `model/schema.py` with standard operat
 `ai.onnx.ml.LabelEncoder` for vocabularies, `com.microsoft.MurmurHash3` (onnxruntime's contrib
 op, the same 32-bit murmur3 training uses via `mmh3`) for hash buckets, arithmetic for
 numeric transforms and comparisons for bucket boundaries.
+
+Names: in the assembled file only the graph's inputs (named after the features) and outputs
+(`probs_<task>`, ...) have plain names; everything inside the preprocessing gets PRE_PREFIX and
+everything inside the network NET_PREFIX (`with_plain_io`). Feature and output names are
+identifiers, the prefixes contain "/", so a feature named `cat`, `relu` or `input` cannot meet a
+tensor of the same name.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, compose, helper, numpy_helper
 
+from mmoe.contract.metadata import FeatureInfo
 from mmoe.model.schema import (
     HASH_SEED,
     MISSING_INDEX,
@@ -29,6 +36,10 @@ OPSET_IMPORTS = [
     helper.make_opsetid("ai.onnx.ml", ML_OPSET),
     helper.make_opsetid("com.microsoft", 1),
 ]
+
+
+PRE_PREFIX = "pre/"
+NET_PREFIX = "net/"
 
 
 def encoded_name(feature: str) -> str:
@@ -147,6 +158,49 @@ def encoding_text(f: FittedFeature) -> str:
         return f"murmur3 hash into {f.hash_buckets} buckets"
     assert f.vocab is not None
     return f"vocabulary of {len(f.vocab)} (+ OOV)"
+
+
+def feature_info(f: FittedFeature) -> FeatureInfo:
+    """What a server needs to know of one fitted feature (its entry in the file's metadata)."""
+    return FeatureInfo(
+        name=f.name,
+        kind=f.kind,
+        dtype="float32" if f.kind == "numeric" else "string",
+        default=f.default,
+        separator=f.separator,
+        max_len=f.max_len,
+        encoding=encoding_text(f),
+    )
+
+
+def rename_edges(graph: onnx.GraphProto, names: dict[str, str]) -> None:
+    """Renames tensors everywhere they appear: nodes (and their subgraphs), the graph's inputs,
+    outputs, initializers and value infos."""
+    for node in graph.node:
+        node.input[:] = [names.get(n, n) for n in node.input]
+        node.output[:] = [names.get(n, n) for n in node.output]
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
+                rename_edges(sub, names)
+    for entries in (graph.input, graph.output, graph.value_info, graph.initializer):
+        for entry in entries:
+            entry.name = names.get(entry.name, entry.name)
+
+
+def with_plain_io(
+    pre: onnx.ModelProto, net: onnx.ModelProto, features: list[str]
+) -> onnx.ModelProto:
+    """The preprocessing and the network merged into one model: every name prefixed
+    (PRE_PREFIX, NET_PREFIX), the preprocessing's `enc__<feature>` outputs feeding the
+    network's inputs, then the raw inputs and the outputs given back their plain names."""
+    pre = compose.add_prefix(pre, PRE_PREFIX)
+    net = compose.add_prefix(net, NET_PREFIX)
+    io_map = [(PRE_PREFIX + encoded_name(n), NET_PREFIX + encoded_name(n)) for n in features]
+    merged = compose.merge_models(pre, net, io_map=io_map)
+    plain = {PRE_PREFIX + n: n for n in features}
+    plain |= {o.name: o.name.removeprefix(NET_PREFIX) for o in merged.graph.output}
+    rename_edges(merged.graph, plain)
+    return merged
 
 
 def preprocessing_graph(schema: FeatureSchema) -> onnx.ModelProto:

@@ -33,7 +33,13 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from mmoe.model.checkpoint import build_model, config_hash, save_config, save_weights
+from mmoe.model.checkpoint import (
+    build_model,
+    config_hash,
+    save_config,
+    save_valid_sample,
+    save_weights,
+)
 from mmoe.model.config import RunConfig, TaskConfig, higher_is_better
 from mmoe.model.data import DataSource
 from mmoe.model.metrics import task_metrics
@@ -375,6 +381,7 @@ class Trainer:
                 history.gates, history.gate_experts = gate_utilisation(model, valid)
             valid_rows = len(valid) if valid is not None else 0
             self._write_metrics(history, n_rows, valid_rows, steps, time.perf_counter() - t0)
+            save_valid_sample(valid_table, cfg, self.out_dir)
             best = " ".join(f"{k}={v:.4f}" for k, v in history.best.items())
             self.log(f"best epoch {history.best_epoch}: {best}")
             self.log(f"run written to {self.out_dir}")
