@@ -47,7 +47,7 @@ from mmoe.export.parity import (
     to_onnx_inputs,
 )
 from mmoe.model.checkpoint import Run, config_hash, load_run
-from mmoe.model.network import RankingModel, task_outputs
+from mmoe.model.network import RankingModel, output_names, task_outputs
 from mmoe.model.schema import FeatureSchema
 
 
@@ -67,11 +67,12 @@ class ExportNet(nn.Module):
         return tuple(outs)
 
 
-def output_names(model: RankingModel) -> list[str]:
-    dummy = torch.zeros(1, 8)
+def graph_output_names(model: RankingModel) -> list[str]:
+    """The network's outputs in ExportNet's order."""
     names: list[str] = []
     for t in model.tasks:
-        names.extend(task_outputs(t, dummy[:, : t.out_dim]))
+        n = output_names(t)
+        names.extend([n.score] if n.logits is None else [n.score, n.logits])
     return names
 
 
@@ -99,7 +100,7 @@ def export_network(model: RankingModel, schema: FeatureSchema) -> onnx.ModelProt
             wrapper,
             example_inputs(schema),
             input_names=[encoded_name(n) for n in names],
-            output_names=output_names(model),
+            output_names=graph_output_names(model),
             dynamic_shapes=(dynamic,),  # forward(*encoded): one varargs entry
             opset_version=OPSET,
             dynamo=True,
@@ -135,11 +136,11 @@ def build_metadata(run: Run, golden: GoldenRows | None = None) -> ModelMetadata:
         TaskInfo(
             name=t.name,
             kind=t.kind,
-            output=f"y_{t.name}" if t.kind == "regression" else f"probs_{t.name}",
-            logits=None if t.kind == "regression" else f"logits_{t.name}",
+            output=output_names(t).score,
+            logits=output_names(t).logits,
             num_class=t.num_class,
         )
-        for t in run.config.tasks
+        for t in run.model.tasks
     ]
     best = run.metrics.get("best", {})
     return ModelMetadata(
@@ -158,7 +159,7 @@ def build_metadata(run: Run, golden: GoldenRows | None = None) -> ModelMetadata:
 def assemble(run: Run, golden: GoldenRows | None = None) -> onnx.ModelProto:
     """One ModelProto: raw features -> preprocessing -> network -> outputs, with metadata."""
     features = [f.name for f in run.schema.features]
-    clash = sorted(set(features) & set(output_names(run.model)))
+    clash = sorted(set(features) & set(graph_output_names(run.model)))
     if clash:
         raise ValueError(f"features {clash} have the names of outputs; rename the features")
     pre = preprocessing_graph(run.schema)

@@ -31,7 +31,9 @@ import torch
 from mmoe.contract.metadata import GoldenRows
 from mmoe.contract.values import graph_inputs, json_value
 from mmoe.export.graph import feature_info
+from mmoe.model.batches import Batch, encode_table
 from mmoe.model.checkpoint import VALID_SAMPLE
+from mmoe.model.evaluation import predict
 from mmoe.model.network import RankingModel
 from mmoe.model.schema import (
     FeatureSchema,
@@ -40,7 +42,6 @@ from mmoe.model.schema import (
     numeric_values,
 )
 from mmoe.model.schema import tag_tokens as training_tag_tokens
-from mmoe.model.train import Batch, encode_table, predict
 
 RawColumn = list[Any]
 
