@@ -127,15 +127,6 @@ class GoldenRows(_Contract):
                 )
         return found
 
-    def worst_fraction(self, got: dict[str, np.ndarray]) -> float:
-        """The largest difference as a fraction of what is allowed (1.0 = at the limit)."""
-        worst = 0.0
-        for name, want in self.outputs.items():
-            diff = np.abs(np.asarray(got[name], np.float64) - np.asarray(want, np.float64))
-            limit = np.asarray(self.allowed[name], np.float64)
-            worst = max(worst, float((diff / np.maximum(limit, 1e-30)).max(initial=0.0)))
-        return worst
-
 
 class ModelMetadata(_Contract):
     format_version: str = format_text(FORMAT_VERSION)
@@ -197,7 +188,7 @@ def read_metadata(props: dict[str, str]) -> ModelMetadata:
             f"{format_text(FORMAT_VERSION)}; upgrade the server"
         )
     try:
-        meta = ModelMetadata.model_validate(data)
+        meta = ModelMetadata.model_validate(data | {"format_version": format_text(version)})
     except ValidationError as err:
         raise MetadataError(f"malformed '{METADATA_KEY}' metadata: {err}") from None
     if version <= FORMAT_VERSION:

@@ -40,6 +40,7 @@ from mmoe.export.graph import (
 from mmoe.export.parity import (
     RawColumn,
     check_parity,
+    edge_rows,
     generate_rows,
     golden_rows,
     join_columns,
@@ -89,7 +90,7 @@ def example_inputs(schema: FeatureSchema, batch: int = 3) -> tuple[torch.Tensor,
 
 
 def export_network(model: RankingModel, schema: FeatureSchema) -> onnx.ModelProto:
-    """The network alone: `enc__<feature>` inputs -> per-task outputs, dynamic batch axis."""
+    """The network alone: `encoded/<feature>` inputs -> per-task outputs, dynamic batch axis."""
     names = [f.name for f in schema.features]
     wrapper = ExportNet(model.eval(), names).eval()
     batch = torch.export.Dim("batch", min=1)
@@ -217,22 +218,22 @@ def export_run(
     """Export RUN_DIR to `out`; raises ParityError if onnxruntime and PyTorch disagree.
 
     Parity is checked on `parity_rows` generated rows, the run's validation sample and
-    `extra_rows`; `golden` of those rows (half generated, half real where the run has a sample)
-    are stored in the file with PyTorch's outputs, for servers to check at load."""
+    `extra_rows`; `golden` rows (rules' edge cases, then validation rows) are stored in the
+    file with PyTorch's outputs, for servers to check at load."""
     t0 = time.perf_counter()
     run = load_run(run_dir)
     proto = assemble(run)
     data = proto.SerializeToString()
+    edges = edge_rows(run.schema)
+    sample = sample_rows(run.path, run.schema) or {}
     generated = generate_rows(run.schema, parity_rows)
-    sample = sample_rows(run.path, run.schema)
-    parts = [generated, *([sample] if sample else []), *([extra_rows] if extra_rows else [])]
-    cols = join_columns(run.schema, parts)
+    parts = [edges, sample, generated, extra_rows or {}]
+    cols = join_columns(run.schema, [p for p in parts if p])
     parity = check_parity(run.model, run.schema, data, cols, tolerance)
-    # Golden rows: the first generated rows (edge cases of every rule) and the first real ones.
-    n_sample = len(next(iter(sample.values()))) if sample else 0
-    real = min(golden // 2, n_sample)
-    picks = [*range(golden - real), *range(parity_rows, parity_rows + real)]
+    # Golden rows: the edge rows, then real validation rows (else generated ones).
+    picks = list(range(min(golden, parity.rows)))
     _set_golden(proto, golden_rows(cols, parity, picks))
+    n_sample = len(next(iter(sample.values()))) if sample else 0
     data = proto.SerializeToString()
     out = Path(out)
     _write_atomic(out, data)

@@ -7,9 +7,9 @@ numeric transforms and comparisons for bucket boundaries.
 
 Names: in the assembled file only the graph's inputs (named after the features) and outputs
 (`probs_<task>`, ...) have plain names; everything inside the preprocessing gets PRE_PREFIX and
-everything inside the network NET_PREFIX (`with_plain_io`). Feature and output names are
-identifiers, the prefixes contain "/", so a feature named `cat`, `relu` or `input` cannot meet a
-tensor of the same name.
+everything inside the network NET_PREFIX (`with_plain_io`), and the preprocessing's own names
+contain "/" too. Feature and output names are identifiers, so a feature named `cat`, `relu`,
+`input` or `encoded` cannot meet a tensor of the same name.
 """
 
 from __future__ import annotations
@@ -43,8 +43,9 @@ NET_PREFIX = "net/"
 
 
 def encoded_name(feature: str) -> str:
-    """Name of the network input that carries a feature's encoded value."""
-    return f"enc__{feature}"
+    """Name of the network input that carries a feature's encoded value (never a feature's
+    name: those are identifiers)."""
+    return f"encoded/{feature}"
 
 
 class _GraphBuilder:
@@ -55,7 +56,7 @@ class _GraphBuilder:
 
     def name(self, base: str) -> str:
         self._n += 1
-        return f"{base}__{self._n}"
+        return f"{base}/{self._n}"  # "/": never a feature's name
 
     def const(self, base: str, value: np.ndarray) -> str:
         name = self.name(base)
@@ -191,7 +192,7 @@ def with_plain_io(
     pre: onnx.ModelProto, net: onnx.ModelProto, features: list[str]
 ) -> onnx.ModelProto:
     """The preprocessing and the network merged into one model: every name prefixed
-    (PRE_PREFIX, NET_PREFIX), the preprocessing's `enc__<feature>` outputs feeding the
+    (PRE_PREFIX, NET_PREFIX), the preprocessing's `encoded/<feature>` outputs feeding the
     network's inputs, then the raw inputs and the outputs given back their plain names."""
     pre = compose.add_prefix(pre, PRE_PREFIX)
     net = compose.add_prefix(net, NET_PREFIX)
@@ -204,7 +205,7 @@ def with_plain_io(
 
 
 def preprocessing_graph(schema: FeatureSchema) -> onnx.ModelProto:
-    """Raw inputs named after the features -> `enc__<feature>` outputs the network reads."""
+    """Raw inputs named after the features -> `encoded/<feature>` outputs the network reads."""
     g = _GraphBuilder()
     outputs = []
     for f in schema.features:

@@ -120,6 +120,34 @@ def _raw_value(f: FittedFeature, rng: np.random.Generator) -> Any:
     return _raw_id(f, rng)
 
 
+def edge_rows(schema: FeatureSchema) -> dict[str, RawColumn]:
+    """Five rows that between them take every rule's edge: (0, 1) every feature that has a
+    default null (golden rows send the first as null and leave the second's out); (2) numbers
+    at the smallest value training saw, ids as integers where the vocabulary has decimal ids,
+    tags as one separated string with empty pieces, longer than max_len; (3) the largest
+    values, out-of-vocabulary ids, empty tag lists; (4) median values, empty ids, tag lists
+    longer than max_len holding "" and an integer."""
+    cols: dict[str, RawColumn] = {}
+    for f in schema.features:
+        vocab = [str(v) for v in f.vocab or []] or ["x1", "x2", "x3"]
+        ints = [int(v) for v in vocab if _is_decimal(v)]
+        if f.kind == "numeric":
+            _, k = _numeric_knots(f)
+            mid = k[len(k) // 2]
+            values: RawColumn = [mid, k[len(k) // 4], k[0], k[-1], mid]
+        elif f.kind == "tags":
+            assert f.max_len is not None
+            long = [vocab[j % len(vocab)] for j in range(f.max_len + 2)]
+            joined = (f.separator or "|").join(["", *long[:2], "", *long[2:]])
+            values = [vocab[:1], vocab[-1:], joined, [], [long[0], "", 7, *long[1:]]]
+        else:
+            values = [vocab[0], vocab[-1], ints[0] if ints else vocab[-1], "never-seen-é", ""]
+        if f.default is not None:
+            values[0] = values[1] = None
+        cols[f.name] = values
+    return cols
+
+
 def sample_rows(run_dir: Path, schema: FeatureSchema) -> dict[str, RawColumn] | None:
     """The run's kept validation rows as a caller would send them, or None if it kept none (or
     they lack a column the features read)."""
@@ -188,11 +216,13 @@ def by_feature_name(schema: FeatureSchema) -> FeatureSchema:
 
 def to_arrow(schema: FeatureSchema, cols: dict[str, RawColumn]) -> pa.Table:
     """Raw values keyed by feature name -> a table for `by_feature_name(schema).encode`: what
-    training would read from a file holding them. Integer ids and separated tag strings are
-    converted by training's own functions, so they are not assumed to follow the contract."""
+    training would read from a file holding them (a feature not in `cols`: null). Integer ids
+    and separated tag strings are converted by training's own functions, so they are not
+    assumed to follow the contract."""
+    n = len(next(iter(cols.values())))
     arrays = {}
     for f in schema.features:
-        values = cols[f.name]
+        values = cols.get(f.name, [None] * n)
         if f.kind == "numeric":
             arrays[f.name] = pa.array(values, pa.float64())
         elif f.kind == "tags":
@@ -326,7 +356,7 @@ def check_parity(
         if excess.max(initial=0.0) > 1.0:
             at = np.unravel_index(excess.argmax(), excess.shape)
             row = int(at[0])
-            raw = {k: v[row] for k, v in cols.items()}
+            raw = {k: v[row] for k, v in cols.items()}  # as the caller's JSON would have it
             raise ParityError(
                 f"{name} differs by {diff[at]:.3g} (allowed {limit[at]:.3g}) between PyTorch "
                 f"({want64[at]:.7g}) and onnxruntime ({got[name][at]:.7g}) at row {row}: {raw}"
@@ -336,7 +366,7 @@ def check_parity(
 
 def golden_rows(cols: dict[str, RawColumn], parity: Parity, picks: Sequence[int]) -> GoldenRows:
     """The rows at `picks` as a caller sends them (`instances` form: every other row leaves out
-    its null features, the rest send null), with PyTorch's outputs and the allowed differences."""
+    its null features, the others send null), with PyTorch's outputs and allowed differences."""
     rows = []
     for i, j in enumerate(picks):
         row = {k: v[j] for k, v in cols.items()}
