@@ -66,7 +66,7 @@ def _export(args: argparse.Namespace) -> int:
     except ParityError as err:
         print(f"error: export refused, parity check failed: {err}", file=sys.stderr)
         return 1
-    except FileNotFoundError as err:
+    except (FileNotFoundError, ValueError) as err:  # not a run; features named like outputs
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(

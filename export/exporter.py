@@ -228,7 +228,7 @@ def export_run(
     sample = sample_rows(run.path, run.schema) or {}
     generated = generate_rows(run.schema, parity_rows)
     parts = [edges, sample, generated, extra_rows or {}]
-    cols = join_columns(run.schema, [p for p in parts if p])
+    cols = join_columns(run.schema, parts)
     parity = check_parity(run.model, run.schema, data, cols, tolerance)
     # Golden rows: the edge rows, then real validation rows (else generated ones).
     picks = list(range(min(golden, parity.rows)))

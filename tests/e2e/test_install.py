@@ -56,8 +56,18 @@ def test_serve_install_has_no_torch_and_serves(tmp_path: Path, tiny_onnx: Path) 
     for heavy in ("torch", "onnx==", "pyarrow", "scikit-learn"):
         assert heavy not in listed, f"{heavy} installed by .[serve]:\n{listed}"
 
-    port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    verify = subprocess.run(
+        [str(venv / "bin" / "mmoe"), "verify", str(tiny_onnx)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert verify.returncode == 0, verify.stdout + verify.stderr  # golden rows, without torch
+
+    port = free_port()
     proc = subprocess.Popen(
         [str(venv / "bin" / "mmoe"), "serve", "--model", str(tiny_onnx), "--port", str(port)],
         cwd=tmp_path,
