@@ -379,10 +379,12 @@ def test_an_unknown_spinning_setting_is_refused(monkeypatch: pytest.MonkeyPatch)
 
 
 def test_every_setting_is_in_the_readme_with_its_default() -> None:
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    root = Path(__file__).resolve().parents[2]
+    # The README's settings table, and those of the docs/ pages that add settings.
+    text = "\n".join(p.read_text() for p in [root / "README.md", *sorted(root.glob("docs/*.md"))])
     rows = {
         line.split("|")[1].strip(" `"): line.split("|")[3].strip()
-        for line in readme.splitlines()
+        for line in text.splitlines()
         if line.startswith("| `MMOE_")
     }
     for name, field in Settings.model_fields.items():
