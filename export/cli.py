@@ -105,7 +105,7 @@ def _verify(args: argparse.Namespace) -> int:
     try:
         predictor = Predictor(args.model, args.provider, intra_op_spinning="off")
         golden = predictor.meta.golden
-        if golden is None:
+        if golden is None or not golden.rows:
             print(
                 f"error: {args.model} has no golden rows (exported before metadata format 1.1): "
                 "nothing to verify; export it again",

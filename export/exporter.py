@@ -131,7 +131,7 @@ class _quiet_exporter:
         self._ctx.__exit__(None, None, None)
 
 
-def build_metadata(run: Run, golden: GoldenRows | None = None) -> ModelMetadata:
+def build_metadata(run: Run) -> ModelMetadata:
     features = [feature_info(f) for f in run.schema.features]
     tasks = [
         TaskInfo(
@@ -153,12 +153,12 @@ def build_metadata(run: Run, golden: GoldenRows | None = None) -> ModelMetadata:
         tasks=tasks,
         metrics={k: float(v) for k, v in best.items() if isinstance(v, float) and math.isfinite(v)},
         producer={"torch": torch.__version__, "onnx": onnx.__version__},
-        golden=golden,
     )
 
 
-def assemble(run: Run, golden: GoldenRows | None = None) -> onnx.ModelProto:
-    """One ModelProto: raw features -> preprocessing -> network -> outputs, with metadata."""
+def assemble(run: Run) -> onnx.ModelProto:
+    """One ModelProto: raw features -> preprocessing -> network -> outputs, with metadata
+    (golden rows are added by export_run, once parity has given PyTorch's outputs)."""
     features = [f.name for f in run.schema.features]
     clash = sorted(set(features) & set(graph_output_names(run.model)))
     if clash:
@@ -180,7 +180,7 @@ def assemble(run: Run, golden: GoldenRows | None = None) -> onnx.ModelProto:
     merged.ir_version = IR_VERSION
     merged.producer_name = "mmoe-ranking"
     merged.graph.name = run.config.name
-    meta = build_metadata(run, golden)
+    meta = build_metadata(run)
     onnx.helper.set_model_props(merged, meta.to_props())
     merged.doc_string = (
         f"MMoE ranking model {meta.name} v{meta.version}: raw features in, per-task scores out."
@@ -232,7 +232,8 @@ def export_run(
     parity = check_parity(run.model, run.schema, data, cols, tolerance)
     # Golden rows: the edge rows, then real validation rows (else generated ones).
     picks = list(range(min(golden, parity.rows)))
-    _set_golden(proto, golden_rows(cols, parity, picks))
+    if picks:
+        _set_golden(proto, golden_rows(cols, parity, picks))
     n_sample = len(next(iter(sample.values()))) if sample else 0
     data = proto.SerializeToString()
     out = Path(out)

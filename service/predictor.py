@@ -187,7 +187,7 @@ class Predictor:
         recorded by more than it allows. Empty if all match or the file has no golden rows
         (exported before metadata format 1.1). ModelLoadError if the rows cannot be run."""
         golden = self.meta.golden
-        if golden is None:
+        if golden is None or not golden.rows:
             return []
         missing = sorted(set(golden.outputs) - set(self.outputs))
         if missing:
@@ -203,7 +203,11 @@ class Predictor:
                     f"{self.path}: golden rows {start}..{start + len(rows) - 1} are not a valid "
                     f"request: {err}"
                 ) from None
-            for name, value in self.run(decoded.feeds, names).items():
+            try:
+                outputs = self.run(decoded.feeds, names)
+            except Exception as err:  # onnxruntime raises several unrelated types here
+                raise ModelLoadError(f"{self.path}: golden rows failed to run: {err}") from None
+            for name, value in outputs.items():
                 parts[name].append(value)
         got = {name: np.concatenate(values) for name, values in parts.items()}
         try:
@@ -214,7 +218,7 @@ class Predictor:
     def check_golden(self, decoder: RequestDecoder) -> None:
         """Raises ModelLoadError, naming the outputs and their differences, if the file does not
         reproduce its golden rows; a file without them is served with a warning."""
-        if self.meta.golden is None:
+        if self.meta.golden is None or not self.meta.golden.rows:
             log.warning(
                 "model has no golden rows: not verified",
                 extra={"event": "golden_missing", "path": str(self.path)},
