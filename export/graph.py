@@ -14,6 +14,8 @@ contain "/" too. Feature and output names are identifiers, so a feature named `c
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import numpy as np
 import onnx
 from onnx import TensorProto, compose, helper, numpy_helper
@@ -40,6 +42,9 @@ OPSET_IMPORTS = [
 
 PRE_PREFIX = "pre/"
 NET_PREFIX = "net/"
+# The batch dimension of the graph's inputs: N candidates, and the request context (1, or N).
+BATCH_DIM = "batch"
+CONTEXT_DIM = "context"
 
 
 def encoded_name(feature: str) -> str:
@@ -140,12 +145,14 @@ class _GraphBuilder:
             self.output("Identity", [x], out)
 
 
-def input_info(f: FittedFeature) -> onnx.ValueInfoProto:
-    if f.kind == "numeric":
-        return helper.make_tensor_value_info(f.name, TensorProto.FLOAT, ["batch"])
-    if f.kind == "tags":
-        return helper.make_tensor_value_info(f.name, TensorProto.STRING, ["batch", f.max_len])
-    return helper.make_tensor_value_info(f.name, TensorProto.STRING, ["batch"])
+def _shape(f: FittedFeature, batch: str) -> list[str | int]:
+    assert f.kind != "tags" or f.max_len is not None
+    return [batch, f.max_len] if f.kind == "tags" else [batch]  # type: ignore[list-item]
+
+
+def input_info(f: FittedFeature, batch: str = BATCH_DIM) -> onnx.ValueInfoProto:
+    dtype = TensorProto.FLOAT if f.kind == "numeric" else TensorProto.STRING
+    return helper.make_tensor_value_info(f.name, dtype, _shape(f, batch))
 
 
 def encoding_text(f: FittedFeature) -> str:
@@ -161,8 +168,9 @@ def encoding_text(f: FittedFeature) -> str:
     return f"vocabulary of {len(f.vocab)} (+ OOV)"
 
 
-def feature_info(f: FittedFeature) -> FeatureInfo:
-    """What a server needs to know of one fitted feature (its entry in the file's metadata)."""
+def feature_info(f: FittedFeature, context: bool = False) -> FeatureInfo:
+    """What a server needs to know of one fitted feature (its entry in the file's metadata);
+    `context`: the graph takes it once per request."""
     return FeatureInfo(
         name=f.name,
         kind=f.kind,
@@ -171,6 +179,7 @@ def feature_info(f: FittedFeature) -> FeatureInfo:
         separator=f.separator,
         max_len=f.max_len,
         encoding=encoding_text(f),
+        context=context,
     )
 
 
@@ -204,23 +213,23 @@ def with_plain_io(
     return merged
 
 
-def preprocessing_graph(schema: FeatureSchema) -> onnx.ModelProto:
-    """Raw inputs named after the features -> `encoded/<feature>` outputs the network reads."""
+def preprocessing_graph(schema: FeatureSchema, context: Collection[str] = ()) -> onnx.ModelProto:
+    """Raw inputs named after the features -> `encoded/<feature>` outputs the network reads.
+    Features in `context` have the batch dimension CONTEXT_DIM, the others BATCH_DIM."""
     g = _GraphBuilder()
-    outputs = []
+    inputs, outputs = [], []
     for f in schema.features:
+        batch = CONTEXT_DIM if f.name in context else BATCH_DIM
+        inputs.append(input_info(f, batch))
         out = encoded_name(f.name)
         if f.kind == "numeric":
             g.numeric(f, f.name, out)
             dtype = TensorProto.INT64 if f.boundaries is not None else TensorProto.FLOAT
-            outputs.append(helper.make_tensor_value_info(out, dtype, ["batch"]))
         else:
             g.ids(f, f.name, out)
-            shape: list[str | int] = ["batch", f.max_len] if f.kind == "tags" else ["batch"]  # type: ignore[list-item]
-            outputs.append(helper.make_tensor_value_info(out, TensorProto.INT64, shape))
-    graph = helper.make_graph(
-        g.nodes, "preprocess", [input_info(f) for f in schema.features], outputs, g.initializers
-    )
+            dtype = TensorProto.INT64
+        outputs.append(helper.make_tensor_value_info(out, dtype, _shape(f, batch)))
+    graph = helper.make_graph(g.nodes, "preprocess", inputs, outputs, g.initializers)
     model = helper.make_model(graph, opset_imports=OPSET_IMPORTS)
     model.ir_version = IR_VERSION
     return model

@@ -10,7 +10,9 @@ The rows are raw values as a caller sends them (JSON values, None = null), keyed
 
 onnxruntime gets arrays built by the contract's rules (`contract/values.py`, what the service
 does with a request); PyTorch gets the same values read as training reads a data file
-(`FeatureSchema.encode`). So the check covers both the graph and the request rules.
+(`FeatureSchema.encode`). So the check covers both the graph and the request rules. A file with
+context inputs is also run as ranking requests: the context given once ([1]-shaped) for a block
+of rows.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +31,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from mmoe.contract.metadata import GoldenRows
+from mmoe.contract.metadata import GoldenRows, read_metadata
 from mmoe.contract.values import graph_inputs, json_value
 from mmoe.export.graph import feature_info
 from mmoe.model.batches import Batch, encode_table
@@ -314,6 +317,25 @@ class Parity:
     fraction_of_allowed: float  # the largest |difference| / allowed
 
 
+# Rows per ranking request in the context check (after a first request of one row).
+REQUEST_ROWS = 64
+
+
+def as_requests(
+    cols: dict[str, RawColumn], context: Sequence[str], rows: int = REQUEST_ROWS
+) -> tuple[dict[str, RawColumn], list[slice]]:
+    """The rows cut into ranking requests (one row, then `rows` at a time), each context
+    feature holding its request's first value on every row of the request."""
+    n = len(next(iter(cols.values())))
+    bounds = sorted({0, min(1, n), *range(1, n, rows), n})
+    blocks = [slice(a, b) for a, b in pairwise(bounds)]
+    out = dict(cols)
+    for name in context:
+        values = cols[name]
+        out[name] = [values[b.start] for b in blocks for _ in range(b.stop - b.start)]
+    return out, blocks
+
+
 def check_parity(
     model: RankingModel,
     schema: FeatureSchema,
@@ -332,15 +354,67 @@ def check_parity(
     cannot resolve for this row: large raw inputs (prices, counts in the millions) and sums that
     cancel make s large, so a regression output of 500 computed from inputs of 1e6 may differ
     by what float32 allows there, while a changed weight moves values by far more than rounding
-    and is still refused."""
+    and is still refused.
+
+    Every input is given one value per row; if the file declares context inputs, the rows are
+    also scored as ranking requests (`as_requests`) with each context input given once, and
+    held to the same rule."""
+    session = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    expected, allowed = _reference(model, schema, cols, tolerance)
+    got = dict(zip(names, session.run(names, to_onnx_inputs(schema, cols)), strict=True))
+    worst, fraction = _compare(expected, allowed, got, cols, "")
+    meta = read_metadata(session.get_modelmeta().custom_metadata_map)
+    context = [f.name for f in meta.features if f.context]
+    if context:
+        requests, blocks = as_requests(cols, context)
+        parts: dict[str, list[np.ndarray]] = {name: [] for name in names}
+        for block in blocks:
+            feeds = to_onnx_inputs(schema, {k: v[block] for k, v in requests.items()})
+            for name in context:
+                feeds[name] = feeds[name][:1]
+            try:
+                values = session.run(names, feeds)
+            except Exception as err:  # onnxruntime raises several unrelated types
+                raise ParityError(
+                    f"onnxruntime fails on a request of {block.stop - block.start} rows with "
+                    f"the context inputs given once: {err}"
+                ) from None
+            for name, value in zip(names, values, strict=True):
+                parts[name].append(value)
+        got = {k: np.concatenate(v) for k, v in parts.items()}
+        want, limit = _reference(model, schema, requests, tolerance)
+        where = " with the context inputs given once per request"
+        w, f = _compare(want, limit, got, requests, where)
+        worst, fraction = max(worst, w), max(fraction, f)
+    rows = len(next(iter(cols.values())))
+    return Parity(rows, expected, allowed, worst, fraction)
+
+
+def _reference(
+    model: RankingModel, schema: FeatureSchema, cols: dict[str, RawColumn], tolerance: float
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """PyTorch's outputs for the rows, and the difference allowed for each value."""
     batch = _encoded(schema, cols)
     with torch.no_grad():
         expected = predict(model, batch)
     sensitivity = float32_sensitivity(model, batch)
-    session = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
-    names = [o.name for o in session.get_outputs()]
-    got = dict(zip(names, session.run(names, to_onnx_inputs(schema, cols)), strict=True))
-    allowed: dict[str, np.ndarray] = {}
+    allowed = {
+        name: tolerance * np.maximum(1.0, np.abs(want.astype(np.float64)))
+        + ROUNDING_ALLOWANCE * FLOAT32_EPS * sensitivity[name]
+        for name, want in expected.items()
+    }
+    return expected, allowed
+
+
+def _compare(
+    expected: dict[str, np.ndarray],
+    allowed: dict[str, np.ndarray],
+    got: dict[str, np.ndarray],
+    cols: dict[str, RawColumn],
+    where: str,
+) -> tuple[float, float]:
+    """(largest |difference|, largest |difference| / allowed); ParityError past allowed."""
     worst = fraction = 0.0
     for name, want in expected.items():
         if name not in got:
@@ -349,9 +423,7 @@ def check_parity(
         diff = np.abs(got[name].astype(np.float64) - want64)
         if not np.isfinite(diff).all():
             raise ParityError(f"{name}: non-finite values in one of the two outputs")
-        limit = tolerance * np.maximum(1.0, np.abs(want64))
-        limit = limit + ROUNDING_ALLOWANCE * FLOAT32_EPS * sensitivity[name]
-        allowed[name] = limit
+        limit = allowed[name]
         worst = max(worst, float(diff.max(initial=0.0)))
         excess = diff / limit
         fraction = max(fraction, float(excess.max(initial=0.0)))
@@ -361,9 +433,10 @@ def check_parity(
             raw = {k: v[row] for k, v in cols.items()}  # as the caller's JSON would have it
             raise ParityError(
                 f"{name} differs by {diff[at]:.3g} (allowed {limit[at]:.3g}) between PyTorch "
-                f"({want64[at]:.7g}) and onnxruntime ({got[name][at]:.7g}) at row {row}: {raw}"
+                f"({want64[at]:.7g}) and onnxruntime{where} ({got[name][at]:.7g}) at row "
+                f"{row}: {raw}"
             )
-    return Parity(len(batch), expected, allowed, worst, fraction)
+    return worst, fraction
 
 
 def golden_rows(cols: dict[str, RawColumn], parity: Parity, picks: Sequence[int]) -> GoldenRows:

@@ -74,8 +74,10 @@ def warmup_columns(features: list[FeatureInfo], n: int) -> dict[str, list[Any]]:
 
 
 def warmup_feeds(features: list[FeatureInfo], n: int) -> dict[str, np.ndarray]:
-    """A synthetic batch of N rows exercising every input, built by the contract's rules."""
-    return graph_inputs(features, warmup_columns(features, n), n)
+    """A synthetic batch of N rows exercising every input, built by the contract's rules;
+    context inputs have one row, as /predict sends them."""
+    feeds = graph_inputs(features, warmup_columns(features, n), n)
+    return {f.name: feeds[f.name][:1] if f.context else feeds[f.name] for f in features}
 
 
 class Predictor:
