@@ -2,8 +2,10 @@
 
 The network is exported with `torch.onnx.export` (the torch.export-based exporter); the fitted
 schema becomes nodes in front of it (`export/graph.py`); both are merged into one graph whose
-inputs are the raw features. The result is checked with `onnx.checker` and against PyTorch
-before it is written (atomically: a failed export never leaves a half-written file).
+inputs are the raw features and whose internal names are prefixed. The result is checked with
+`onnx.checker` and against PyTorch (`export/parity.py`); a few of the parity rows and PyTorch's
+outputs for them go into the metadata as golden rows, which a server checks at load. The file
+is written atomically: a failed export never leaves a half-written file, or a temporary one.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import os
 import tempfile
 import time
 import warnings
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,35 +26,48 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
-from onnx import compose
 from torch import nn
 
-from mmoe.contract.metadata import FeatureInfo, ModelMetadata, TaskInfo
+from mmoe.contract.metadata import GoldenRows, ModelMetadata, TaskInfo, read_metadata
+from mmoe.export.context import ContextSplit
 from mmoe.export.graph import (
+    CONTEXT_DIM,
     IR_VERSION,
     OPSET,
     OPSET_IMPORTS,
     encoded_name,
-    encoding_text,
+    feature_info,
     preprocessing_graph,
+    with_plain_io,
 )
-from mmoe.export.parity import RawColumn, check_parity, generate_rows, to_onnx_inputs
+from mmoe.export.parity import (
+    RawColumn,
+    check_parity,
+    edge_rows,
+    generate_rows,
+    golden_rows,
+    join_columns,
+    sample_rows,
+    to_onnx_inputs,
+)
 from mmoe.model.checkpoint import Run, config_hash, load_run
-from mmoe.model.network import RankingModel, model_outputs, output_names
+from mmoe.model.network import RankingModel, TaskHead, model_outputs, output_names
 from mmoe.model.schema import FeatureSchema
 
 
 class ExportNet(nn.Module):
-    """RankingModel with positional encoded inputs and the exported outputs, for the exporter."""
+    """Positional encoded inputs -> the exported outputs, for the exporter. `logits` maps the
+    encoded inputs by feature name to per-task logits: the RankingModel, or its ContextSplit."""
 
-    def __init__(self, model: RankingModel, names: list[str]) -> None:
+    def __init__(self, logits: nn.Module, tasks: list[TaskHead], names: list[str]) -> None:
         super().__init__()
-        self.model = model
+        self.logits = logits
+        self.tasks = tasks
         self.names = names
 
     def forward(self, *encoded: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        logits = self.model(dict(zip(self.names, encoded, strict=True)))
-        return tuple(model_outputs(self.model.tasks, logits).values())
+        logits = self.logits(dict(zip(self.names, encoded, strict=True)))
+        return tuple(model_outputs(self.tasks, logits).values())
 
 
 def graph_output_names(model: RankingModel) -> list[str]:
@@ -63,29 +79,44 @@ def graph_output_names(model: RankingModel) -> list[str]:
     return names
 
 
-def example_inputs(schema: FeatureSchema, batch: int = 3) -> tuple[torch.Tensor, ...]:
+def example_inputs(
+    schema: FeatureSchema, context: Collection[str] = (), batch: int = 3
+) -> tuple[torch.Tensor, ...]:
+    """Encoded inputs to trace with: `batch` rows, one for the features in `context`."""
     out = []
     for f in schema.features:
+        rows = 1 if f.name in context else batch
         if f.kind == "tags":
-            out.append(torch.ones(batch, f.max_len or 1, dtype=torch.long))
+            out.append(torch.ones(rows, f.max_len or 1, dtype=torch.long))
         elif f.embedded:
-            out.append(torch.zeros(batch, dtype=torch.long))
+            out.append(torch.zeros(rows, dtype=torch.long))
         else:
-            out.append(torch.zeros(batch))
+            out.append(torch.zeros(rows))
     return tuple(out)
 
 
-def export_network(model: RankingModel, schema: FeatureSchema) -> onnx.ModelProto:
-    """The network alone: `enc__<feature>` inputs -> per-task outputs, dynamic batch axis."""
+def export_network(
+    model: RankingModel, schema: FeatureSchema, context: Collection[str] = ()
+) -> onnx.ModelProto:
+    """The network alone: `encoded/<feature>` inputs -> per-task outputs, dynamic batch axis.
+
+    The features in `context` enter through a ContextSplit of the model and get their own
+    batch axis (CONTEXT_DIM: 1, or N like the rest)."""
     names = [f.name for f in schema.features]
-    wrapper = ExportNet(model.eval(), names).eval()
+    logits = ContextSplit(model.eval(), context) if context else model.eval()
+    wrapper = ExportNet(logits, model.tasks, names).eval()
     batch = torch.export.Dim("batch", min=1)
-    dynamic = tuple({0: batch} for _ in names)
+    # Context inputs are traced at a fixed batch of 1: with one symbolic batch for all inputs
+    # the exporter takes the candidates' row count from whichever input comes first, a context
+    # one included, and a [1]-shaped context then breaks the graph. Traced at 1, nothing sizes
+    # the candidates by the context; their batch axis is made symbolic below, and the runtime's
+    # broadcasting (the [1, H] bias of a Gemm, Expand) takes 1 or N alike.
+    dynamic = tuple(None if n in context else {0: batch} for n in names)
     with warnings.catch_warnings(), _quiet_exporter():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             wrapper,
-            example_inputs(schema),
+            example_inputs(schema, context),
             input_names=[encoded_name(n) for n in names],
             output_names=graph_output_names(model),
             dynamic_shapes=(dynamic,),  # forward(*encoded): one varargs entry
@@ -99,6 +130,13 @@ def export_network(model: RankingModel, schema: FeatureSchema) -> onnx.ModelProt
     # Node-level metadata (source locations) is IR 10 only and says nothing to a server.
     for node in proto.graph.node:
         del node.metadata_props[:]
+    if context:
+        ctx_inputs = {encoded_name(n) for n in context}
+        for value in proto.graph.input:
+            if value.name in ctx_inputs:
+                value.type.tensor_type.shape.dim[0].dim_param = CONTEXT_DIM
+        # Shapes inferred while tracing give the context's intermediates a batch of 1.
+        del proto.graph.value_info[:]
     return proto
 
 
@@ -117,19 +155,8 @@ class _quiet_exporter:
         self._ctx.__exit__(None, None, None)
 
 
-def build_metadata(run: Run) -> ModelMetadata:
-    features = [
-        FeatureInfo(
-            name=f.name,
-            kind=f.kind,
-            dtype="float32" if f.kind == "numeric" else "string",
-            default=f.default,
-            separator=f.separator,
-            max_len=f.max_len,
-            encoding=encoding_text(f),
-        )
-        for f in run.schema.features
-    ]
+def build_metadata(run: Run, context: Collection[str] = ()) -> ModelMetadata:
+    features = [feature_info(f, context=f.name in context) for f in run.schema.features]
     tasks = [
         TaskInfo(
             name=t.name,
@@ -159,10 +186,20 @@ def build_metadata(run: Run) -> ModelMetadata:
     )
 
 
-def assemble(run: Run) -> onnx.ModelProto:
-    """One ModelProto: raw features -> preprocessing -> network -> outputs, with metadata."""
-    pre = preprocessing_graph(run.schema)
-    net = export_network(run.model, run.schema)
+def assemble(run: Run, *, context: bool = True) -> onnx.ModelProto:
+    """One ModelProto: raw features -> preprocessing -> network -> outputs, with metadata
+    (golden rows are added by export_run, once parity has given PyTorch's outputs).
+
+    With `context`, the features the schema declares request context are taken once per
+    request and their share of the network computed once (export/context.py); without, every
+    feature is per row, as any other exporter would give."""
+    features = [f.name for f in run.schema.features]
+    clash = sorted(set(features) & set(graph_output_names(run.model)))
+    if clash:
+        raise ValueError(f"features {clash} have the names of outputs; rename the features")
+    ctx = run.schema.context_features if context else []
+    pre = preprocessing_graph(run.schema, ctx)
+    net = export_network(run.model, run.schema, ctx)
     net.ir_version = pre.ir_version
     # The exporter may import extra domains; keep ours and theirs, at our versions.
     ours = {o.domain: o.version for o in OPSET_IMPORTS}
@@ -172,14 +209,13 @@ def assemble(run: Run) -> onnx.ModelProto:
     for m in (pre, net):
         del m.opset_import[:]
         m.opset_import.extend(onnx.helper.make_opsetid(d, v) for d, v in ours.items())
-    io_map = [(o.name, o.name) for o in pre.graph.output]
-    merged = compose.merge_models(pre, net, io_map=io_map)
+    merged = with_plain_io(pre, net, features)
     del merged.opset_import[:]  # merge_models lists each domain once per input model
     merged.opset_import.extend(onnx.helper.make_opsetid(d, v) for d, v in ours.items())
     merged.ir_version = IR_VERSION
     merged.producer_name = "mmoe-ranking"
     merged.graph.name = run.config.name
-    meta = build_metadata(run)
+    meta = build_metadata(run, ctx)
     onnx.helper.set_model_props(merged, meta.to_props())
     merged.doc_string = (
         f"MMoE ranking model {meta.name} v{meta.version}: raw features in, per-task scores out."
@@ -196,6 +232,11 @@ class ExportReport:
     rows_checked: int
     size_bytes: int
     variants: dict[str, dict[str, float]] = field(default_factory=dict)
+    sample_rows: int = 0  # of rows_checked, real validation rows kept by training
+    golden_rows: int = 0
+    # The largest |torch - onnxruntime| as a fraction of the difference the rule allows.
+    parity_fraction_of_allowed: float = 0.0
+    context: list[str] = field(default_factory=list)  # inputs taken once per request
 
 
 def export_run(
@@ -205,25 +246,49 @@ def export_run(
     tolerance: float = 1e-5,
     parity_rows: int = 1024,
     extra_rows: dict[str, RawColumn] | None = None,
+    context: bool = True,
     optimize: bool = False,
     int8: bool = False,
     fp16: bool = False,
+    golden: int = 8,
 ) -> ExportReport:
-    """Export RUN_DIR to `out`; raises ParityError if onnxruntime and PyTorch disagree."""
+    """Export RUN_DIR to `out`; raises ParityError if onnxruntime and PyTorch disagree.
+
+    Parity is checked on `parity_rows` generated rows, the run's validation sample and
+    `extra_rows`; `golden` rows (rules' edge cases, then validation rows) are stored in the
+    file with PyTorch's outputs, for servers to check at load.
+
+    `context=False`: every feature per row, ignoring the config's `context: true` (the naive
+    graph, for comparison)."""
     t0 = time.perf_counter()
     run = load_run(run_dir)
-    proto = assemble(run)
+    proto = assemble(run, context=context)
     data = proto.SerializeToString()
-    cols = generate_rows(run.schema, parity_rows)
-    if extra_rows:
-        cols = {
-            k: v + list(extra_rows.get(k, [None] * len(next(iter(extra_rows.values())))))
-            for k, v in cols.items()
-        }
-    worst = check_parity(run.model, run.schema, data, cols, tolerance)
+    edges = edge_rows(run.schema)
+    sample = sample_rows(run.path, run.schema) or {}
+    generated = generate_rows(run.schema, parity_rows)
+    parts = [edges, sample, generated, extra_rows or {}]
+    cols = join_columns(run.schema, parts)
+    parity = check_parity(run.model, run.schema, data, cols, tolerance)
+    # Golden rows: the edge rows, then real validation rows (else generated ones).
+    picks = list(range(min(golden, parity.rows)))
+    if picks:
+        _set_golden(proto, golden_rows(cols, parity, picks))
+    n_sample = len(next(iter(sample.values()))) if sample else 0
+    data = proto.SerializeToString()
     out = Path(out)
     _write_atomic(out, data)
-    report = ExportReport(out, 0.0, worst, len(next(iter(cols.values()))), len(data))
+    report = ExportReport(
+        out,
+        0.0,
+        parity.max_abs_diff,
+        parity.rows,
+        len(data),
+        sample_rows=n_sample,
+        golden_rows=len(picks),
+        parity_fraction_of_allowed=parity.fraction_of_allowed,
+        context=run.schema.context_features if context else [],
+    )
     if optimize:
         report.variants["opt"] = _optimized(out, run.schema, cols)
     if int8:
@@ -234,15 +299,29 @@ def export_run(
     return report
 
 
+def _metadata(proto: onnx.ModelProto) -> ModelMetadata:
+    return read_metadata({p.key: p.value for p in proto.metadata_props})
+
+
+def _set_golden(proto: onnx.ModelProto, golden: GoldenRows) -> None:
+    meta = _metadata(proto).model_copy(update={"golden": golden})
+    onnx.helper.set_model_props(proto, meta.to_props())
+
+
 def _write_atomic(path: Path, data: bytes) -> None:
+    """Writes `data` to `path` by rename; on any failure the temporary file is removed."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    # mkstemp makes the file 0600; the model is read by other users too (a container's
-    # non-root server reading a mounted file).
-    os.fchmod(fd, 0o644)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-    os.replace(tmp, path)
+    try:
+        # mkstemp makes the file 0600; the model is read by other users too (a container's
+        # non-root server reading a mounted file).
+        os.fchmod(fd, 0o644)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _variant_path(path: Path, tag: str) -> Path:
@@ -252,7 +331,10 @@ def _variant_path(path: Path, tag: str) -> Path:
 def _compare(
     base: Path, variant: Path, schema: FeatureSchema, cols: dict[str, RawColumn]
 ) -> dict[str, float]:
-    """Max output drift against the base file and the speed ratio (base time / variant time)."""
+    """Max output drift against the base file and the speed ratio (base time / variant time).
+    The variant's golden rows then allow that drift: each output's allowed difference grows by
+    twice its largest drift over the parity rows, so a server loads the variant but still
+    refuses one edited beyond that."""
     feeds = to_onnx_inputs(schema, cols)
     results = {}
     for p in (base, variant):
@@ -264,10 +346,25 @@ def _compare(
             outs = s.run(names, feeds)
         results[p] = ((time.perf_counter() - t) / 10, dict(zip(names, outs, strict=True)))
     (t_base, o_base), (t_var, o_var) = results[base], results[variant]
+    drifts = {k: float(np.abs(v.astype(np.float64) - o_var[k]).max()) for k, v in o_base.items()}
+    _allow_drift(base, variant, drifts)
     # Drift of the scores callers see (probabilities and regression values), not of logits.
-    scores = [k for k in o_base if k.startswith(("probs_", "y_"))]
-    drift = max(float(np.abs(o_base[k].astype(np.float64) - o_var[k]).max()) for k in scores)
+    drift = max(v for k, v in drifts.items() if k.startswith(("probs_", "y_")))
     return {"max_abs_diff": drift, "speedup": t_base / t_var, "size_bytes": variant.stat().st_size}
+
+
+def _allow_drift(base: Path, variant: Path, drifts: dict[str, float]) -> None:
+    meta = _metadata(onnx.load(str(base)))
+    if meta.golden is not None:
+        allowed = {
+            k: (np.asarray(v) + 2 * drifts[k]).tolist() for k, v in meta.golden.allowed.items()
+        }
+        meta = meta.model_copy(
+            update={"golden": meta.golden.model_copy(update={"allowed": allowed})}
+        )
+    model = onnx.load(str(variant))
+    onnx.helper.set_model_props(model, meta.to_props())
+    _write_atomic(variant, model.SerializeToString())
 
 
 def _optimized(path: Path, schema: FeatureSchema, cols: dict[str, RawColumn]) -> dict[str, float]:

@@ -5,6 +5,8 @@ RUN_DIR/
   schema.json    the fitted FeatureSchema (vocabularies, statistics)
   weights.pt     the best state_dict (loaded with weights_only=True: no pickled code runs)
   metrics.json   per-epoch losses and validation metrics, and the best epoch
+  valid_sample.parquet  a few hundred raw validation rows (the feature columns), which export
+                 adds to its parity check (absent when there were no validation rows)
 """
 
 from __future__ import annotations
@@ -16,6 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 import yaml
 
@@ -121,6 +126,25 @@ def save_weights(model: RankingModel, run_dir: Path) -> None:
     tmp = run_dir / "weights.pt.tmp"
     torch.save(model.state_dict(), tmp)
     tmp.replace(run_dir / "weights.pt")
+
+
+VALID_SAMPLE = "valid_sample.parquet"
+
+
+def save_valid_sample(
+    valid: pa.Table | None, config: RunConfig, run_dir: Path, rows: int = 256
+) -> None:
+    """Keep up to `rows` raw validation rows (drawn with the training seed, in file order; only
+    the columns the features read) as RUN_DIR/valid_sample.parquet, for export's parity check.
+    Without validation rows, an older sample is removed."""
+    path = run_dir / VALID_SAMPLE
+    if valid is None or valid.num_rows == 0:
+        path.unlink(missing_ok=True)
+        return
+    n = min(rows, valid.num_rows)
+    picked = np.sort(np.random.default_rng(config.train.seed).choice(valid.num_rows, n, False))
+    columns = list(dict.fromkeys(f.column or f.name for f in config.input_features))
+    pq.write_table(valid.select(columns).take(pa.array(picked)), path)
 
 
 def load_run(run_dir: str | Path) -> Run:

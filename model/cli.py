@@ -13,10 +13,24 @@ def register(sub: Any) -> None:
     data = sub.add_parser("data", help="generate a data set")
     kinds = data.add_subparsers(dest="dataset", required=True, metavar="DATASET")
     rank = kinds.add_parser(
-        "synthetic-ranking", help="click/conversion log with ids, numbers, tags"
+        "synthetic-ranking",
+        help="click/conversion log with ids, numbers, tags",
+        description="A click/conversion log drawn from a fixed world (users, items, their "
+        "categories, prices and brands, and what drives clicks and purchases). --seed draws the "
+        "rows from that world, --world-seed the world itself: files made with different --seed "
+        "and the same --world-seed are samples of one world, e.g. a training and a validation "
+        "file.",
     )
     rank.add_argument("--rows", type=int, default=200_000)
-    rank.add_argument("--seed", type=int, default=7)
+    rank.add_argument(
+        "--seed", type=int, default=7, help="seed of the rows drawn from the world (default 7)"
+    )
+    rank.add_argument(
+        "--world-seed",
+        type=int,
+        default=0,
+        help="seed of the world: users, items, categories and their effects (default 0)",
+    )
     rank.add_argument("--out", required=True, help="FILE.parquet or FILE.csv")
     rank.set_defaults(func=_data)
     paper = kinds.add_parser(
@@ -101,7 +115,7 @@ def _data(args: argparse.Namespace) -> int:
     from mmoe.model.synthetic import paper_synthetic, synthetic_ranking
 
     if args.dataset == "synthetic-ranking":
-        table = synthetic_ranking(args.rows, args.seed)
+        table = synthetic_ranking(args.rows, args.seed, args.world_seed)
     else:
         table = paper_synthetic(
             args.rows,

@@ -11,33 +11,40 @@ def _sigmoid(z: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-z))
 
 
-def synthetic_ranking(rows: int, seed: int = 7) -> pa.Table:
+def synthetic_ranking(rows: int, seed: int = 7, world_seed: int = 0) -> pa.Table:
     """An impression log with string ids, numbers, a tag list and labels `clk` and `buy`.
 
     Clicks depend on user-category affinity (through age and gender), price, brand and hour;
     purchases happen only after a click and depend on price and brand quality differently, so
     the two tasks are related but not the same.
-    """
-    rng = np.random.default_rng(seed)
-    n_users, n_items, n_cats, n_brands = 4000, 20000, 40, 300
-    user_age = rng.integers(0, 7, n_users)
-    user_gender = rng.integers(0, 2, n_users)
-    user_bias = rng.normal(0, 0.5, n_users)
-    item_cat = rng.integers(0, n_cats, n_items)
-    item_price = np.round(rng.lognormal(3.0, 1.0, n_items), 2)
-    item_brands = [
-        rng.choice(n_brands, size=rng.integers(0, 4), replace=False) for _ in range(n_items)
-    ]
-    age_cat = rng.normal(0, 1.0, (7, n_cats))
-    gender_cat = rng.normal(0, 0.7, (2, n_cats))
-    brand_pop = rng.normal(0, 0.6, n_brands)
-    brand_quality = rng.normal(0, 0.8, n_brands)
-    hour_effect = 0.4 * np.sin(np.arange(24) / 24 * 2 * np.pi)
 
-    users = np.minimum(rng.zipf(1.3, rows) - 1, n_users - 1)
-    users = rng.permutation(n_users)[users]
-    items = rng.integers(0, n_items, rows)
-    hours = rng.integers(0, 24, rows)
+    `world_seed` draws the world: users' traits, items' categories, prices and brands, and how
+    they drive clicks and purchases. `seed` draws the impressions from it (who sees what, when,
+    and the outcomes). Files with different `seed`s and one `world_seed` are samples of the same
+    world, so one can validate a model trained on another.
+    """
+    world = np.random.default_rng([0, world_seed])
+    n_users, n_items, n_cats, n_brands = 4000, 20000, 40, 300
+    user_age = world.integers(0, 7, n_users)
+    user_gender = world.integers(0, 2, n_users)
+    user_bias = world.normal(0, 0.5, n_users)
+    item_cat = world.integers(0, n_cats, n_items)
+    item_price = np.round(world.lognormal(3.0, 1.0, n_items), 2)
+    item_brands = [
+        world.choice(n_brands, size=world.integers(0, 4), replace=False) for _ in range(n_items)
+    ]
+    age_cat = world.normal(0, 1.0, (7, n_cats))
+    gender_cat = world.normal(0, 0.7, (2, n_cats))
+    brand_pop = world.normal(0, 0.6, n_brands)
+    brand_quality = world.normal(0, 0.8, n_brands)
+    hour_effect = 0.4 * np.sin(np.arange(24) / 24 * 2 * np.pi)
+    user_order = world.permutation(n_users)  # which users are the frequent ones
+
+    sample = np.random.default_rng([1, seed])
+    users = np.minimum(sample.zipf(1.3, rows) - 1, n_users - 1)
+    users = user_order[users]
+    items = sample.integers(0, n_items, rows)
+    hours = sample.integers(0, 24, rows)
     cats = item_cat[items]
     price = item_price[items]
     pop = np.array([brand_pop[b].mean() if len(b) else 0.0 for b in item_brands])[items]
@@ -47,15 +54,15 @@ def synthetic_ranking(rows: int, seed: int = 7) -> pa.Table:
     z_click = (
         -1.6 + 0.9 * affinity + user_bias[users] + pop - 0.25 * np.log1p(price) + hour_effect[hours]
     )
-    clk = rng.random(rows) < _sigmoid(z_click)
+    clk = sample.random(rows) < _sigmoid(z_click)
     z_buy = (
         -1.2 + 0.5 * affinity + 1.2 * quality - 0.5 * np.log1p(price) + 0.3 * user_age[users] / 6
     )
-    buy = clk & (rng.random(rows) < _sigmoid(z_buy))
+    buy = clk & (sample.random(rows) < _sigmoid(z_buy))
 
     # Some missing values, as in real logs.
     price_col = price.astype(np.float64)
-    price_col[rng.random(rows) < 0.02] = np.nan
+    price_col[sample.random(rows) < 0.02] = np.nan
     brands = [[f"b{b}" for b in item_brands[i]] for i in items]
     return pa.table(
         {

@@ -32,6 +32,7 @@ from mmoe.model.checkpoint import (
     config_hash,
     prepare_run_dir,
     save_config,
+    save_valid_sample,
     save_weights,
 )
 from mmoe.model.config import ConfigError, RunConfig, higher_is_better
@@ -245,6 +246,7 @@ class Trainer:
                 history.gates, history.gate_experts = health.gates, health.experts
             valid_rows = len(valid) if valid is not None else 0
             self._write_metrics(history, n_rows, valid_rows, steps, time.perf_counter() - t0)
+            save_valid_sample(valid_table, cfg, self.out_dir)
             best = " ".join(f"{k}={v:.4f}" for k, v in history.best.items())
             self.log(f"best epoch {history.best_epoch}: {best}")
             self.log(f"run written to {self.out_dir}")

@@ -208,7 +208,14 @@ class InferenceService:
             kserve_v2.find_model(self.holder, request.name, request.version)
         )
         tensors = {
-            key: [pb.ModelMetadataResponse.TensorMetadata(**t) for t in meta[key]]
+            # V2 gRPC's TensorMetadata has no parameters: which inputs are context is in the
+            # HTTP model metadata (and GET /metadata).
+            key: [
+                pb.ModelMetadataResponse.TensorMetadata(
+                    name=t["name"], datatype=t["datatype"], shape=t["shape"]
+                )
+                for t in meta[key]
+            ]
             for key in ("inputs", "outputs")
         }
         return pb.ModelMetadataResponse(

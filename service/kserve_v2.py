@@ -4,7 +4,9 @@ tensors) and gRPC (grpc_v2.py: typed contents and raw_input_contents) both go th
 they accept and refuse the same tensors, with the same field and reason.
 
 Inputs are named after the raw features (BYTES for ids and tags, FP32 for numbers; tags are
-[N, max_len], empty strings being padding). Errors are ApiErrors; each transport renders them.
+[N, max_len], empty strings being padding). An input the model declares request context (model
+metadata: `parameters.context`) may be sent once, [1] ([1, max_len] for tags), or with N rows.
+Errors are ApiErrors; each transport renders them.
 """
 
 from __future__ import annotations
@@ -57,7 +59,14 @@ def find_model(holder: ModelHolder, name: str, version: str | None = None) -> Lo
 
 def _input_meta(f: FeatureInfo) -> dict[str, Any]:
     shape = [-1, f.max_len] if f.kind == "tags" else [-1]
-    return {"name": f.name, "datatype": "FP32" if f.kind == "numeric" else "BYTES", "shape": shape}
+    out: dict[str, Any] = {
+        "name": f.name,
+        "datatype": "FP32" if f.kind == "numeric" else "BYTES",
+        "shape": shape,
+    }
+    if f.context:  # batch 1 (once per request) or N
+        out["parameters"] = {"context": True}
+    return out
 
 
 def model_metadata(model: LoadedModel) -> dict[str, Any]:
@@ -216,13 +225,7 @@ def feeds(
     out take their default."""
     if not given:
         raise PayloadError("inputs", "no inputs given")
-    sizes = {k: v.shape[0] if v.ndim else 1 for k, v in given.items()}
-    n = next(iter(sizes.values()))
-    for k, size in sizes.items():
-        if size != n:
-            raise PayloadError(
-                f"inputs[{k}]", f"batch size {size} differs from the other inputs' {n}"
-            )
+    n = _batch_size(given, {name for name, f in features.items() if f.context})
     if n == 0:
         raise PayloadError("inputs", "empty batch")
     if n > max_rows:
@@ -233,7 +236,7 @@ def feeds(
     for name, f in features.items():
         field = f"inputs[{name}]"
         if name not in given:
-            out[name] = default_array(f, n, field)
+            out[name] = default_array(f, 1 if f.context else n, field)
             continue
         arr = given[name]
         if f.kind != "numeric" and arr.dtype.kind == "f":  # 1.0 would be scored as id "1.0"
@@ -261,3 +264,30 @@ def feeds(
         values = arr.astype(np.float64) if f.kind == "numeric" else arr
         out[name] = column_array(f, values.tolist(), field)
     return n, out
+
+
+def _batch_size(given: dict[str, np.ndarray], context: set[str]) -> int:
+    """The call's row count: that of its per-row inputs, which must agree; a context input has
+    1 row or that many (only context inputs given: their row count)."""
+    sizes = {k: v.shape[0] if v.ndim else 1 for k, v in given.items()}
+    per_row = {k: size for k, size in sizes.items() if k not in context}
+    if per_row:
+        first, n = next(iter(per_row.items()))
+    else:  # only context inputs
+        first, n = "", max(sizes.values())
+    for k, size in per_row.items():
+        if size != n:
+            hint = ""
+            if size == 1:
+                hint = f"; only context inputs ({sorted(context) or 'none here'}) may have one row"
+            raise PayloadError(
+                f"inputs[{k}]", f"batch size {size} differs from inputs[{first}]'s {n}{hint}"
+            )
+    for k in sorted(context & sizes.keys()):
+        if sizes[k] not in (1, n):
+            raise PayloadError(
+                f"inputs[{k}]",
+                f"a context input has batch size 1 (once per request) or {n} (the other "
+                f"inputs'); got {sizes[k]}",
+            )
+    return n

@@ -500,7 +500,8 @@ def test_groups_and_shared_embeddings(
         "embedding.tables.emb_items.weight",
     ]
     items = loaded.schema["item_id"].vocab
-    assert items is not None and "b1" in items and "i1" in items  # brands and items: one vocab
+    assert items is not None  # brands and items: one vocab
+    assert any(v.startswith("b") for v in items) and any(v.startswith("i") for v in items)
 
 
 # ---------------------------------------------------------------------------- progress bar

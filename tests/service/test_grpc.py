@@ -627,3 +627,30 @@ def test_the_docs_example_runs(server: GrpcServer, capsys: pytest.CaptureFixture
     expected = {"user_id": ["u93", "u93"], "item_id": ["i1", "i2"], "category": ["c1", "c2"]}
     expected["price"] = [12.5, 3.0]
     np.testing.assert_allclose(scores, predict_scores(server, expected)["ctr"], atol=1e-6)
+
+
+def test_context_inputs_sent_once_score_as_predict(tiny_context_onnx: Path, tmp_path: Path) -> None:
+    """A model with declared context takes those inputs with one row over gRPC too, and scores
+    them as /predict does with the same values in `context`."""
+    context = {"user_id": "u3", "age_level": "3", "hour": 9.0, "tag_brand_list": ["b1", "b2"]}
+    candidates = {k: v for k, v in ROWS.items() if k not in context}
+    with GrpcServer(tiny_context_onnx, log_path=tmp_path / "server.log") as server:
+        r = httpx.post(
+            f"{server.url}/predict",
+            json={"context": context, "candidates": candidates},
+            timeout=30,
+        )
+        assert r.status_code == 200, r.text
+        want = {t: np.array(s, dtype=np.float32) for t, s in r.json()["scores"].items()}
+        once = {k: [v] for k, v in context.items()}
+        meta = stub_call(server, "ModelMetadata", pb.ModelMetadataRequest(name="tiny"))
+        assert {i.name for i in meta.inputs} >= set(context)
+        with server.client() as client:
+            result = client.infer("tiny", triton_inputs({**candidates, **once}))
+        for task, scores in want.items():
+            np.testing.assert_allclose(result.as_numpy(f"probs_{task}"), scores, atol=1e-6)
+        # A per-row input sent with one row is refused by name.
+        one_row = {**candidates, "item_id": ["i1"], **once}
+        err = grpc_error(lambda: stub_call(server, "ModelInfer", typed_request(one_row)))
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "inputs[item_id]" in (err.details() or "")
