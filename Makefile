@@ -28,7 +28,7 @@ demo: $(MODEL)
 
 $(MODEL): configs/demo.yaml | $(VENV)/.train-installed
 	$(BIN)/mmoe data synthetic-ranking --rows 200000 --seed 7 --out data/demo.parquet
-	$(BIN)/mmoe train --config configs/demo.yaml --data data/demo.parquet --out runs/demo
+	$(BIN)/mmoe train --config configs/demo.yaml --data data/demo.parquet --out runs/demo --overwrite
 	$(BIN)/mmoe export runs/demo --out $(MODEL)
 
 serve: $(VENV)/.train-installed $(MODEL)

@@ -1,4 +1,4 @@
-"""`mmoe export` and `mmoe inspect`."""
+"""`mmoe export`, `mmoe inspect` and `mmoe verify`."""
 
 from __future__ import annotations
 
@@ -11,7 +11,13 @@ def register(sub: Any) -> None:
     ex = sub.add_parser("export", help="RUN_DIR -> one self-contained model.onnx (parity-checked)")
     ex.add_argument("run_dir")
     ex.add_argument("--out", required=True)
-    ex.add_argument("--tolerance", type=float, default=1e-5, help="max |torch - onnxruntime|")
+    ex.add_argument(
+        "--tolerance",
+        type=float,
+        default=1e-5,
+        help="allowed |torch - onnxruntime| per unit of max(1, |value|), on top of what float32 "
+        "rounding allows at each row's scale (export/parity.py)",
+    )
     ex.add_argument("--rows", type=int, default=1024, help="generated rows for the parity check")
     ex.add_argument(
         "--no-context",
@@ -41,6 +47,19 @@ def register(sub: Any) -> None:
     ins = sub.add_parser("inspect", help="print a model.onnx's schema, tasks, inputs and outputs")
     ins.add_argument("model")
     ins.set_defaults(func=_inspect)
+    ver = sub.add_parser(
+        "verify",
+        help="run a model.onnx's golden rows as a server does at load; exit 1 if any answer "
+        "changed (needs only the serving install)",
+    )
+    ver.add_argument("model")
+    ver.add_argument(
+        "--provider",
+        choices=["auto", "cpu", "cuda"],
+        default="auto",
+        help="onnxruntime execution provider, as MMOE_PROVIDER (default auto)",
+    )
+    ver.set_defaults(func=_verify)
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -62,13 +81,15 @@ def _export(args: argparse.Namespace) -> int:
     except ParityError as err:
         print(f"error: export refused, parity check failed: {err}", file=sys.stderr)
         return 1
-    except FileNotFoundError as err:
+    except (FileNotFoundError, ValueError) as err:  # not a run; features named like outputs
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(
         f"wrote {report.path} ({report.size_bytes / 1e6:.2f} MB) in {report.seconds:.1f}s; "
-        f"parity on {report.rows_checked} rows: "
-        f"max |torch - onnxruntime| = {report.parity_max_abs_diff:.2e}"
+        f"parity on {report.rows_checked} rows ({report.sample_rows} of them validation rows): "
+        f"max |torch - onnxruntime| = {report.parity_max_abs_diff:.2e}, "
+        f"{report.parity_fraction_of_allowed:.0%} of the allowed difference; "
+        f"{report.golden_rows} golden rows stored"
     )
     if report.context:
         print(f"  context (once per request): {', '.join(report.context)}")
@@ -88,4 +109,43 @@ def _inspect(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    # The serving side only (onnxruntime, the request decoder): no torch, no onnx package.
+    import numpy as np
+
+    from mmoe.service.payload import RequestDecoder
+    from mmoe.service.predictor import ModelLoadError, Predictor
+
+    try:
+        predictor = Predictor(args.model, args.provider, intra_op_spinning="off")
+        golden = predictor.meta.golden
+        if golden is None or not golden.rows:
+            print(
+                f"error: {args.model} has no golden rows (exported before metadata format 1.1): "
+                "nothing to verify; export it again",
+                file=sys.stderr,
+            )
+            return 2
+        decoder = RequestDecoder(predictor.meta, max(1, len(golden.rows)))
+        mismatches = predictor.golden_mismatches(decoder)
+    except ModelLoadError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    values = sum(np.asarray(v).size for v in golden.outputs.values())
+    where = f"on {predictor.provider}"
+    if mismatches:
+        print(
+            f"{args.model}: {len(mismatches)} of {values} golden values differ from what was "
+            f"exported beyond the allowed difference {where}; a server refuses this file:"
+        )
+        for m in mismatches:
+            print(f"  {m}")
+        return 1
+    print(
+        f"{args.model}: {len(golden.rows)} golden rows, {len(golden.outputs)} outputs: all "
+        f"{values} values match what was exported {where}"
+    )
     return 0

@@ -2,8 +2,10 @@
 
 The network is exported with `torch.onnx.export` (the torch.export-based exporter); the fitted
 schema becomes nodes in front of it (`export/graph.py`); both are merged into one graph whose
-inputs are the raw features. The result is checked with `onnx.checker` and against PyTorch
-before it is written (atomically: a failed export never leaves a half-written file).
+inputs are the raw features and whose internal names are prefixed. The result is checked with
+`onnx.checker` and against PyTorch (`export/parity.py`); a few of the parity rows and PyTorch's
+outputs for them go into the metadata as golden rows, which a server checks at load. The file
+is written atomically: a failed export never leaves a half-written file, or a temporary one.
 """
 
 from __future__ import annotations
@@ -24,17 +26,17 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
-from onnx import compose
 from torch import nn
 
 from mmoe.contract.metadata import (
     OUTCOMES,
-    FeatureInfo,
     FeatureRates,
+    GoldenRows,
     ModelMetadata,
     MonitorInfo,
     MonitorReference,
     TaskInfo,
+    read_metadata,
 )
 from mmoe.export.context import ContextSplit
 from mmoe.export.graph import (
@@ -46,22 +48,34 @@ from mmoe.export.graph import (
     OPSET,
     OPSET_IMPORTS,
     encoded_name,
-    encoding_text,
+    feature_info,
     preprocessing_graph,
+    with_plain_io,
 )
 from mmoe.export.parity import (
     ParityError,
     RawColumn,
     by_feature_name,
     check_parity,
+    edge_rows,
     generate_rows,
+    golden_rows,
+    join_columns,
+    sample_rows,
     to_arrow,
     to_onnx_inputs,
 )
 from mmoe.model.batches import encode_table
 from mmoe.model.checkpoint import Run, config_hash, load_run
 from mmoe.model.evaluation import feature_outcomes
-from mmoe.model.network import PLE, MMoE, RankingModel, TaskHead, output_names, task_outputs
+from mmoe.model.network import (
+    PLE,
+    MMoE,
+    RankingModel,
+    TaskHead,
+    model_outputs,
+    output_names,
+)
 from mmoe.model.schema import FeatureSchema
 
 
@@ -82,17 +96,10 @@ class ExportNet(nn.Module):
 
     def forward(self, *encoded: torch.Tensor) -> tuple[torch.Tensor, ...]:
         inputs = dict(zip(self.names, encoded, strict=True))
-        gates = None
-        if self.gates:
-            logits, gates = self.logits(inputs, with_gates=True)
-        else:
-            logits = self.logits(inputs)
-        outs: list[torch.Tensor] = []
-        for task in self.tasks:
-            outs.extend(task_outputs(task, logits[task.name]).values())
-        if gates is not None:
-            outs.append(gates.sum(dim=1))
-        return tuple(outs)
+        if not self.gates:
+            return tuple(model_outputs(self.tasks, self.logits(inputs)).values())
+        logits, gates = self.logits(inputs, with_gates=True)
+        return (*model_outputs(self.tasks, logits).values(), gates.sum(dim=1))
 
 
 def has_gates(model: RankingModel) -> bool:
@@ -102,11 +109,11 @@ def has_gates(model: RankingModel) -> bool:
 
 
 def graph_output_names(model: RankingModel, gates: bool = False) -> list[str]:
-    """The network's outputs in ExportNet's order."""
+    """The network's outputs in ExportNet's (model_outputs') order."""
     names: list[str] = []
     for t in model.tasks:
         n = output_names(t)
-        names.extend([n.score] if n.logits is None else [n.score, n.logits])
+        names.extend(name for name in (n.score, n.logits, n.product) if name is not None)
     return [*names, GATE_WEIGHTS] if gates else names
 
 
@@ -132,8 +139,8 @@ def export_network(
     context: Collection[str] = (),
     gates: bool = False,
 ) -> onnx.ModelProto:
-    """The network alone: `enc__<feature>` inputs -> per-task outputs, dynamic batch axis, and
-    with `gates` the GATE_WEIGHTS output.
+    """The network alone: `encoded/<feature>` inputs -> per-task outputs, dynamic batch axis,
+    and with `gates` the GATE_WEIGHTS output.
 
     The features in `context` enter through a ContextSplit of the model and get their own
     batch axis (CONTEXT_DIM: 1, or N like the rest)."""
@@ -217,19 +224,7 @@ def monitor_info(run: Run) -> MonitorInfo:
 
 
 def build_metadata(run: Run, context: Collection[str] = (), monitor: bool = True) -> ModelMetadata:
-    features = [
-        FeatureInfo(
-            name=f.name,
-            kind=f.kind,
-            dtype="float32" if f.kind == "numeric" else "string",
-            default=f.default,
-            separator=f.separator,
-            max_len=f.max_len,
-            encoding=encoding_text(f),
-            context=f.name in context,
-        )
-        for f in run.schema.features
-    ]
+    features = [feature_info(f, context=f.name in context) for f in run.schema.features]
     tasks = [
         TaskInfo(
             name=t.name,
@@ -239,6 +234,12 @@ def build_metadata(run: Run, context: Collection[str] = (), monitor: bool = True
             num_class=t.num_class,
         )
         for t in run.model.tasks
+    ]
+    # An ESMM task's product (pCTCVR) is served as a task of its own.
+    tasks += [
+        TaskInfo(name=t.product, kind="binary", output=product)
+        for t in run.model.tasks
+        if t.product and (product := output_names(t).product)
     ]
     best = run.metrics.get("best", {})
     return ModelMetadata(
@@ -255,12 +256,17 @@ def build_metadata(run: Run, context: Collection[str] = (), monitor: bool = True
 
 
 def assemble(run: Run, *, context: bool = True, monitor: bool = True) -> onnx.ModelProto:
-    """One ModelProto: raw features -> preprocessing -> network -> outputs, with metadata.
+    """One ModelProto: raw features -> preprocessing -> network -> outputs, with metadata
+    (golden rows are added by export_run, once parity has given PyTorch's outputs).
 
     With `context`, the features the schema declares request context are taken once per
     request and their share of the network computed once (export/context.py); without, every
     feature is per row, as any other exporter would give. With `monitor`, also the monitoring
     outputs (MONITOR_PREFIX, after the scores)."""
+    features = [f.name for f in run.schema.features]
+    clash = sorted(set(features) & set(graph_output_names(run.model)))
+    if clash:
+        raise ValueError(f"features {clash} have the names of outputs; rename the features")
     ctx = run.schema.context_features if context else []
     pre = preprocessing_graph(run.schema, ctx, monitor)
     net = export_network(run.model, run.schema, ctx, monitor and has_gates(run.model))
@@ -273,8 +279,7 @@ def assemble(run: Run, *, context: bool = True, monitor: bool = True) -> onnx.Mo
     for m in (pre, net):
         del m.opset_import[:]
         m.opset_import.extend(onnx.helper.make_opsetid(d, v) for d, v in ours.items())
-    io_map = [(encoded_name(f.name), encoded_name(f.name)) for f in run.schema.features]
-    merged = compose.merge_models(pre, net, io_map=io_map)
+    merged = with_plain_io(pre, net, features)
     outputs = sorted(merged.graph.output, key=lambda o: o.name.startswith(MONITOR_PREFIX))
     del merged.graph.output[:]
     merged.graph.output.extend(outputs)
@@ -300,6 +305,10 @@ class ExportReport:
     rows_checked: int
     size_bytes: int
     variants: dict[str, dict[str, float]] = field(default_factory=dict)
+    sample_rows: int = 0  # of rows_checked, real validation rows kept by training
+    golden_rows: int = 0
+    # The largest |torch - onnxruntime| as a fraction of the difference the rule allows.
+    parity_fraction_of_allowed: float = 0.0
     context: list[str] = field(default_factory=list)  # inputs taken once per request
 
 
@@ -314,10 +323,15 @@ def export_run(
     optimize: bool = False,
     int8: bool = False,
     fp16: bool = False,
+    golden: int = 8,
     monitor: bool = True,
 ) -> ExportReport:
     """Export RUN_DIR to `out`; raises ParityError if onnxruntime and PyTorch disagree, or if
-    the graph's feature-value counts disagree with training's rule (model/evaluation.py).
+    the monitoring outputs disagree with training's rule and PyTorch (check_monitoring).
+
+    Parity is checked on `parity_rows` generated rows, the run's validation sample and
+    `extra_rows`; `golden` rows (rules' edge cases, then validation rows) are stored in the
+    file with PyTorch's outputs, for servers to check at load.
 
     `context=False`: every feature per row, ignoring the config's `context: true` (the naive
     graph, for comparison). `monitor=False` leaves the monitoring outputs out."""
@@ -325,19 +339,33 @@ def export_run(
     run = load_run(run_dir)
     proto = assemble(run, context=context, monitor=monitor)
     data = proto.SerializeToString()
-    cols = generate_rows(run.schema, parity_rows)
-    if extra_rows:
-        cols = {
-            k: v + list(extra_rows.get(k, [None] * len(next(iter(extra_rows.values())))))
-            for k, v in cols.items()
-        }
-    worst = check_parity(run.model, run.schema, data, cols, tolerance)
+    edges = edge_rows(run.schema)
+    sample = sample_rows(run.path, run.schema) or {}
+    generated = generate_rows(run.schema, parity_rows)
+    parts = [edges, sample, generated, extra_rows or {}]
+    cols = join_columns(run.schema, parts)
+    parity = check_parity(run.model, run.schema, data, cols, tolerance)
     if monitor:
         check_monitoring(run, data, cols)
+    # Golden rows: the edge rows, then real validation rows (else generated ones).
+    picks = list(range(min(golden, parity.rows)))
+    if picks:
+        _set_golden(proto, golden_rows(cols, parity, picks))
+    n_sample = len(next(iter(sample.values()))) if sample else 0
+    data = proto.SerializeToString()
     out = Path(out)
     _write_atomic(out, data)
-    report = ExportReport(out, 0.0, worst, len(next(iter(cols.values()))), len(data))
-    report.context = run.schema.context_features if context else []
+    report = ExportReport(
+        out,
+        0.0,
+        parity.max_abs_diff,
+        parity.rows,
+        len(data),
+        sample_rows=n_sample,
+        golden_rows=len(picks),
+        parity_fraction_of_allowed=parity.fraction_of_allowed,
+        context=run.schema.context_features if context else [],
+    )
     if optimize:
         report.variants["opt"] = _optimized(out, run.schema, cols)
     if int8:
@@ -380,15 +408,29 @@ def check_monitoring(run: Run, onnx_bytes: bytes, cols: dict[str, RawColumn]) ->
             )
 
 
+def _metadata(proto: onnx.ModelProto) -> ModelMetadata:
+    return read_metadata({p.key: p.value for p in proto.metadata_props})
+
+
+def _set_golden(proto: onnx.ModelProto, golden: GoldenRows) -> None:
+    meta = _metadata(proto).model_copy(update={"golden": golden})
+    onnx.helper.set_model_props(proto, meta.to_props())
+
+
 def _write_atomic(path: Path, data: bytes) -> None:
+    """Writes `data` to `path` by rename; on any failure the temporary file is removed."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    # mkstemp makes the file 0600; the model is read by other users too (a container's
-    # non-root server reading a mounted file).
-    os.fchmod(fd, 0o644)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-    os.replace(tmp, path)
+    try:
+        # mkstemp makes the file 0600; the model is read by other users too (a container's
+        # non-root server reading a mounted file).
+        os.fchmod(fd, 0o644)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _variant_path(path: Path, tag: str) -> Path:
@@ -398,7 +440,10 @@ def _variant_path(path: Path, tag: str) -> Path:
 def _compare(
     base: Path, variant: Path, schema: FeatureSchema, cols: dict[str, RawColumn]
 ) -> dict[str, float]:
-    """Max output drift against the base file and the speed ratio (base time / variant time)."""
+    """Max output drift against the base file and the speed ratio (base time / variant time).
+    The variant's golden rows then allow that drift: each output's allowed difference grows by
+    twice its largest drift over the parity rows, so a server loads the variant but still
+    refuses one edited beyond that."""
     feeds = to_onnx_inputs(schema, cols)
     results = {}
     for p in (base, variant):
@@ -410,10 +455,25 @@ def _compare(
             outs = s.run(names, feeds)
         results[p] = ((time.perf_counter() - t) / 10, dict(zip(names, outs, strict=True)))
     (t_base, o_base), (t_var, o_var) = results[base], results[variant]
+    drifts = {k: float(np.abs(v.astype(np.float64) - o_var[k]).max()) for k, v in o_base.items()}
+    _allow_drift(base, variant, drifts)
     # Drift of the scores callers see (probabilities and regression values), not of logits.
-    scores = [k for k in o_base if k.startswith(("probs_", "y_"))]
-    drift = max(float(np.abs(o_base[k].astype(np.float64) - o_var[k]).max()) for k in scores)
+    drift = max(v for k, v in drifts.items() if k.startswith(("probs_", "y_")))
     return {"max_abs_diff": drift, "speedup": t_base / t_var, "size_bytes": variant.stat().st_size}
+
+
+def _allow_drift(base: Path, variant: Path, drifts: dict[str, float]) -> None:
+    meta = _metadata(onnx.load(str(base)))
+    if meta.golden is not None:
+        allowed = {
+            k: (np.asarray(v) + 2 * drifts[k]).tolist() for k, v in meta.golden.allowed.items()
+        }
+        meta = meta.model_copy(
+            update={"golden": meta.golden.model_copy(update={"allowed": allowed})}
+        )
+    model = onnx.load(str(variant))
+    onnx.helper.set_model_props(model, meta.to_props())
+    _write_atomic(variant, model.SerializeToString())
 
 
 def _optimized(path: Path, schema: FeatureSchema, cols: dict[str, RawColumn]) -> dict[str, float]:

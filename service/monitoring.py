@@ -162,9 +162,9 @@ class _References(Collector):
                 labels=["task"],
             )
             for t in meta.tasks:
-                means = reference.scores.get(t.name, [])
-                for label, mean in zip(score_labels(t), means, strict=True):
-                    scores.add_metric([label], mean)
+                if t.name in reference.scores:
+                    for label, mean in zip(score_labels(t), reference.scores[t.name], strict=True):
+                        scores.add_metric([label], mean)
             yield scores
 
 

@@ -59,8 +59,18 @@ def test_serve_install_has_no_torch_and_serves(tmp_path: Path, tiny_onnx: Path) 
     for heavy in ("torch", "onnx==", "pyarrow", "scikit-learn"):
         assert heavy not in listed, f"{heavy} installed by .[serve]:\n{listed}"
 
-    port, grpc_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    verify = subprocess.run(
+        [str(venv / "bin" / "mmoe"), "verify", str(tiny_onnx)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert verify.returncode == 0, verify.stdout + verify.stderr  # golden rows, without torch
+
+    port, grpc_port = free_port(), free_port()
     serve = [str(venv / "bin" / "mmoe"), "serve", "--model", str(tiny_onnx), "--port", str(port)]
     proc = subprocess.Popen(
         [*serve, "--grpc-port", str(grpc_port)],
