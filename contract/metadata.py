@@ -173,9 +173,11 @@ class MonitorInfo(_Contract):
     features: list[str] = Field(default_factory=list)
     # Features with a vocabulary: the others never count `oov`.
     vocabulary: list[str] = Field(default_factory=list)
-    # float32 [tasks, len(experts)]: each task's gate weights summed over the rows of one run
-    # (tasks in metadata order); each row adds 1 over a task's experts.
+    # float32 [len(gate_tasks), len(experts)]: each task's gate weights summed over the rows of
+    # one run; each row adds 1 over a task's experts. The network's tasks (an ESMM product has
+    # no gate of its own).
     gate_weights: str | None = None
+    gate_tasks: list[str] = Field(default_factory=list)
     experts: list[str] = Field(default_factory=list)
     reference: MonitorReference | None = None
 

@@ -218,6 +218,7 @@ def monitor_info(run: Run) -> MonitorInfo:
         features=[f.name for f in features],
         vocabulary=[f.name for f in features if f.vocab is not None],
         gate_weights=GATE_WEIGHTS if gates else None,
+        gate_tasks=[task.name for task in run.model.tasks] if gates else [],
         experts=net.expert_names if gates else [],
         reference=reference,
     )

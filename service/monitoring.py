@@ -196,7 +196,8 @@ class ModelMonitor:
             self._gates_output = info.gate_weights
             self.outputs.append(info.gate_weights)
             self._gate_children = [
-                [metrics.gate_weight.labels(t.name, e) for e in info.experts] for t in meta.tasks
+                [metrics.gate_weight.labels(task, e) for e in info.experts]
+                for task in info.gate_tasks
             ]
         self._scores: list[tuple[str, list[Histogram]]] = []
         if metrics.score is not None:

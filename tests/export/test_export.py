@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from mmoe.contract.metadata import METADATA_KEY, read_metadata
+from mmoe.contract.metadata import FORMAT_VERSION, METADATA_KEY, format_text, read_metadata
 from mmoe.export.exporter import export_run
 from mmoe.export.graph import IR_VERSION, OPSET
 from mmoe.export.parity import ParityError, check_parity, generate_rows, torch_outputs
@@ -229,8 +229,10 @@ def test_inspect_prints_schema_tasks_and_io(tiny_onnx: Path) -> None:
         "probs_ctr",
         "probs_cvr",
         "IR 9",
-        "metadata format 1.1",
+        f"metadata format {format_text(FORMAT_VERSION)}",
         "golden rows (8:",
+        "monitoring   outputs monitor/feature_values, monitor/gate_weights",
+        "mean score ctr",
         '  1  {"user_id": "u',  # a golden row as a caller sends it
         "-> probs_ctr ",
     ):

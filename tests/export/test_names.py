@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from mmoe.export.exporter import export_run
+from mmoe.export.graph import FEATURE_VALUES, GATE_WEIGHTS
 from mmoe.model.config import parse_config
 from mmoe.model.data import write_table
 from mmoe.model.synthetic import synthetic_ranking
@@ -127,7 +128,12 @@ def test_features_named_like_tensors_export_and_are_served(
 ) -> None:
     session = ort.InferenceSession(str(names_onnx), providers=["CPUExecutionProvider"])
     assert {i.name for i in session.get_inputs()} == {f["name"] for f in FEATURES}
-    assert {o.name for o in session.get_outputs()} == {"probs_ctr", "logits_ctr"}
+    assert {o.name for o in session.get_outputs()} == {
+        "probs_ctr",
+        "logits_ctr",
+        FEATURE_VALUES,  # monitoring outputs: names with "/", never a feature's
+        GATE_WEIGHTS,
+    }
     (want,) = session.run(["probs_ctr"], bare_feeds())
 
     server = start_server(names_onnx)
