@@ -9,8 +9,8 @@ from typing import Any
 
 def register(sub: Any) -> None:
     ex = sub.add_parser("export", help="RUN_DIR -> one self-contained model.onnx (parity-checked)")
-    ex.add_argument("run_dir")
-    ex.add_argument("--out", required=True)
+    ex.add_argument("run_dir", help="a RUN_DIR written by mmoe train")
+    ex.add_argument("--out", required=True, help="the model.onnx to write")
     ex.add_argument("--tolerance", type=float, default=1e-5, help="max |torch - onnxruntime|")
     ex.add_argument("--rows", type=int, default=1024, help="generated rows for the parity check")
     ex.add_argument(
@@ -26,7 +26,7 @@ def register(sub: Any) -> None:
     )
     ex.set_defaults(func=_export)
     ins = sub.add_parser("inspect", help="print a model.onnx's schema, tasks, inputs and outputs")
-    ins.add_argument("model")
+    ins.add_argument("model", help="a model.onnx written by mmoe export")
     ins.set_defaults(func=_inspect)
 
 

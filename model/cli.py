@@ -10,14 +10,17 @@ from typing import Any
 
 
 def register(sub: Any) -> None:
-    data = sub.add_parser("data", help="generate a data set")
+    data = sub.add_parser("data", help="write a synthetic data set (or bring your own CSV/Parquet)")
     kinds = data.add_subparsers(dest="dataset", required=True, metavar="DATASET")
     rank = kinds.add_parser(
-        "synthetic-ranking", help="click/conversion log with ids, numbers, tags"
+        "synthetic-ranking",
+        help="a click/conversion log with ids, numbers and tags (the demo config's columns)",
     )
-    rank.add_argument("--rows", type=int, default=200_000)
-    rank.add_argument("--seed", type=int, default=7)
-    rank.add_argument("--out", required=True, help="FILE.parquet or FILE.csv")
+    rank.add_argument("--rows", type=int, default=200_000, help="rows to write (default 200000)")
+    rank.add_argument(
+        "--seed", type=int, default=7, help="random seed: the same seed writes the same rows"
+    )
+    rank.add_argument("--out", required=True, help="FILE.parquet or FILE.csv to write")
     rank.set_defaults(func=_data)
     paper = kinds.add_parser(
         "paper-synthetic",
@@ -26,7 +29,7 @@ def register(sub: Any) -> None:
     paper.add_argument(
         "--correlation", type=float, required=True, help="task correlation p in [-1, 1]"
     )
-    paper.add_argument("--rows", type=int, default=10_000)
+    paper.add_argument("--rows", type=int, default=10_000, help="rows to write (default 10000)")
     paper.add_argument("--dim", type=int, default=100, help="input dimension d (default 100)")
     paper.add_argument("--sines", type=int, default=10, help="number of sine terms m (default 10)")
     paper.add_argument("--scale", type=float, default=1.0, help="weight scale c (default 1)")
@@ -40,21 +43,25 @@ def register(sub: Any) -> None:
         default=0,
         help="seed of the sine parameters alpha, beta ~ N(0, 1) (default 0)",
     )
-    paper.add_argument("--out", required=True)
+    paper.add_argument("--out", required=True, help="FILE.parquet or FILE.csv to write")
     paper.set_defaults(func=_data)
 
     train = sub.add_parser("train", help="fit the feature schema and train the model")
-    train.add_argument("--config", required=True)
+    train.add_argument(
+        "--config", required=True, help="the training config, YAML (e.g. configs/demo.yaml)"
+    )
     train.add_argument(
         "--data", required=True, help="training data (.parquet, .csv, or a directory)"
     )
     train.add_argument("--valid", help="validation data (default: hold out train.valid_fraction)")
-    train.add_argument("--out", required=True, help="RUN_DIR to write")
+    train.add_argument(
+        "--out", required=True, help="RUN_DIR to write: weights, fitted schema, config, metrics"
+    )
     train.add_argument("--nproc", type=int, default=1, help="processes (DDP via torchrun)")
     train.set_defaults(func=_train)
 
     report = sub.add_parser("report", help="plot a run's curves and gate utilisation")
-    report.add_argument("run_dir")
+    report.add_argument("run_dir", help="a RUN_DIR written by mmoe train")
     report.add_argument("--out", help="directory for PNGs (default RUN_DIR/report)")
     report.set_defaults(func=_report)
 

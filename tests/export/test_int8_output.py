@@ -18,7 +18,7 @@ from mmoe.export.exporter import PRE_PROCESS_ADVICE
 def test_int8_export_prints_no_raw_quantizer_advice(tiny_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "model.onnx"
     cmd = [sys.executable, "-m", "mmoe", "export", str(tiny_run), "--out", str(out), "--int8"]
-    proc = subprocess.run(cmd + ["--rows", "64"], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([*cmd, "--rows", "64"], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "int8: max output drift" in proc.stdout
     assert (tmp_path / "model.int8.onnx").is_file()
