@@ -23,6 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from pydantic import ValidationError
 
 from mmoe.service.settings import Settings
+from tests.docs import section
 from tests.server import ServerProcess
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -378,16 +379,16 @@ def test_an_unknown_spinning_setting_is_refused(monkeypatch: pytest.MonkeyPatch)
         Settings()
 
 
-def test_every_setting_is_in_the_readme_with_its_default() -> None:
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+def test_every_setting_is_in_the_settings_table_with_its_default() -> None:
+    doc, table = section("settings")  # docs/settings.md
     rows = {
         line.split("|")[1].strip(" `"): line.split("|")[3].strip()
-        for line in readme.splitlines()
+        for line in table.splitlines()
         if line.startswith("| `MMOE_")
     }
     for name, field in Settings.model_fields.items():
         variable = f"MMOE_{name.upper()}"
-        assert variable in rows, f"{variable} missing from the README's settings table"
+        assert variable in rows, f"{variable} missing from the settings table in {doc.name}"
         if field.default is not None:
             shown = str(field.default).lower() if isinstance(field.default, bool) else field.default
             assert rows[variable].startswith(f"`{shown}`"), (variable, rows[variable])
