@@ -37,7 +37,7 @@ from mmoe.export.graph import (
 )
 from mmoe.export.parity import RawColumn, check_parity, generate_rows, to_onnx_inputs
 from mmoe.model.checkpoint import Run, config_hash, load_run
-from mmoe.model.network import RankingModel, task_outputs
+from mmoe.model.network import RankingModel, output_names, task_outputs
 from mmoe.model.schema import FeatureSchema
 
 
@@ -57,11 +57,12 @@ class ExportNet(nn.Module):
         return tuple(outs)
 
 
-def output_names(model: RankingModel) -> list[str]:
-    dummy = torch.zeros(1, 8)
+def graph_output_names(model: RankingModel) -> list[str]:
+    """The network's outputs in ExportNet's order."""
     names: list[str] = []
     for t in model.tasks:
-        names.extend(task_outputs(t, dummy[:, : t.out_dim]))
+        n = output_names(t)
+        names.extend([n.score] if n.logits is None else [n.score, n.logits])
     return names
 
 
@@ -89,7 +90,7 @@ def export_network(model: RankingModel, schema: FeatureSchema) -> onnx.ModelProt
             wrapper,
             example_inputs(schema),
             input_names=[encoded_name(n) for n in names],
-            output_names=output_names(model),
+            output_names=graph_output_names(model),
             dynamic_shapes=(dynamic,),  # forward(*encoded): one varargs entry
             opset_version=OPSET,
             dynamo=True,
@@ -136,11 +137,11 @@ def build_metadata(run: Run) -> ModelMetadata:
         TaskInfo(
             name=t.name,
             kind=t.kind,
-            output=f"y_{t.name}" if t.kind == "regression" else f"probs_{t.name}",
-            logits=None if t.kind == "regression" else f"logits_{t.name}",
+            output=output_names(t).score,
+            logits=output_names(t).logits,
             num_class=t.num_class,
         )
-        for t in run.config.tasks
+        for t in run.model.tasks
     ]
     best = run.metrics.get("best", {})
     return ModelMetadata(

@@ -12,9 +12,10 @@ import onnxruntime as ort
 import pyarrow as pa
 import torch
 
+from mmoe.model.batches import encode_table
+from mmoe.model.evaluation import predict
 from mmoe.model.network import RankingModel
 from mmoe.model.schema import FeatureSchema, FittedFeature
-from mmoe.model.train import encode_table, predict
 
 RawColumn = list[object]
 

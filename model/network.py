@@ -476,11 +476,29 @@ class RankingModel(nn.Module):
         return (logits, sq) if with_embedding_l2 else logits
 
 
+@dataclass(frozen=True)
+class OutputNames:
+    """The names one task's outputs are exported under (EasyRec's naming)."""
+
+    score: str  # probs_<task> (binary, multiclass) or y_<task> (regression)
+    logits: str | None  # logits_<task>; None for regression
+
+
+def output_names(task: TaskHead) -> OutputNames:
+    """The one place that names exported outputs: export's graph and metadata, and evaluation,
+    all read it."""
+    if task.kind == "regression":
+        return OutputNames(f"y_{task.name}", None)
+    return OutputNames(f"probs_{task.name}", f"logits_{task.name}")
+
+
 def task_outputs(task: TaskHead, logits: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The exported outputs of one task, named as in EasyRec."""
+    """The exported outputs of one task, by the names of `output_names`."""
+    names = output_names(task)
+    if task.kind == "regression":
+        return {names.score: logits[:, 0]}
+    assert names.logits is not None
     if task.kind == "binary":
         z = logits[:, 0]
-        return {f"probs_{task.name}": torch.sigmoid(z), f"logits_{task.name}": z}
-    if task.kind == "multiclass":
-        return {f"probs_{task.name}": F.softmax(logits, dim=-1), f"logits_{task.name}": logits}
-    return {f"y_{task.name}": logits[:, 0]}
+        return {names.score: torch.sigmoid(z), names.logits: z}
+    return {names.score: F.softmax(logits, dim=-1), names.logits: logits}
