@@ -57,8 +57,9 @@ lint: $(VENV)/.dev-installed
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy mmoe
 
+# PYTEST_ARGS: more pytest options, e.g. make test PYTEST_ARGS="-k predict --durations=25".
 test: lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) runs data models results
