@@ -5,7 +5,8 @@ applied in Python during training, and turned into ONNX nodes by `export/`. The 
 contract both sides implement:
 
 - categorical / tags with a vocabulary: 0 = missing (null or ""), 1 = out of vocabulary,
-  2 + i = the i-th vocabulary entry.
+  2 + i = the i-th vocabulary entry. The vocabulary is fitted on the data, or fixed by the config
+  (`vocab_list`; `num_buckets: N` is "0", "1", ..., "N-1", so integer id v -> 2 + v).
 - categorical / tags with hash buckets: 0 = missing, 1 + murmur3_32(utf8, seed) % buckets.
 - numeric with boundaries: searchsorted(boundaries, value, side="right"), in [0, len(boundaries)].
 - numeric: value (null/NaN -> default), then log1p(max(value, 0)) or (value - mean) / std.
@@ -280,7 +281,7 @@ class SchemaFitter:
                     self._sumsq[f.name] = self._sumsq.get(f.name, 0.0) + float((x * x).sum())
                     self._n[f.name] = self._n.get(f.name, 0) + len(x)
                 continue
-            if f.uses_hashing:
+            if f.uses_hashing or f.fixed_vocab is not None:
                 continue
             if isinstance(f, TagsFeature):
                 tokens = tag_tokens(col, f.separator, f.max_len, f.default)
@@ -338,7 +339,9 @@ class SchemaFitter:
                 )
                 continue
             table = f.embedding_name or f.name
-            vocab = None if f.uses_hashing else self._vocab(table, f.vocab_config)
+            vocab = f.fixed_vocab
+            if vocab is None and not f.uses_hashing:
+                vocab = self._vocab(table, f.vocab_config)
             extra = {}
             if isinstance(f, TagsFeature):
                 extra = {"separator": f.separator, "pooling": f.pooling, "max_len": f.max_len}

@@ -230,6 +230,10 @@ class Trainer:
                 return 0.5 * (1 + math.cos(math.pi * progress))
             if t.lr_schedule == "step":
                 return float(t.step_gamma ** (step // max(1, steps_per_epoch)))
+            if t.lr_schedule == "exponential":
+                decays = (step - t.warmup_steps) / t.decay_steps
+                decays = math.floor(decays) if t.staircase else decays
+                return max(t.decay_factor**decays, t.min_lr / t.lr)
             return 1.0
 
         return factor
