@@ -22,7 +22,15 @@ EXAMPLE = """example (the demo model, as `make serve` builds it):
 # The commands of the training distribution (mmoe-ranking-train: mmoe.model, mmoe.export,
 # mmoe.bench), named here so that a serving-only install can say where they are.
 # tests/test_cli_help.py checks the list against what those packages register.
-TRAINING_COMMANDS = ("data", "train", "report", "export", "inspect", "bench")
+TRAINING_COMMANDS = (
+    "data",
+    "train",
+    "convert-config",
+    "report",
+    "export",
+    "inspect",
+    "bench",
+)
 TRAINING_INSTALL = "pip install mmoe-ranking-train (from a checkout: pip install . ./training)"
 
 
