@@ -57,7 +57,8 @@ lint: $(VENV)/.dev-installed
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy mmoe
 
-# PYTEST_ARGS: more pytest options, e.g. make test PYTEST_ARGS="-k predict --durations=25".
+# PYTEST_ARGS: more pytest options, e.g. make test PYTEST_ARGS="-k predict --durations=25" (or
+# "-n 2": pytest-xdist; not the default, as timing-sensitive server tests share the 2 cores then).
 test: lint
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
