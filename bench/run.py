@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mmoe.bench import report
+from mmoe.bench import protocols, report
 from mmoe.bench.floor import Floor
 from mmoe.bench.load import run_load, wrk_available
 from mmoe.bench.models import MODELS, BenchModel, prepare
@@ -95,6 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
         "service's defaults, named 'service')",
     )
     p.add_argument("--no-baseline", action="store_true", help="skip the PyTorch baseline server")
+    p.add_argument(
+        "--protocols",
+        action="store_true",
+        help="also compare /predict JSON, KServe HTTP binary tensors and KServe gRPC on one "
+        "server (bench/protocols.py)",
+    )
     p.add_argument(
         "--profile",
         action="store_true",
@@ -283,6 +289,9 @@ def bench_model(
         info, cells = _measure_server(server, name, bodies, floor, args, out_dir, profile)
         result["servers"][name] = info
         result["cells"].extend(cells)
+    if args.protocols:
+        _say(f"{spec.name}: protocols")
+        result["protocols"] = protocols.measure(spec, bodies, floor, args, out_dir, _say)
     # Measured again after the servers: the faster of the two is the floor (the harder one to
     # meet), and the difference shows how much the machine's speed moved during the run.
     _say(f"{spec.name}: floor again")
@@ -358,7 +367,7 @@ def main(argv: list[str]) -> int:
         results["models"].append(bench_model(spec, args, variants, out_dir))
     results["environment"]["load_after"] = _load()
     (out_dir / "results.json").write_text(json.dumps(results, indent=1))
-    text = report.markdown(results)
+    text = report.markdown(results) + protocols.markdown(results)
     (out_dir / "report.md").write_text(text)
     report.plot(results, out_dir / "latency_throughput.png")
     print(text)

@@ -58,6 +58,10 @@ class _IdFeature(_Strict):
     # Features with the same embedding_name share one table (and one vocabulary).
     embedding_name: Name | None = None
     group: str = "all"
+    # Request context: the same value for every candidate of a ranking request (the user, the
+    # placement). Training is unchanged; the exported graph takes it once per request and
+    # computes its share of the network once (docs/context.md).
+    context: bool = False
 
     @field_validator("vocab_list")
     @classmethod
@@ -128,6 +132,7 @@ class NumericFeature(_Strict):
     boundaries: list[float] | None = None
     embedding_dim: int = Field(8, ge=1)
     group: str = "all"
+    context: bool = False  # request context, as for categorical and tags features
 
     @field_validator("boundaries")
     @classmethod
@@ -310,6 +315,12 @@ class RunConfig(_Strict):
                     raise ValueError(f"{what}[{i}].name: duplicate name {n!r}")
         self._check_shared_tables()
         m = self.model
+        inputs = self.input_features
+        if inputs and all(f.context for f in inputs):
+            raise ValueError(
+                "features: every feature the network reads is `context: true`; a ranking "
+                "request scores candidates, so at least one feature must be per candidate"
+            )
         if m.groups is not None:
             known = {f.group for f in self.features}
             unknown = sorted(set(m.groups) - known)

@@ -49,6 +49,9 @@ class FittedFeature(BaseModel):
     kind: Literal["categorical", "numeric", "tags"]
     column: str
     default: float | str | list[str] | None = None
+    # Request context (the config's `context`): one value for all candidates of a request.
+    # Absent in schemas fitted before the flag existed.
+    context: bool = False
     # categorical / tags
     table: str | None = None
     vocab: list[str] | None = None
@@ -106,6 +109,11 @@ class FeatureSchema(BaseModel):
                 table = f.table or f.name
                 out[table] = (f.num_embeddings, f.embedding_dim or 1)
         return out
+
+    @property
+    def context_features(self) -> list[str]:
+        """Names of the features declared request context."""
+        return [f.name for f in self.features if f.context]
 
     @property
     def dense_features(self) -> list[FittedFeature]:
@@ -330,6 +338,7 @@ class SchemaFitter:
                         kind="numeric",
                         column=column,
                         default=f.default,
+                        context=f.context,
                         transform=f.transform,
                         mean=mean,
                         std=std,
@@ -352,6 +361,7 @@ class SchemaFitter:
                     kind=f.kind,
                     column=column,
                     default=f.default,
+                    context=f.context,
                     table=table,
                     vocab=vocab,
                     hash_buckets=f.hash_buckets,

@@ -18,6 +18,7 @@ from fastapi.openapi.utils import get_openapi
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from mmoe.service import grpc_v2
 from mmoe.service.errors import (
     ApiError,
     api_error_handler,
@@ -162,6 +163,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         holder = ModelHolder(settings, metrics, executor)
         holder.on_swap.append(lambda _: setattr(app, "openapi_schema", None))
         app.state.holder = holder
+        grpc_server = await grpc_v2.start(settings, holder, metrics)  # None unless configured
         loader = asyncio.create_task(holder.keep_loading())
         loader.add_done_callback(_stop_if_failed)
         loop = asyncio.get_running_loop()
@@ -184,6 +186,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             loader.cancel()
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                 loop.remove_signal_handler(signal.SIGHUP)
+            await grpc_v2.stop(grpc_server)
             await holder.close()
             executor.shutdown(wait=True)
 

@@ -63,7 +63,7 @@ class Runner:
         t0 = time.perf_counter()
         out = self.predictor.run(feeds, alone=alone)
         if self.observe is not None:
-            rows = len(next(iter(feeds.values())))
+            rows = max(len(v) for v in feeds.values())  # context inputs may have one row
             self.observe(rows, time.perf_counter() - t0, self.predictor.spins(alone))
         return out
 
@@ -122,6 +122,22 @@ class _Item:
     feeds: Feeds
     n: int
     future: asyncio.Future[Outputs] = field(repr=False)
+
+
+def _merge(requests: list[tuple[Feeds, int]]) -> Feeds:
+    """The feeds of several requests as one: each input's rows, request after request. A
+    context input given once for a request's n rows is broadcast to them first: the merged
+    call has one row per candidate of every request."""
+    if len(requests) == 1:
+        return requests[0][0]
+    merged: Feeds = {}
+    for name in requests[0][0]:
+        parts = []
+        for feeds, n in requests:
+            v = feeds[name]
+            parts.append(v if len(v) == n else np.broadcast_to(v, (n, *v.shape[1:])))
+        merged[name] = np.concatenate(parts)
+    return merged
 
 
 class MicroBatcher(Runner):
@@ -186,12 +202,7 @@ class MicroBatcher(Runner):
                 continue
             self.inflight += 1
             try:
-                merged = {
-                    k: np.concatenate([b.feeds[k] for b in batch])
-                    if len(batch) > 1
-                    else batch[0].feeds[k]
-                    for k in batch[0].feeds
-                }
+                merged = _merge([(b.feeds, b.n) for b in batch])
                 alone = self._alone()
                 outputs = await loop.run_in_executor(self.executor, self._run, merged, alone)
             except Exception as err:  # hand the failure to every caller in the batch

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -36,6 +36,11 @@ class Settings(BaseSettings):
     )
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8000, ge=0, le=65535, description="port to listen on")
+    # Bound with SO_REUSEPORT (grpcio's default on Linux), so that several worker processes
+    # can each serve the same port.
+    grpc_port: int | None = Field(
+        None, ge=1, le=65535, description="port for KServe V2 over gRPC, on --host; unset: off"
+    )
 
     provider: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="execution provider; auto: CUDA when it loads, else CPU"
@@ -99,6 +104,13 @@ class Settings(BaseSettings):
         if isinstance(v, bool):
             return "on" if v else "off"
         return flags.get(v.lower(), v.lower()) if isinstance(v, str) else v
+
+    @field_validator("grpc_port")
+    @classmethod
+    def _grpc_port_not_http(cls, v: int | None, info: ValidationInfo) -> int | None:
+        if v is not None and v == info.data.get("port"):
+            raise ValueError(f"{v} is the HTTP port too: give gRPC a port of its own")
+        return v
 
     @field_validator("intra_op_threads", "inference_workers")
     @classmethod

@@ -1,5 +1,6 @@
 """The installs: each wheel installs nothing but the `mmoe` namespace, and the serving install
-(`pip install .[serve]`) carries no training code and no torch, and `mmoe serve` runs in it."""
+(`pip install .[serve]`) carries no training code and no torch, and `mmoe serve` runs in it,
+HTTP and KServe V2 over gRPC."""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ import time
 import zipfile
 from pathlib import Path
 
+import grpc
 import httpx
 import pytest
+from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from tests.server import free_port
 
@@ -123,9 +126,10 @@ def test_serve_install_has_no_training_code_nor_torch_and_serves(
     )
     assert train.returncode == 2 and "./training" in train.stderr, train.stderr
 
-    port = free_port()
+    port, grpc_port = free_port(), free_port()
+    serve = [mmoe, "serve", "--model", str(tiny_onnx), "--port", str(port)]
     proc = subprocess.Popen(
-        [str(venv / "bin" / "mmoe"), "serve", "--model", str(tiny_onnx), "--port", str(port)],
+        [*serve, "--grpc-port", str(grpc_port)],
         cwd=tmp_path,
         env=env,
         stdout=subprocess.PIPE,
@@ -147,6 +151,9 @@ def test_serve_install_has_no_training_code_nor_torch_and_serves(
         )
         assert r.status_code == 200, r.text
         assert len(r.json()["scores"]["ctr"]) == 2
+        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+            stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+            assert stub.ServerReady(service_pb2.ServerReadyRequest(), timeout=30).ready
     finally:
         proc.terminate()
         proc.wait(30)

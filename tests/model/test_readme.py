@@ -26,8 +26,10 @@ from mmoe.model.config import (
 from tests.docs import ROOT, section
 
 DOC, CONFIG_SECTION = section("config")
-# Keys added for EasyRec configs are documented with them (until docs/training.md's list has them).
+# Keys documented with their topic (until docs/training.md's list has them): those added for
+# EasyRec configs, and request context.
 EASYREC_DOC = ROOT / "docs" / "easyrec.md"
+CONTEXT_DOC = ROOT / "docs" / "context.md"
 
 
 def blocks(language: str) -> list[str]:
@@ -47,7 +49,11 @@ def test_yaml_is_a_valid_config_listing_every_option() -> None:
     (text,) = blocks("yaml")
     config = parse_config(yaml.safe_load(text))
     assert [f.kind for f in config.features] == ["categorical", "numeric", "tags"]
-    extra = re.findall(r"```yaml\n(.*?)```", EASYREC_DOC.read_text(), re.S)
+    extra = [
+        block
+        for doc in (EASYREC_DOC, CONTEXT_DOC)
+        for block in re.findall(r"```yaml\n(.*?)```", doc.read_text(), re.S)
+    ]
     documented = set(re.findall(r"([a-z_0-9]+):", "\n".join([text, *extra])))
     for model in (
         DataConfig,
