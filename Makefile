@@ -38,7 +38,7 @@ demo: $(DEMO_MODEL)
 
 $(DEMO_MODEL): configs/demo.yaml | $(VENV)/.train-installed
 	$(BIN)/mmoe data synthetic-ranking --rows 200000 --seed 7 --out data/demo.parquet
-	$(BIN)/mmoe train --config configs/demo.yaml --data data/demo.parquet --out runs/demo
+	$(BIN)/mmoe train --config configs/demo.yaml --data data/demo.parquet --out runs/demo --overwrite
 	$(BIN)/mmoe export runs/demo --out $@
 
 # The demo is built only when it is what will be served.

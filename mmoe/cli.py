@@ -2,7 +2,7 @@
 PyTorch in, one self-contained ONNX file out (raw feature values in, per-task scores out), served
 over HTTP by FastAPI + onnxruntime.
 
-The path, one command per step: data -> train -> export -> inspect -> serve -> bench.
+The path, one command per step: data -> train -> export -> inspect/verify -> serve -> bench.
 `mmoe COMMAND --help` says more about each."""
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ EXAMPLE = """example (the demo model, as `make serve` builds it):
   mmoe train --config configs/demo.yaml --data data/demo.parquet --out runs/demo
   mmoe export runs/demo --out models/demo.onnx
   mmoe inspect models/demo.onnx
+  mmoe verify models/demo.onnx
   mmoe serve --model models/demo.onnx"""
 
 # The commands of the training distribution (mmoe-ranking-train: mmoe.model, mmoe.export,

@@ -15,10 +15,21 @@ def register(sub: Any) -> None:
     rank = kinds.add_parser(
         "synthetic-ranking",
         help="a click/conversion log with ids, numbers and tags (the demo config's columns)",
+        description="A click/conversion log drawn from a fixed world (users, items, their "
+        "categories, prices and brands, and what drives clicks and purchases). --seed draws the "
+        "rows from that world, --world-seed the world itself: files made with different --seed "
+        "and the same --world-seed are samples of one world, e.g. a training and a validation "
+        "file.",
     )
     rank.add_argument("--rows", type=int, default=200_000, help="rows to write (default 200000)")
     rank.add_argument(
-        "--seed", type=int, default=7, help="random seed: the same seed writes the same rows"
+        "--seed", type=int, default=7, help="seed of the rows drawn from the world (default 7)"
+    )
+    rank.add_argument(
+        "--world-seed",
+        type=int,
+        default=0,
+        help="seed of the world: users, items, categories and their effects (default 0)",
     )
     rank.add_argument("--out", required=True, help="FILE.parquet or FILE.csv to write")
     rank.set_defaults(func=_data)
@@ -43,6 +54,13 @@ def register(sub: Any) -> None:
         default=0,
         help="seed of the sine parameters alpha, beta ~ N(0, 1) (default 0)",
     )
+    paper.add_argument(
+        "--sine-params",
+        choices=["normal", "index"],
+        default="normal",
+        help="alpha, beta of the sines (the paper gives none): N(0, 1) draws from --sine-seed "
+        "(default), or alpha_j = j+1, beta_j = j^2 as in Google Research's generator",
+    )
     paper.add_argument("--out", required=True, help="FILE.parquet or FILE.csv to write")
     paper.set_defaults(func=_data)
 
@@ -60,6 +78,11 @@ def register(sub: Any) -> None:
         "--out", required=True, help="RUN_DIR to write: weights, fitted schema, config, metrics"
     )
     train.add_argument("--nproc", type=int, default=1, help="processes (DDP via torchrun)")
+    train.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="clear RUN_DIR first if it exists and is not empty (else that is refused)",
+    )
     train.add_argument(
         "overrides",
         nargs="*",
@@ -96,7 +119,7 @@ def _data(args: argparse.Namespace) -> int:
     from mmoe.model.synthetic import paper_synthetic, synthetic_ranking
 
     if args.dataset == "synthetic-ranking":
-        table = synthetic_ranking(args.rows, args.seed)
+        table = synthetic_ranking(args.rows, args.seed, args.world_seed)
     else:
         table = paper_synthetic(
             args.rows,
@@ -107,6 +130,7 @@ def _data(args: argparse.Namespace) -> int:
             noise_std=args.noise,
             seed=args.seed,
             sine_seed=args.sine_seed,
+            sine_params=args.sine_params,
         )
     write_table(table, args.out)
     print(f"wrote {table.num_rows} rows to {args.out}")
@@ -126,11 +150,13 @@ def _resolve_config(args: argparse.Namespace) -> tuple[Any, dict[str, Any], list
 
 
 def _train(args: argparse.Namespace) -> int:
+    from mmoe.model.checkpoint import prepare_run_dir
     from mmoe.model.config import ConfigError
 
     try:
         config, _, notes = _resolve_config(args)
-    except (ConfigError, ValueError, FileNotFoundError) as err:
+        prepare_run_dir(args.out, args.overwrite)  # after the config: a bad one clears nothing
+    except (ConfigError, ValueError, FileNotFoundError) as err:  # RunDirError too
         print(f"error: {err}", file=sys.stderr)
         return 2
     for note in notes:

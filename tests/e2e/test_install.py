@@ -126,6 +126,16 @@ def test_serve_install_has_no_training_code_nor_torch_and_serves(
     )
     assert train.returncode == 2 and "./training" in train.stderr, train.stderr
 
+    verify = subprocess.run(
+        [mmoe, "verify", str(tiny_onnx)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert verify.returncode == 0, verify.stdout + verify.stderr  # golden rows, without torch
+
     port, grpc_port = free_port(), free_port()
     serve = [mmoe, "serve", "--model", str(tiny_onnx), "--port", str(port)]
     proc = subprocess.Popen(
