@@ -9,8 +9,8 @@ from typing import Any
 
 def register(sub: Any) -> None:
     ex = sub.add_parser("export", help="RUN_DIR -> one self-contained model.onnx (parity-checked)")
-    ex.add_argument("run_dir")
-    ex.add_argument("--out", required=True)
+    ex.add_argument("run_dir", help="a RUN_DIR written by mmoe train")
+    ex.add_argument("--out", required=True, help="the model.onnx to write")
     ex.add_argument(
         "--tolerance",
         type=float,
@@ -45,21 +45,8 @@ def register(sub: Any) -> None:
     )
     ex.set_defaults(func=_export)
     ins = sub.add_parser("inspect", help="print a model.onnx's schema, tasks, inputs and outputs")
-    ins.add_argument("model")
+    ins.add_argument("model", help="a model.onnx written by mmoe export")
     ins.set_defaults(func=_inspect)
-    ver = sub.add_parser(
-        "verify",
-        help="run a model.onnx's golden rows as a server does at load; exit 1 if any answer "
-        "changed (needs only the serving install)",
-    )
-    ver.add_argument("model")
-    ver.add_argument(
-        "--provider",
-        choices=["auto", "cpu", "cuda"],
-        default="auto",
-        help="onnxruntime execution provider, as MMOE_PROVIDER (default auto)",
-    )
-    ver.set_defaults(func=_verify)
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -109,43 +96,4 @@ def _inspect(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    return 0
-
-
-def _verify(args: argparse.Namespace) -> int:
-    # The serving side only (onnxruntime, the request decoder): no torch, no onnx package.
-    import numpy as np
-
-    from mmoe.service.payload import RequestDecoder
-    from mmoe.service.predictor import ModelLoadError, Predictor
-
-    try:
-        predictor = Predictor(args.model, args.provider, intra_op_spinning="off")
-        golden = predictor.meta.golden
-        if golden is None or not golden.rows:
-            print(
-                f"error: {args.model} has no golden rows (exported before metadata format 1.1): "
-                "nothing to verify; export it again",
-                file=sys.stderr,
-            )
-            return 2
-        decoder = RequestDecoder(predictor.meta, max(1, len(golden.rows)))
-        mismatches = predictor.golden_mismatches(decoder)
-    except ModelLoadError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    values = sum(np.asarray(v).size for v in golden.outputs.values())
-    where = f"on {predictor.provider}"
-    if mismatches:
-        print(
-            f"{args.model}: {len(mismatches)} of {values} golden values differ from what was "
-            f"exported beyond the allowed difference {where}; a server refuses this file:"
-        )
-        for m in mismatches:
-            print(f"  {m}")
-        return 1
-    print(
-        f"{args.model}: {len(golden.rows)} golden rows, {len(golden.outputs)} outputs: all "
-        f"{values} values match what was exported {where}"
-    )
     return 0

@@ -490,10 +490,27 @@ def _quantized(path: Path, schema: FeatureSchema, cols: dict[str, RawColumn]) ->
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     target = _variant_path(path, "int8")
-    quantize_dynamic(
-        path, target, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"]
-    )
+    root = logging.getLogger()
+    root.addFilter(_skip_pre_process_advice)
+    try:
+        quantize_dynamic(
+            path, target, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"]
+        )
+    finally:
+        root.removeFilter(_skip_pre_process_advice)
     return _compare(path, target, schema, cols)
+
+
+PRE_PROCESS_ADVICE = "Please consider to run pre-processing before quantization"
+
+
+def _skip_pre_process_advice(record: logging.LogRecord) -> bool:
+    """Drops onnxruntime's advice to run `quant_pre_process` before quantizing (logged on the
+    root logger), which does not fit these graphs: its symbolic shape inference stops at the
+    LabelEncoder and MurmurHash3 nodes, and without that step its graph optimisation lets the
+    quantizer take the experts' batched weights too, for about 8x the score drift (9e-3 against
+    1e-3 on the demo) and no speed gain. quantize_dynamic runs ONNX shape inference itself."""
+    return PRE_PROCESS_ADVICE not in record.getMessage()
 
 
 def _float16(path: Path, schema: FeatureSchema, cols: dict[str, RawColumn]) -> dict[str, float]:

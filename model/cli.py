@@ -10,18 +10,18 @@ from typing import Any
 
 
 def register(sub: Any) -> None:
-    data = sub.add_parser("data", help="generate a data set")
+    data = sub.add_parser("data", help="write a synthetic data set (or bring your own CSV/Parquet)")
     kinds = data.add_subparsers(dest="dataset", required=True, metavar="DATASET")
     rank = kinds.add_parser(
         "synthetic-ranking",
-        help="click/conversion log with ids, numbers, tags",
+        help="a click/conversion log with ids, numbers and tags (the demo config's columns)",
         description="A click/conversion log drawn from a fixed world (users, items, their "
         "categories, prices and brands, and what drives clicks and purchases). --seed draws the "
         "rows from that world, --world-seed the world itself: files made with different --seed "
         "and the same --world-seed are samples of one world, e.g. a training and a validation "
         "file.",
     )
-    rank.add_argument("--rows", type=int, default=200_000)
+    rank.add_argument("--rows", type=int, default=200_000, help="rows to write (default 200000)")
     rank.add_argument(
         "--seed", type=int, default=7, help="seed of the rows drawn from the world (default 7)"
     )
@@ -31,7 +31,7 @@ def register(sub: Any) -> None:
         default=0,
         help="seed of the world: users, items, categories and their effects (default 0)",
     )
-    rank.add_argument("--out", required=True, help="FILE.parquet or FILE.csv")
+    rank.add_argument("--out", required=True, help="FILE.parquet or FILE.csv to write")
     rank.set_defaults(func=_data)
     paper = kinds.add_parser(
         "paper-synthetic",
@@ -40,7 +40,7 @@ def register(sub: Any) -> None:
     paper.add_argument(
         "--correlation", type=float, required=True, help="task correlation p in [-1, 1]"
     )
-    paper.add_argument("--rows", type=int, default=10_000)
+    paper.add_argument("--rows", type=int, default=10_000, help="rows to write (default 10000)")
     paper.add_argument("--dim", type=int, default=100, help="input dimension d (default 100)")
     paper.add_argument("--sines", type=int, default=10, help="number of sine terms m (default 10)")
     paper.add_argument("--scale", type=float, default=1.0, help="weight scale c (default 1)")
@@ -61,18 +61,22 @@ def register(sub: Any) -> None:
         help="alpha, beta of the sines (the paper gives none): N(0, 1) draws from --sine-seed "
         "(default), or alpha_j = j+1, beta_j = j^2 as in Google Research's generator",
     )
-    paper.add_argument("--out", required=True)
+    paper.add_argument("--out", required=True, help="FILE.parquet or FILE.csv to write")
     paper.set_defaults(func=_data)
 
     train = sub.add_parser("train", help="fit the feature schema and train the model")
     train.add_argument(
-        "--config", required=True, help="config.yaml, or an EasyRec pipeline.config (.config)"
+        "--config",
+        required=True,
+        help="the training config: YAML (e.g. configs/demo.yaml), or an EasyRec pipeline.config",
     )
     train.add_argument(
         "--data", required=True, help="training data (.parquet, .csv, or a directory)"
     )
     train.add_argument("--valid", help="validation data (default: hold out train.valid_fraction)")
-    train.add_argument("--out", required=True, help="RUN_DIR to write")
+    train.add_argument(
+        "--out", required=True, help="RUN_DIR to write: weights, fitted schema, config, metrics"
+    )
     train.add_argument("--nproc", type=int, default=1, help="processes (DDP via torchrun)")
     train.add_argument(
         "--overwrite",
@@ -105,7 +109,7 @@ def register(sub: Any) -> None:
     convert.set_defaults(func=_convert_config)
 
     report = sub.add_parser("report", help="plot a run's curves and gate utilisation")
-    report.add_argument("run_dir")
+    report.add_argument("run_dir", help="a RUN_DIR written by mmoe train")
     report.add_argument("--out", help="directory for PNGs (default RUN_DIR/report)")
     report.set_defaults(func=_report)
 
