@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mmoe.bench import protocols, report
+from mmoe.bench import monitoring, protocols, report
 from mmoe.bench.floor import Floor
 from mmoe.bench.load import run_load, wrk_available
 from mmoe.bench.models import MODELS, BenchModel, prepare
@@ -100,6 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also compare /predict JSON, KServe HTTP binary tensors and KServe gRPC on one "
         "server (bench/protocols.py)",
+    )
+    p.add_argument(
+        "--monitoring",
+        action="store_true",
+        help="also measure what monitoring costs: run() of the file against its --no-monitor "
+        "export, and servers with monitoring on and off, interleaved (bench/monitoring.py)",
     )
     p.add_argument(
         "--profile",
@@ -292,6 +298,9 @@ def bench_model(
     if args.protocols:
         _say(f"{spec.name}: protocols")
         result["protocols"] = protocols.measure(spec, bodies, floor, args, out_dir, _say)
+    if args.monitoring:
+        _say(f"{spec.name}: monitoring")
+        result["monitoring"] = monitoring.measure(spec, bodies, floor, args, out_dir, _say)
     # Measured again after the servers: the faster of the two is the floor (the harder one to
     # meet), and the difference shows how much the machine's speed moved during the run.
     _say(f"{spec.name}: floor again")
@@ -342,6 +351,10 @@ def main(argv: list[str]) -> int:
         specs = [MODELS[m] for m in args.models.split(",")]
     for spec in specs:
         prepare(spec, _say)
+        refusal = monitoring.unmonitored_refusal(spec) if args.monitoring else None
+        if refusal:
+            _say(f"error: --monitoring: {refusal}")
+            return 2
 
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     out_dir = args.out / (time.strftime("%Y%m%d-%H%M%S") + ("-quick" if args.quick else ""))
@@ -367,7 +380,7 @@ def main(argv: list[str]) -> int:
         results["models"].append(bench_model(spec, args, variants, out_dir))
     results["environment"]["load_after"] = _load()
     (out_dir / "results.json").write_text(json.dumps(results, indent=1))
-    text = report.markdown(results) + protocols.markdown(results)
+    text = report.markdown(results) + protocols.markdown(results) + monitoring.markdown(results)
     (out_dir / "report.md").write_text(text)
     report.plot(results, out_dir / "latency_throughput.png")
     print(text)

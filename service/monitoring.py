@@ -178,19 +178,21 @@ class ModelMonitor:
         info = meta.monitor
         self.outputs: list[str] = []  # the graph outputs to fetch beside the scores
         self._features: list[str] = []
-        self._feature_children: list[list[Counter | None]] = []
+        # One counter per (feature, outcome), row-major as the graph's counts [features, 3];
+        # None where the outcome cannot happen (oov without a vocabulary), the mask 0 there.
+        self._feature_children: list[Counter | None] = []
+        self._countable = np.zeros(0, dtype=np.int64)
         if info is not None and info.feature_values is not None and metrics.feature_values:
             self._values_output = info.feature_values
             self.outputs.append(info.feature_values)
             self._features = info.features
             vocabulary = set(info.vocabulary)
             self._feature_children = [
-                [
-                    metrics.feature_values.labels(f, o) if o != "oov" or f in vocabulary else None
-                    for o in OUTCOMES
-                ]
+                metrics.feature_values.labels(f, o) if o != "oov" or f in vocabulary else None
                 for f in info.features
+                for o in OUTCOMES
             ]
+            self._countable = np.array([c is not None for c in self._feature_children], np.int64)
         self._gate_children: list[list[Counter]] = []
         if info is not None and info.gate_weights is not None and metrics.gate_weight:
             self._gates_output = info.gate_weights
@@ -213,16 +215,14 @@ class ModelMonitor:
     def record(self, feeds: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:
         """Count one runtime call: its inputs `feeds` and everything it returned."""
         if self._feature_children:
-            counts = outputs[self._values_output]
-            rows = max(len(v) for v in feeds.values())
-            for f, counters, row in zip(
-                self._features, self._feature_children, counts.tolist(), strict=True
-            ):
-                # A context input sent once stands for each of the request's rows.
-                weight = rows // len(feeds[f])
-                for counter, n in zip(counters, row, strict=True):
-                    if n and counter is not None:
-                        counter.inc(n * weight)
+            lengths = np.array([len(feeds[f]) for f in self._features], dtype=np.int64)
+            # A context input sent once stands for each of the request's rows.
+            weights = lengths.max() // lengths
+            counts = (outputs[self._values_output] * weights[:, None]).ravel() * self._countable
+            # One increment per count that moved: a lock each, the bulk of what this costs.
+            nonzero = np.flatnonzero(counts)
+            for i, n in zip(nonzero.tolist(), counts[nonzero].tolist(), strict=True):
+                self._feature_children[i].inc(n)  # type: ignore[union-attr]
         if self._gate_children:
             sums = outputs[self._gates_output].tolist()
             for experts, task_sums in zip(self._gate_children, sums, strict=True):
