@@ -41,12 +41,9 @@ def _kind(annotation: Any) -> dict[str, Any]:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
     from pydantic import ValidationError
 
-    from mmoe.service.app import create_app
     from mmoe.service.logs import configure_logging
-    from mmoe.service.protocol import bounded_http_protocol
     from mmoe.service.settings import Settings
 
     overrides = {
@@ -58,14 +55,14 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"error: invalid settings: {err}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level)
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_config=None,
-        access_log=False,
-        timeout_graceful_shutdown=30,
-        server_header=False,
-        http=bounded_http_protocol(settings.client_timeout_s),
-    )
-    return 0
+    if settings.workers > 1:  # the parent imports no model code: it only supervises
+        from mmoe.service.workers import Supervisor
+
+        return Supervisor(settings).run()
+    import uvicorn
+
+    from mmoe.service.app import create_app, uvicorn_config
+
+    server = uvicorn.Server(uvicorn_config(create_app(settings), settings))
+    server.run()
+    return 0 if server.started else 3  # 3: the start failed (a setting to fix), as uvicorn.run

@@ -18,16 +18,11 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
 from mmoe.contract.metadata import FeatureInfo
-from mmoe.service.deps import (
-    get_holder,
-    get_settings,
-    read_json_body,
-    require_api_key,
-    run_inference,
-)
+from mmoe.service.auth import require_api_key
 from mmoe.service.errors import ApiError, PayloadError
+from mmoe.service.http import read_request_body
 from mmoe.service.payload import MAX_ID_CHARS, column_array, default_array, duplicate_key
-from mmoe.service.state import LoadedModel, ModelHolder
+from mmoe.service.state import LoadedModel, ModelHolder, get_holder, get_settings
 
 router = APIRouter(prefix="/v2", tags=["kserve-v2"])
 
@@ -134,7 +129,7 @@ async def live() -> dict[str, bool]:
 
 @router.get("/health/ready", summary="Server is ready")
 async def ready(request: Request) -> Response:
-    ok = get_holder(request).current is not None
+    ok = get_holder(request).ready()[0]
     return Response(orjson.dumps({"ready": ok}), 200 if ok else 503, media_type="application/json")
 
 
@@ -193,13 +188,13 @@ async def infer(
 ) -> Response:
     model = _model(get_holder(request), name, version)
     try:
-        body = await read_json_body(
+        body = await read_request_body(
             request, get_settings(request).max_body_bytes, ("application/octet-stream",)
         )
         req, binary = _split_body(body, request.headers.get(_HEADER))
         n, feeds = _feeds(model, req, binary, get_settings(request).max_batch_rows)
         wanted = _wanted_outputs(model, req)
-        outputs = await run_inference(request, model, feeds, n)
+        outputs = await model.runner.infer(feeds, n)
     except V2Error:
         raise
     except ApiError as err:
