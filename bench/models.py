@@ -3,6 +3,8 @@ run, ONNX file), so `mmoe bench` works from a fresh checkout."""
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +25,13 @@ class BenchModel:
     config: Path | None = None
     generate: Callable[[int, int], pa.Table] | None = None  # (rows, seed) -> training data
     rows: int = 200_000
+    # The same run exported without context declarations (every row recomputes the context, as
+    # any other exporter's graph does): the naive floor. None: `onnx` is the only graph.
+    naive_onnx: Path | None = None
+
+    @property
+    def naive(self) -> Path:
+        return self.naive_onnx or self.onnx
 
 
 def _synthetic_ranking(rows: int, seed: int) -> pa.Table:
@@ -41,6 +50,7 @@ MODELS = {
         Path("configs/demo.yaml"),
         _synthetic_ranking,
         200_000,
+        Path("models/demo.naive.onnx"),
     ),
     "easyrec": BenchModel(
         "easyrec_taobao",
@@ -51,6 +61,7 @@ MODELS = {
         Path("configs/easyrec_taobao.yaml"),
         taobao.taobao_like,
         300_000,
+        Path("models/easyrec_taobao.naive.onnx"),
     ),
 }
 
@@ -68,10 +79,19 @@ def _loads(run_dir: Path) -> bool:
     return True
 
 
-def prepare(model: BenchModel, say: Callable[[str], None] = print) -> None:
-    """Generate the data, train and export, for whichever of the three is missing or stale (a
-    run the current code cannot load is trained again; an ONNX file older than its run's
-    weights is exported again), so the service and the baseline serve the same weights."""
+def exports_context_once() -> bool:
+    """Whether this exporter can build the graph both ways (`export_run(..., context=...)`)."""
+    from mmoe.export.exporter import export_run
+
+    return "context" in inspect.signature(export_run).parameters
+
+
+def prepare(model: BenchModel, say: Callable[[str], None] = print) -> BenchModel:
+    """Generate the data, train and export, for whichever of them is missing or stale (a run
+    the current code cannot load is trained again; an ONNX file older than its run's weights is
+    exported again), so the service and the baseline serve the same weights. Returns the model
+    with its naive graph: exported without context declarations where the exporter can, else
+    the one graph."""
     if not model.data.exists():
         if model.generate is None:
             raise FileNotFoundError(f"{model.data} is missing")
@@ -88,8 +108,18 @@ def prepare(model: BenchModel, say: Callable[[str], None] = print) -> None:
 
         say(f"{model.name}: training {model.config} -> {model.run_dir}")
         train(load_config(model.config), model.data, model.run_dir)
-    if not model.onnx.exists() or model.onnx.stat().st_mtime < weights.stat().st_mtime:
-        from mmoe.export.exporter import export_run
+    from mmoe.export.exporter import export_run
 
+    if _stale(model.onnx, weights):
         say(f"{model.name}: exporting -> {model.onnx}")
         export_run(model.run_dir, model.onnx)
+    if model.naive_onnx is None or not exports_context_once():
+        return dataclasses.replace(model, naive_onnx=None)
+    if _stale(model.naive_onnx, weights):
+        say(f"{model.name}: exporting without context declarations -> {model.naive_onnx}")
+        export_run(model.run_dir, model.naive_onnx, context=False)  # type: ignore[call-arg]
+    return model
+
+
+def _stale(onnx: Path, weights: Path) -> bool:
+    return not onnx.exists() or onnx.stat().st_mtime < weights.stat().st_mtime
