@@ -1,9 +1,10 @@
 """Several server processes on one port (MMOE_WORKERS > 1).
 
 The parent (`Supervisor`) binds the port and starts the workers. Each worker is a whole server
-(its event loop, its onnxruntime session, its model holder) accepting connections from the one
-listening socket, so the requests of a busy server run side by side in separate processes,
-with nothing shared between them. The parent imports no model code and serves no request; it
+(its event loop, its onnxruntime session, its model holder) accepting connections on the port,
+so the requests of a busy server run side by side in separate processes, with nothing shared
+between them. On Linux each worker has a listening socket of its own (SO_REUSEPORT), and the
+kernel spreads new connections over them. The parent imports no model code and serves no request; it
 restarts a worker that dies, and relays what concerns all workers:
 
 - SIGHUP: forwarded to every worker, each reloading the configured file.
@@ -28,6 +29,7 @@ import multiprocessing
 import os
 import signal
 import socket
+import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
@@ -53,14 +55,56 @@ _RESTART_BACKOFF_S = 1.0
 WorkerState = dict[str, Any]
 
 
-def _listen(host: str, port: int) -> socket.socket:
+# With one shared listening socket, the worker that wakes first takes every connection waiting
+# (asyncio accepts in a loop): 8 keep-alive connections opened together all went to one worker
+# in 1 of 3 tries, leaving the other core idle for as long as they lived. A socket per worker
+# with SO_REUSEPORT gets each its own queue, which Linux fills by a hash of the client's
+# address and port.
+_SOCKET_PER_WORKER = sys.platform == "linux" and hasattr(socket, "SO_REUSEPORT")
+
+
+def _listen(host: str, port: int, reuse_port: bool) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((host, port))
     sock.listen(2048)
-    sock.set_inheritable(True)
     return sock
+
+
+class _Listeners:
+    """The port's listening sockets: one per worker where the kernel balances them, else one
+    shared by all."""
+
+    def __init__(self, host: str, port: int, count: int) -> None:
+        # Bound without SO_REUSEPORT first, so that a port already in use fails here, even if
+        # another server of this user listens on it with SO_REUSEPORT.
+        first = _listen(host, port, reuse_port=False)
+        self.host, self.port = host, first.getsockname()[1]
+        self.shared: socket.socket | None = None
+        self.own: dict[int, socket.socket] = {}
+        if _SOCKET_PER_WORKER:
+            first.close()
+            self.own = {i: _listen(host, self.port, reuse_port=True) for i in range(count)}
+        else:
+            self.shared = first
+
+    def of(self, index: int) -> socket.socket:
+        return self.shared or self.own[index]
+
+    def renew(self, index: int) -> None:
+        """A new socket for the worker that replaces worker `index` (the connections waiting
+        in the old one's queue are refused, rather than left waiting for the new worker)."""
+        if index in self.own:
+            self.own.pop(index).close()
+            self.own[index] = _listen(self.host, self.port, reuse_port=True)
+
+    def close(self) -> None:
+        for sock in [self.shared, *self.own.values()]:
+            if sock is not None:
+                sock.close()
 
 
 @dataclass
@@ -83,7 +127,7 @@ class _Reload:
 
 
 class Supervisor:
-    """Runs `settings.workers` worker processes on one listening socket until SIGTERM/SIGINT."""
+    """Runs `settings.workers` worker processes on the port until SIGTERM/SIGINT."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -99,7 +143,7 @@ class Supervisor:
 
     def run(self) -> int:
         s = self.settings
-        self.sock = _listen(s.host, s.port)
+        self.listeners = _Listeners(s.host, s.port, s.workers)
         context = multiprocessing.get_context("spawn")  # no inherited threads or locks
         wake_r, wake_w = socket.socketpair()
         wake_r.setblocking(False)
@@ -151,7 +195,7 @@ class Supervisor:
         parent_end, child_end = context.Pipe()
         process = context.Process(
             target=run_worker,
-            args=(self.settings, self.sock, child_end, index, self.serving),
+            args=(self.settings, self.listeners.of(index), child_end, index, self.serving),
             name=f"mmoe-worker-{index}",
         )
         process.start()
@@ -173,7 +217,7 @@ class Supervisor:
         log.info(reason, extra={"event": "workers_stopping"})
         self.stopping = True
         self.restart_at.clear()
-        self.sock.close()
+        self.listeners.close()
         for w in self.workers.values():
             if w.process.pid is not None and w.process.exitcode is None:
                 os.kill(w.process.pid, signal.SIGTERM)
@@ -253,6 +297,7 @@ class Supervisor:
             "worker exited; restarting it",
             extra={"event": "worker_exited", "worker": worker.index, "code": code},
         )
+        self.listeners.renew(worker.index)
         soon = time.monotonic() - worker.started < _RESTART_BACKOFF_S
         self.restart_at[worker.index] = time.monotonic() + (_RESTART_BACKOFF_S if soon else 0)
         self._broadcast_states()
@@ -268,7 +313,7 @@ def _forget_live_gauges(pid: int) -> None:
 def run_worker(
     settings: Settings, sock: socket.socket, conn: Connection, index: int, model_path: Path
 ) -> None:
-    """One worker process: a whole server on the shared socket (see the module docstring)."""
+    """One worker process: a whole server on `sock` (see the module docstring)."""
     import uvicorn
 
     from mmoe.service.app import create_app, uvicorn_config

@@ -1,10 +1,14 @@
 """Serving under load: dynamic batching merges concurrent requests into one runtime call and
-splits the scores back in order; the queue is bounded (503 + Retry-After); requests time out."""
+splits the scores back in order; the queue is bounded (503 + Retry-After); requests time out;
+small requests run on the event loop's thread."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
+import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +17,10 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from mmoe.service.batching import INLINE_MAX_ROWS, Admission, DirectRunner
+from mmoe.service.errors import ApiError
+from mmoe.service.metrics import ServiceMetrics
+from mmoe.service.predictor import Predictor, warmup_feeds
 from tests.server import ServerProcess
 
 
@@ -145,3 +153,64 @@ def test_a_request_over_its_time_budget_answers_503(
     assert error["code"] == "timeout" and "1 ms" in error["reason"]
     assert shed(server, "timeout") == 1
     assert httpx.get(f"{server.url}/readyz").status_code == 200
+
+
+class ThreadRecordingPredictor(Predictor):
+    """The real model; each run after the warm-up notes (rows, the thread it ran on), and takes
+    `delay_s` longer."""
+
+    def __init__(self, path: Path, delay_s: float = 0.0) -> None:
+        self.ran_on: list[tuple[int, int]] = []
+        self.delay_s = 0.0
+        super().__init__(path)
+        self.ran_on.clear()
+        self.delay_s = delay_s
+
+    def run(self, *args: Any, **kwargs: Any) -> dict[str, np.ndarray]:
+        feeds = args[0]
+        self.ran_on.append((len(next(iter(feeds.values()))), threading.get_ident()))
+        time.sleep(self.delay_s)
+        return super().run(*args, **kwargs)
+
+
+def runner_for(predictor: Predictor, pool: ThreadPoolExecutor, timeout_ms: int) -> DirectRunner:
+    return DirectRunner(predictor, pool, 1, Admission(8, timeout_ms, 1), ServiceMetrics())
+
+
+def test_a_small_request_runs_on_the_event_loop_thread(tiny_onnx: Path) -> None:
+    """At most INLINE_MAX_ROWS rows: on the loop's own thread (no hand-off to an inference
+    thread and back); larger: on an inference thread. The scores are the same either way."""
+    predictor = ThreadRecordingPredictor(tiny_onnx)
+    small = warmup_feeds(predictor.meta.features, INLINE_MAX_ROWS)
+    large = {k: np.concatenate([v, v[:1]]) for k, v in small.items()}  # one row more
+
+    async def serve() -> tuple[int, dict[str, np.ndarray], dict[str, np.ndarray]]:
+        with ThreadPoolExecutor(1) as pool:
+            runner = runner_for(predictor, pool, 10_000)
+            inline = await runner.infer(small, INLINE_MAX_ROWS)
+            off_loop = await runner.infer(large, INLINE_MAX_ROWS + 1)
+        return threading.get_ident(), inline, off_loop
+
+    loop_thread, inline, off_loop = asyncio.run(serve())
+    assert [rows for rows, _ in predictor.ran_on] == [INLINE_MAX_ROWS, INLINE_MAX_ROWS + 1]
+    assert predictor.ran_on[0][1] == loop_thread
+    assert predictor.ran_on[1][1] != loop_thread
+    for name in inline:
+        np.testing.assert_allclose(inline[name], off_loop[name][:INLINE_MAX_ROWS], atol=1e-6)
+
+
+def test_a_run_on_the_event_loop_thread_over_the_time_budget_answers_503(tiny_onnx: Path) -> None:
+    """Such a run cannot be interrupted; once it ends over MMOE_REQUEST_TIMEOUT_MS the request
+    still gets the 503 the setting promises."""
+    predictor = ThreadRecordingPredictor(tiny_onnx, delay_s=0.05)  # 50 ms, budget 10
+    feeds = warmup_feeds(predictor.meta.features, 4)
+
+    async def serve() -> ApiError:
+        with ThreadPoolExecutor(1) as pool, pytest.raises(ApiError) as err:
+            await runner_for(predictor, pool, 10).infer(feeds, 4)
+        return err.value
+
+    err = asyncio.run(serve())
+    assert [thread for _, thread in predictor.ran_on] == [threading.get_ident()]
+    assert (err.status, err.code) == (503, "timeout")
+    assert err.headers == {"Retry-After": "1"}
