@@ -3,8 +3,9 @@ this project. FastAPI + orjson + numpy + onnxruntime, several uvicorn worker pro
 intra-op thread each, the run on the event loop, no validation (a bad body is a 500).
 
 It answers the same /predict bodies as the service with the same scores, from the same ONNX file
-(the rules it needs, defaults and tag padding, read from the file's metadata); context features
-that the graph computes once go in as [1]-shaped arrays, others are repeated for every row.
+(the rules it needs, defaults and tag padding, read from the file's metadata). Context values are
+repeated for every row, as a server written for any ranking graph feeds it: the graph's inputs
+are all [batch]-shaped there.
 
     python -m mmoe.bench.tuned --model model.onnx --port 8002 --workers 2
 """
@@ -59,8 +60,7 @@ def create_app() -> FastAPI:
             if f.name in cands:
                 feeds[f.name] = array(f, cands[f.name])
             else:
-                one = array(f, [ctx.get(f.name)])
-                feeds[f.name] = one if getattr(f, "context", False) else np.repeat(one, n, axis=0)
+                feeds[f.name] = np.repeat(array(f, [ctx.get(f.name)]), n, axis=0)
         out = dict(zip(tasks.values(), sess.run(list(tasks.values()), feeds), strict=True))
         scores = {t: out[o] for t, o in tasks.items()}
         payload = {"model": {"name": meta.name, "version": meta.version}, "n": n, "scores": scores}
