@@ -17,9 +17,10 @@ import torch
 from fastapi import FastAPI, HTTPException
 from pydantic import BaseModel, ConfigDict, create_model, field_validator
 
+from mmoe.model.batches import encode_table
 from mmoe.model.checkpoint import Run, load_run
+from mmoe.model.evaluation import predict
 from mmoe.model.schema import FittedFeature
-from mmoe.model.train import encode_table, predict
 
 
 def _field_type(f: FittedFeature) -> Any:

@@ -3,8 +3,6 @@ run, ONNX file), so `mmoe bench` works from a fresh checkout."""
 
 from __future__ import annotations
 
-import dataclasses
-import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,32 +64,30 @@ MODELS = {
 }
 
 
-def _loads(run_dir: Path) -> bool:
-    """True when the run exists and the current model code can load it."""
-    if not (run_dir / "weights.pt").exists():
+def _current(model: BenchModel) -> bool:
+    """True when the run exists, the current model code can load it, and it was trained from
+    the config file as it is now (an edited config, say newly declared context features, is
+    trained and exported again)."""
+    if not (model.run_dir / "weights.pt").exists():
         return False
     from mmoe.model.checkpoint import load_run
 
     try:
-        load_run(run_dir)
+        run = load_run(model.run_dir)
     except Exception:  # the network or config format changed since it was trained
         return False
-    return True
+    if model.config is None:
+        return True
+    from mmoe.model.config import load_config
+
+    return run.config == load_config(model.config)
 
 
-def exports_context_once() -> bool:
-    """Whether this exporter can build the graph both ways (`export_run(..., context=...)`)."""
-    from mmoe.export.exporter import export_run
-
-    return "context" in inspect.signature(export_run).parameters
-
-
-def prepare(model: BenchModel, say: Callable[[str], None] = print) -> BenchModel:
+def prepare(model: BenchModel, say: Callable[[str], None] = print) -> None:
     """Generate the data, train and export, for whichever of them is missing or stale (a run
     the current code cannot load is trained again; an ONNX file older than its run's weights is
-    exported again), so the service and the baseline serve the same weights. Returns the model
-    with its naive graph: exported without context declarations where the exporter can, else
-    the one graph."""
+    exported again), so the service and the baseline serve the same weights; the same for the
+    naive graph (exported without context declarations)."""
     if not model.data.exists():
         if model.generate is None:
             raise FileNotFoundError(f"{model.data} is missing")
@@ -100,7 +96,7 @@ def prepare(model: BenchModel, say: Callable[[str], None] = print) -> BenchModel
         say(f"{model.name}: generating {model.rows} rows -> {model.data}")
         write_table(model.generate(model.rows, 7), model.data)
     weights = model.run_dir / "weights.pt"
-    if not _loads(model.run_dir):
+    if not _current(model):
         if model.config is None:
             raise FileNotFoundError(f"{model.run_dir} is not a training run this code can load")
         from mmoe.model.config import load_config
@@ -113,12 +109,9 @@ def prepare(model: BenchModel, say: Callable[[str], None] = print) -> BenchModel
     if _stale(model.onnx, weights):
         say(f"{model.name}: exporting -> {model.onnx}")
         export_run(model.run_dir, model.onnx)
-    if model.naive_onnx is None or not exports_context_once():
-        return dataclasses.replace(model, naive_onnx=None)
-    if _stale(model.naive_onnx, weights):
+    if model.naive_onnx is not None and _stale(model.naive_onnx, weights):
         say(f"{model.name}: exporting without context declarations -> {model.naive_onnx}")
-        export_run(model.run_dir, model.naive_onnx, context=False)  # type: ignore[call-arg]
-    return model
+        export_run(model.run_dir, model.naive_onnx, context=False)
 
 
 def _stale(onnx: Path, weights: Path) -> bool:

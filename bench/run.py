@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mmoe.bench import report
+from mmoe.bench import protocols, report
 from mmoe.bench.floor import Floor, FloorPoint
 from mmoe.bench.load import run_load, wrk_available
 from mmoe.bench.models import MODELS, BenchModel, prepare
@@ -104,6 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-tuned", action="store_true", help="leave out the hand-tuned peer")
     p.add_argument("--no-baseline", action="store_true", help="leave out the naive peer")
     p.add_argument("--no-flat", action="store_true", help="leave out the flat-request servers")
+    p.add_argument(
+        "--protocols",
+        action="store_true",
+        help="also compare /predict JSON, KServe HTTP binary tensors and KServe gRPC on one "
+        "server (bench/protocols.py)",
+    )
     p.add_argument(
         "--profile",
         action="store_true",
@@ -324,6 +330,9 @@ def bench_model(
         )
         result["servers"][name] = info
         result["cells"].extend(cells)
+    if args.protocols:
+        _say(f"{spec.name}: protocols")
+        result["protocols"] = protocols.measure(spec, bodies, floors.context, args, out_dir, _say)
     # Measured again after the servers: the faster of the two is the floor (the harder one to
     # meet), and the difference shows how much the machine's speed moved during the run.
     _say(f"{spec.name}: floors again")
@@ -378,8 +387,8 @@ def main(argv: list[str]) -> int:
             _say(f"error: unknown models {unknown}; choose from {list(MODELS)}")
             return 2
         specs = [MODELS[m] for m in args.models.split(",")]
-    if args.run is None:
-        specs = [prepare(spec, _say) for spec in specs]
+    for spec in specs:
+        prepare(spec, _say)
 
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     out_dir = args.out / (time.strftime("%Y%m%d-%H%M%S") + ("-quick" if args.quick else ""))
@@ -406,7 +415,7 @@ def main(argv: list[str]) -> int:
         results["models"].append(bench_model(spec, args, variants, out_dir))
     results["environment"]["load_after"] = _load()
     (out_dir / "results.json").write_text(json.dumps(results, indent=1))
-    text = report.markdown(results)
+    text = report.markdown(results) + protocols.markdown(results)
     (out_dir / "report.md").write_text(text)
     report.plot(results, out_dir / "latency_throughput.png")
     print(text)

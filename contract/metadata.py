@@ -29,6 +29,10 @@ class FeatureInfo(BaseModel):
     max_len: int | None = None  # tags: width of the [batch, max_len] input, padded with ""
     # Informational: how the graph encodes it.
     encoding: str = ""
+    # Request context: the graph takes this input once per request, batch 1 (or N, one value
+    # per row, like any other input) while the other inputs have N rows. Files exported before
+    # the flag existed have none.
+    context: bool = False
 
     @property
     def required(self) -> bool:

@@ -14,6 +14,13 @@ def register(sub: Any) -> None:
     ex.add_argument("--tolerance", type=float, default=1e-5, help="max |torch - onnxruntime|")
     ex.add_argument("--rows", type=int, default=1024, help="generated rows for the parity check")
     ex.add_argument(
+        "--no-context",
+        dest="context",
+        action="store_false",
+        help="treat every feature as per candidate, ignoring the config's `context: true` "
+        "(the naive graph: the context recomputed for every row)",
+    )
+    ex.add_argument(
         "--optimize",
         action="store_true",
         help="also write an onnxruntime-optimized graph (.opt.onnx)",
@@ -40,6 +47,7 @@ def _export(args: argparse.Namespace) -> int:
             args.out,
             tolerance=args.tolerance,
             parity_rows=args.rows,
+            context=args.context,
             optimize=args.optimize,
             int8=args.int8,
             fp16=args.fp16,
@@ -55,6 +63,8 @@ def _export(args: argparse.Namespace) -> int:
         f"parity on {report.rows_checked} rows: "
         f"max |torch - onnxruntime| = {report.parity_max_abs_diff:.2e}"
     )
+    if report.context:
+        print(f"  context (once per request): {', '.join(report.context)}")
     for name, v in report.variants.items():
         print(
             f"  {name}: max output drift {v['max_abs_diff']:.2e}, speed x{v['speedup']:.2f} "

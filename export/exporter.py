@@ -15,6 +15,7 @@ import os
 import tempfile
 import time
 import warnings
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,7 +28,9 @@ from onnx import compose
 from torch import nn
 
 from mmoe.contract.metadata import FeatureInfo, ModelMetadata, TaskInfo
+from mmoe.export.context import ContextSplit
 from mmoe.export.graph import (
+    CONTEXT_DIM,
     IR_VERSION,
     OPSET,
     OPSET_IMPORTS,
@@ -37,59 +40,77 @@ from mmoe.export.graph import (
 )
 from mmoe.export.parity import RawColumn, check_parity, generate_rows, to_onnx_inputs
 from mmoe.model.checkpoint import Run, config_hash, load_run
-from mmoe.model.network import RankingModel, task_outputs
+from mmoe.model.network import RankingModel, TaskHead, output_names, task_outputs
 from mmoe.model.schema import FeatureSchema
 
 
 class ExportNet(nn.Module):
-    """RankingModel with positional encoded inputs and the exported outputs, for the exporter."""
+    """Positional encoded inputs -> the exported outputs, for the exporter. `logits` maps the
+    encoded inputs by feature name to per-task logits: the RankingModel, or its ContextSplit."""
 
-    def __init__(self, model: RankingModel, names: list[str]) -> None:
+    def __init__(self, logits: nn.Module, tasks: list[TaskHead], names: list[str]) -> None:
         super().__init__()
-        self.model = model
+        self.logits = logits
+        self.tasks = tasks
         self.names = names
 
     def forward(self, *encoded: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        logits = self.model(dict(zip(self.names, encoded, strict=True)))
+        logits = self.logits(dict(zip(self.names, encoded, strict=True)))
         outs: list[torch.Tensor] = []
-        for task in self.model.tasks:
+        for task in self.tasks:
             outs.extend(task_outputs(task, logits[task.name]).values())
         return tuple(outs)
 
 
-def output_names(model: RankingModel) -> list[str]:
-    dummy = torch.zeros(1, 8)
+def graph_output_names(model: RankingModel) -> list[str]:
+    """The network's outputs in ExportNet's order."""
     names: list[str] = []
     for t in model.tasks:
-        names.extend(task_outputs(t, dummy[:, : t.out_dim]))
+        n = output_names(t)
+        names.extend([n.score] if n.logits is None else [n.score, n.logits])
     return names
 
 
-def example_inputs(schema: FeatureSchema, batch: int = 3) -> tuple[torch.Tensor, ...]:
+def example_inputs(
+    schema: FeatureSchema, context: Collection[str] = (), batch: int = 3
+) -> tuple[torch.Tensor, ...]:
+    """Encoded inputs to trace with: `batch` rows, one for the features in `context`."""
     out = []
     for f in schema.features:
+        rows = 1 if f.name in context else batch
         if f.kind == "tags":
-            out.append(torch.ones(batch, f.max_len or 1, dtype=torch.long))
+            out.append(torch.ones(rows, f.max_len or 1, dtype=torch.long))
         elif f.embedded:
-            out.append(torch.zeros(batch, dtype=torch.long))
+            out.append(torch.zeros(rows, dtype=torch.long))
         else:
-            out.append(torch.zeros(batch))
+            out.append(torch.zeros(rows))
     return tuple(out)
 
 
-def export_network(model: RankingModel, schema: FeatureSchema) -> onnx.ModelProto:
-    """The network alone: `enc__<feature>` inputs -> per-task outputs, dynamic batch axis."""
+def export_network(
+    model: RankingModel, schema: FeatureSchema, context: Collection[str] = ()
+) -> onnx.ModelProto:
+    """The network alone: `enc__<feature>` inputs -> per-task outputs, dynamic batch axis.
+
+    The features in `context` enter through a ContextSplit of the model and get their own
+    batch axis (CONTEXT_DIM: 1, or N like the rest)."""
     names = [f.name for f in schema.features]
-    wrapper = ExportNet(model.eval(), names).eval()
+    logits = ContextSplit(model.eval(), context) if context else model.eval()
+    wrapper = ExportNet(logits, model.tasks, names).eval()
     batch = torch.export.Dim("batch", min=1)
-    dynamic = tuple({0: batch} for _ in names)
+    # Context inputs are traced at a fixed batch of 1: with one symbolic batch for all inputs
+    # the exporter takes the candidates' row count from whichever input comes first, a context
+    # one included, and a [1]-shaped context then breaks the graph. Traced at 1, nothing sizes
+    # the candidates by the context; their batch axis is made symbolic below, and the runtime's
+    # broadcasting (the [1, H] bias of a Gemm, Expand) takes 1 or N alike.
+    dynamic = tuple(None if n in context else {0: batch} for n in names)
     with warnings.catch_warnings(), _quiet_exporter():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             wrapper,
-            example_inputs(schema),
+            example_inputs(schema, context),
             input_names=[encoded_name(n) for n in names],
-            output_names=output_names(model),
+            output_names=graph_output_names(model),
             dynamic_shapes=(dynamic,),  # forward(*encoded): one varargs entry
             opset_version=OPSET,
             dynamo=True,
@@ -101,6 +122,13 @@ def export_network(model: RankingModel, schema: FeatureSchema) -> onnx.ModelProt
     # Node-level metadata (source locations) is IR 10 only and says nothing to a server.
     for node in proto.graph.node:
         del node.metadata_props[:]
+    if context:
+        ctx_inputs = {encoded_name(n) for n in context}
+        for value in proto.graph.input:
+            if value.name in ctx_inputs:
+                value.type.tensor_type.shape.dim[0].dim_param = CONTEXT_DIM
+        # Shapes inferred while tracing give the context's intermediates a batch of 1.
+        del proto.graph.value_info[:]
     return proto
 
 
@@ -119,7 +147,7 @@ class _quiet_exporter:
         self._ctx.__exit__(None, None, None)
 
 
-def build_metadata(run: Run) -> ModelMetadata:
+def build_metadata(run: Run, context: Collection[str] = ()) -> ModelMetadata:
     features = [
         FeatureInfo(
             name=f.name,
@@ -129,6 +157,7 @@ def build_metadata(run: Run) -> ModelMetadata:
             separator=f.separator,
             max_len=f.max_len,
             encoding=encoding_text(f),
+            context=f.name in context,
         )
         for f in run.schema.features
     ]
@@ -136,11 +165,11 @@ def build_metadata(run: Run) -> ModelMetadata:
         TaskInfo(
             name=t.name,
             kind=t.kind,
-            output=f"y_{t.name}" if t.kind == "regression" else f"probs_{t.name}",
-            logits=None if t.kind == "regression" else f"logits_{t.name}",
+            output=output_names(t).score,
+            logits=output_names(t).logits,
             num_class=t.num_class,
         )
-        for t in run.config.tasks
+        for t in run.model.tasks
     ]
     best = run.metrics.get("best", {})
     return ModelMetadata(
@@ -155,10 +184,15 @@ def build_metadata(run: Run) -> ModelMetadata:
     )
 
 
-def assemble(run: Run) -> onnx.ModelProto:
-    """One ModelProto: raw features -> preprocessing -> network -> outputs, with metadata."""
-    pre = preprocessing_graph(run.schema)
-    net = export_network(run.model, run.schema)
+def assemble(run: Run, *, context: bool = True) -> onnx.ModelProto:
+    """One ModelProto: raw features -> preprocessing -> network -> outputs, with metadata.
+
+    With `context`, the features the schema declares request context are taken once per
+    request and their share of the network computed once (export/context.py); without, every
+    feature is per row, as any other exporter would give."""
+    ctx = run.schema.context_features if context else []
+    pre = preprocessing_graph(run.schema, ctx)
+    net = export_network(run.model, run.schema, ctx)
     net.ir_version = pre.ir_version
     # The exporter may import extra domains; keep ours and theirs, at our versions.
     ours = {o.domain: o.version for o in OPSET_IMPORTS}
@@ -175,7 +209,7 @@ def assemble(run: Run) -> onnx.ModelProto:
     merged.ir_version = IR_VERSION
     merged.producer_name = "mmoe-ranking"
     merged.graph.name = run.config.name
-    meta = build_metadata(run)
+    meta = build_metadata(run, ctx)
     onnx.helper.set_model_props(merged, meta.to_props())
     merged.doc_string = (
         f"MMoE ranking model {meta.name} v{meta.version}: raw features in, per-task scores out."
@@ -192,6 +226,7 @@ class ExportReport:
     rows_checked: int
     size_bytes: int
     variants: dict[str, dict[str, float]] = field(default_factory=dict)
+    context: list[str] = field(default_factory=list)  # inputs taken once per request
 
 
 def export_run(
@@ -201,14 +236,18 @@ def export_run(
     tolerance: float = 1e-5,
     parity_rows: int = 1024,
     extra_rows: dict[str, RawColumn] | None = None,
+    context: bool = True,
     optimize: bool = False,
     int8: bool = False,
     fp16: bool = False,
 ) -> ExportReport:
-    """Export RUN_DIR to `out`; raises ParityError if onnxruntime and PyTorch disagree."""
+    """Export RUN_DIR to `out`; raises ParityError if onnxruntime and PyTorch disagree.
+
+    `context=False`: every feature per row, ignoring the config's `context: true` (the naive
+    graph, for comparison)."""
     t0 = time.perf_counter()
     run = load_run(run_dir)
-    proto = assemble(run)
+    proto = assemble(run, context=context)
     data = proto.SerializeToString()
     cols = generate_rows(run.schema, parity_rows)
     if extra_rows:
@@ -220,6 +259,7 @@ def export_run(
     out = Path(out)
     _write_atomic(out, data)
     report = ExportReport(out, 0.0, worst, len(next(iter(cols.values()))), len(data))
+    report.context = run.schema.context_features if context else []
     if optimize:
         report.variants["opt"] = _optimized(out, run.schema, cols)
     if int8:

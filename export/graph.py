@@ -8,6 +8,8 @@ numeric transforms and comparisons for bucket boundaries.
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
@@ -29,6 +31,11 @@ OPSET_IMPORTS = [
     helper.make_opsetid("ai.onnx.ml", ML_OPSET),
     helper.make_opsetid("com.microsoft", 1),
 ]
+
+
+# The batch dimension of the graph's inputs: N candidates, and the request context (1, or N).
+BATCH_DIM = "batch"
+CONTEXT_DIM = "context"
 
 
 def encoded_name(feature: str) -> str:
@@ -128,12 +135,14 @@ class _GraphBuilder:
             self.output("Identity", [x], out)
 
 
-def input_info(f: FittedFeature) -> onnx.ValueInfoProto:
-    if f.kind == "numeric":
-        return helper.make_tensor_value_info(f.name, TensorProto.FLOAT, ["batch"])
-    if f.kind == "tags":
-        return helper.make_tensor_value_info(f.name, TensorProto.STRING, ["batch", f.max_len])
-    return helper.make_tensor_value_info(f.name, TensorProto.STRING, ["batch"])
+def _shape(f: FittedFeature, batch: str) -> list[str | int]:
+    assert f.kind != "tags" or f.max_len is not None
+    return [batch, f.max_len] if f.kind == "tags" else [batch]  # type: ignore[list-item]
+
+
+def input_info(f: FittedFeature, batch: str = BATCH_DIM) -> onnx.ValueInfoProto:
+    dtype = TensorProto.FLOAT if f.kind == "numeric" else TensorProto.STRING
+    return helper.make_tensor_value_info(f.name, dtype, _shape(f, batch))
 
 
 def encoding_text(f: FittedFeature) -> str:
@@ -149,23 +158,23 @@ def encoding_text(f: FittedFeature) -> str:
     return f"vocabulary of {len(f.vocab)} (+ OOV)"
 
 
-def preprocessing_graph(schema: FeatureSchema) -> onnx.ModelProto:
-    """Raw inputs named after the features -> `enc__<feature>` outputs the network reads."""
+def preprocessing_graph(schema: FeatureSchema, context: Collection[str] = ()) -> onnx.ModelProto:
+    """Raw inputs named after the features -> `enc__<feature>` outputs the network reads.
+    Features in `context` have the batch dimension CONTEXT_DIM, the others BATCH_DIM."""
     g = _GraphBuilder()
-    outputs = []
+    inputs, outputs = [], []
     for f in schema.features:
+        batch = CONTEXT_DIM if f.name in context else BATCH_DIM
+        inputs.append(input_info(f, batch))
         out = encoded_name(f.name)
         if f.kind == "numeric":
             g.numeric(f, f.name, out)
             dtype = TensorProto.INT64 if f.boundaries is not None else TensorProto.FLOAT
-            outputs.append(helper.make_tensor_value_info(out, dtype, ["batch"]))
         else:
             g.ids(f, f.name, out)
-            shape: list[str | int] = ["batch", f.max_len] if f.kind == "tags" else ["batch"]  # type: ignore[list-item]
-            outputs.append(helper.make_tensor_value_info(out, TensorProto.INT64, shape))
-    graph = helper.make_graph(
-        g.nodes, "preprocess", [input_info(f) for f in schema.features], outputs, g.initializers
-    )
+            dtype = TensorProto.INT64
+        outputs.append(helper.make_tensor_value_info(out, dtype, _shape(f, batch)))
+    graph = helper.make_graph(g.nodes, "preprocess", inputs, outputs, g.initializers)
     model = helper.make_model(graph, opset_imports=OPSET_IMPORTS)
     model.ir_version = IR_VERSION
     return model

@@ -2,19 +2,25 @@
 
 Raw rows are generated from the fitted schema so that every path is exercised: known values,
 out-of-vocabulary values, missing values (null), empty and over-long tag lists, negative and
-huge numbers. Rows from a real data file can be added.
+huge numbers. Rows from a real data file can be added. A file with context inputs is also run
+as ranking requests: the context given once ([1]-shaped) for a block of rows.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from itertools import pairwise
 
 import numpy as np
 import onnxruntime as ort
 import pyarrow as pa
 import torch
 
+from mmoe.contract.metadata import read_metadata
+from mmoe.model.batches import encode_table
+from mmoe.model.evaluation import predict
 from mmoe.model.network import RankingModel
 from mmoe.model.schema import FeatureSchema, FittedFeature
-from mmoe.model.train import encode_table, predict
 
 RawColumn = list[object]
 
@@ -109,6 +115,25 @@ def torch_outputs(
         return predict(model, batch)
 
 
+# Rows per ranking request in the context check (after a first request of one row).
+REQUEST_ROWS = 64
+
+
+def as_requests(
+    cols: dict[str, RawColumn], context: Sequence[str], rows: int = REQUEST_ROWS
+) -> tuple[dict[str, RawColumn], list[slice]]:
+    """The rows cut into ranking requests (one row, then `rows` at a time), each context
+    feature holding its request's first value on every row of the request."""
+    n = len(next(iter(cols.values())))
+    bounds = sorted({0, min(1, n), *range(1, n, rows), n})
+    blocks = [slice(a, b) for a, b in pairwise(bounds)]
+    out = dict(cols)
+    for name in context:
+        values = cols[name]
+        out[name] = [values[b.start] for b in blocks for _ in range(b.stop - b.start)]
+    return out, blocks
+
+
 def check_parity(
     model: RankingModel,
     schema: FeatureSchema,
@@ -118,12 +143,46 @@ def check_parity(
 ) -> float:
     """Max |torch - onnxruntime| over every output; raises ParityError above `tolerance`.
 
+    Every input is given one value per row; if the file declares context inputs, the rows are
+    also scored as ranking requests (`as_requests`) with each context input given once.
     Probabilities are compared absolutely; unbounded outputs (regression values, logits) with
     |value| > 1 relative to their magnitude, since float32 resolves no finer than that."""
-    expected = torch_outputs(model, schema, cols)
     session = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
     got = dict(zip(names, session.run(names, to_onnx_inputs(schema, cols)), strict=True))
+    worst = _compare(torch_outputs(model, schema, cols), got, cols, tolerance, "")
+    meta = read_metadata(session.get_modelmeta().custom_metadata_map)
+    context = [f.name for f in meta.features if f.context]
+    if not context:
+        return worst
+    requests, blocks = as_requests(cols, context)
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in names}
+    for block in blocks:
+        feeds = to_onnx_inputs(schema, {k: v[block] for k, v in requests.items()})
+        for name in context:
+            feeds[name] = feeds[name][:1]
+        try:
+            values = session.run(names, feeds)
+        except Exception as err:  # onnxruntime raises several unrelated types
+            raise ParityError(
+                f"onnxruntime fails on a request of {block.stop - block.start} rows with the "
+                f"context inputs given once: {err}"
+            ) from None
+        for name, value in zip(names, values, strict=True):
+            parts[name].append(value)
+    got = {k: np.concatenate(v) for k, v in parts.items()}
+    expected = torch_outputs(model, schema, requests)
+    where = " with the context inputs given once per request"
+    return max(worst, _compare(expected, got, requests, tolerance, where))
+
+
+def _compare(
+    expected: dict[str, np.ndarray],
+    got: dict[str, np.ndarray],
+    cols: dict[str, RawColumn],
+    tolerance: float,
+    where: str,
+) -> float:
     worst = 0.0
     for name, want in expected.items():
         if name not in got:
@@ -138,6 +197,6 @@ def check_parity(
             raw = {k: v[row] for k, v in cols.items()}
             raise ParityError(
                 f"{name} differs by {excess.max():.3g} (> {tolerance:g}) between PyTorch and "
-                f"onnxruntime at row {row}: {raw}"
+                f"onnxruntime{where} at row {row}: {raw}"
             )
     return worst

@@ -44,14 +44,39 @@ def register(sub: Any) -> None:
     paper.set_defaults(func=_data)
 
     train = sub.add_parser("train", help="fit the feature schema and train the model")
-    train.add_argument("--config", required=True)
+    train.add_argument(
+        "--config", required=True, help="config.yaml, or an EasyRec pipeline.config (.config)"
+    )
     train.add_argument(
         "--data", required=True, help="training data (.parquet, .csv, or a directory)"
     )
     train.add_argument("--valid", help="validation data (default: hold out train.valid_fraction)")
     train.add_argument("--out", required=True, help="RUN_DIR to write")
     train.add_argument("--nproc", type=int, default=1, help="processes (DDP via torchrun)")
+    train.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="config overrides after the options, e.g. train.epochs=1 model.experts=8",
+    )
     train.set_defaults(func=_train)
+
+    convert = sub.add_parser(
+        "convert-config", help="write an EasyRec pipeline.config as this project's YAML config"
+    )
+    convert.add_argument("config", help="EasyRec pipeline.config (protobuf text format)")
+    convert.add_argument("--out", required=True, help="config.yaml to write")
+    convert.add_argument(
+        "--data", help="the training data: turns train_config.num_steps into epochs over it"
+    )
+    convert.add_argument("--valid", help="validation data, if training will have one")
+    convert.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="as for mmoe train, right after CONFIG (or all options first)",
+    )
+    convert.set_defaults(func=_convert_config)
 
     report = sub.add_parser("report", help="plot a run's curves and gate utilisation")
     report.add_argument("run_dir")
@@ -81,8 +106,50 @@ def _data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _resolve_config(args: argparse.Namespace) -> tuple[Any, dict[str, Any], list[str]]:
+    """The validated config of `--config` (YAML, or an EasyRec pipeline.config translated)
+    with the overrides applied, its YAML form, and what a translation decided (notes)."""
+    from mmoe.model.config import load_config
+    from mmoe.model.easyrec import is_easyrec_config, load_pipeline_config
+
+    if is_easyrec_config(args.config):
+        return load_pipeline_config(args.config, args.overrides, data=args.data, valid=args.valid)
+    config = load_config(args.config, args.overrides)
+    return config, config.model_dump(mode="json", exclude_none=True), []
+
+
 def _train(args: argparse.Namespace) -> int:
+    from mmoe.model.config import ConfigError
+
+    try:
+        config, _, notes = _resolve_config(args)
+    except (ConfigError, ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return _torchrun(args, config)
+    from mmoe.model.train import train
+
+    try:
+        train(config, args.data, args.out, args.valid)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _torchrun(args: argparse.Namespace, config: Any) -> int:
+    """Train in `args.nproc` processes; they read the resolved config from a YAML file."""
+    import tempfile
+
+    import yaml
+
+    with tempfile.TemporaryDirectory(prefix="mmoe-config-") as tmp:
+        path = os.path.join(tmp, "config.yaml")
+        with open(path, "w") as f:
+            yaml.safe_dump(config.model_dump(mode="json", exclude_none=True), f, sort_keys=False)
         cmd = [
             sys.executable,
             "-m",
@@ -92,7 +159,7 @@ def _train(args: argparse.Namespace) -> int:
             "-m",
             "mmoe.model.train",
             "--config",
-            args.config,
+            path,
             "--data",
             args.data,
             "--out",
@@ -101,19 +168,32 @@ def _train(args: argparse.Namespace) -> int:
         if args.valid:
             cmd += ["--valid", args.valid]
         return subprocess.call(cmd)
-    from mmoe.model.config import ConfigError, load_config
-    from mmoe.model.train import train
 
-    try:
-        config = load_config(args.config)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
+
+def _convert_config(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import yaml
+
+    from mmoe.model.config import ConfigError
+    from mmoe.model.easyrec import is_easyrec_config
+
+    if not is_easyrec_config(args.config):
+        print(f"error: {args.config} is not an EasyRec pipeline.config", file=sys.stderr)
         return 2
     try:
-        train(config, args.data, args.out, args.valid)
-    except (ValueError, FileNotFoundError) as err:
+        _, mapping, notes = _resolve_config(args)
+    except (ConfigError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    header = [f"# Translated from {args.config} (EasyRec pipeline config); docs/easyrec.md"]
+    header += [f"# note: {note}" for note in notes]
+    out.write_text("\n".join(header) + "\n" + yaml.safe_dump(mapping, sort_keys=False, width=100))
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    print(f"wrote {out}")
     return 0
 
 

@@ -6,6 +6,7 @@ its key path (``tasks[1].kind``) so the user knows what to change.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -33,27 +34,73 @@ class VocabConfig(_Strict):
     max_size: int | None = Field(None, ge=1)
 
 
+# Most integer ids `num_buckets` may declare: each is one vocabulary entry in the exported graph.
+MAX_NUM_BUCKETS = 10_000_000
+
+
 class _IdFeature(_Strict):
-    """Shared options of features that are looked up in an embedding table."""
+    """Shared options of features that are looked up in an embedding table.
+
+    How ids map to rows, one of: `vocab` (fitted on the training data, the default),
+    `hash_buckets`, `vocab_list` (a fixed vocabulary) or `num_buckets` (integer ids 0..N-1).
+    """
 
     name: Name
     column: str | None = None  # source column in the data; defaults to `name`
     vocab: VocabConfig | None = None
     hash_buckets: int | None = Field(None, ge=1)
+    # A fixed vocabulary, in this order; any other value is out of vocabulary.
+    vocab_list: list[Annotated[str, Field(min_length=1)]] | None = Field(None, min_length=1)
+    # Integer ids 0..num_buckets-1 (as EasyRec's and DeepCTR's label-encoded ids): the fixed
+    # vocabulary "0", "1", ...; other values (out of range, not integers) are out of vocabulary.
+    num_buckets: int | None = Field(None, ge=1, le=MAX_NUM_BUCKETS)
     embedding_dim: int = Field(16, ge=1)
     # Features with the same embedding_name share one table (and one vocabulary).
     embedding_name: Name | None = None
     group: str = "all"
+    # Request context: the same value for every candidate of a ranking request (the user, the
+    # placement). Training is unchanged; the exported graph takes it once per request and
+    # computes its share of the network once (docs/context.md).
+    context: bool = False
+
+    @field_validator("vocab_list")
+    @classmethod
+    def _unique(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None:
+            seen: set[str] = set()
+            for value in v:
+                if value in seen:
+                    raise ValueError(f"{value!r} is listed twice")
+                seen.add(value)
+        return v
 
     @model_validator(mode="after")
-    def _vocab_or_hash(self) -> _IdFeature:
-        if self.vocab is not None and self.hash_buckets is not None:
-            raise ValueError("set either `vocab` or `hash_buckets`, not both")
+    def _one_id_mapping(self) -> _IdFeature:
+        given = [
+            key
+            for key in ("vocab", "hash_buckets", "vocab_list", "num_buckets")
+            if getattr(self, key) is not None
+        ]
+        if len(given) > 1:
+            raise ValueError(
+                f"set one of `vocab`, `hash_buckets`, `vocab_list`, `num_buckets`, "
+                f"not {' and '.join(f'`{k}`' for k in given)}"
+            )
         return self
 
     @property
     def uses_hashing(self) -> bool:
         return self.hash_buckets is not None
+
+    @property
+    def fixed_vocab(self) -> list[str] | None:
+        """The vocabulary given by the config (`vocab_list`, or `num_buckets` as "0".."N-1"),
+        or None when it is fitted on the data or ids are hashed."""
+        if self.vocab_list is not None:
+            return list(self.vocab_list)
+        if self.num_buckets is not None:
+            return [str(i) for i in range(self.num_buckets)]
+        return None
 
     @property
     def vocab_config(self) -> VocabConfig:
@@ -85,6 +132,7 @@ class NumericFeature(_Strict):
     boundaries: list[float] | None = None
     embedding_dim: int = Field(8, ge=1)
     group: str = "all"
+    context: bool = False  # request context, as for categorical and tags features
 
     @field_validator("boundaries")
     @classmethod
@@ -192,6 +240,25 @@ class EarlyStoppingConfig(_Strict):
         return self.mode == "max" if self.mode else higher_is_better(self.metric)
 
 
+class DataConfig(_Strict):
+    """How CSV files are read (Parquet files carry their own column names)."""
+
+    # One character; default "," (tab for .tsv files). EasyRec's CSVInput separator.
+    separator: str | None = Field(None, min_length=1, max_length=1)
+    # The files have no header line: these name their columns, in file order (EasyRec's
+    # data_config.input_fields). Unset: the first line is the header.
+    columns: list[Annotated[str, Field(min_length=1)]] | None = Field(None, min_length=1)
+
+    @field_validator("columns")
+    @classmethod
+    def _unique(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None:
+            for i, c in enumerate(v):
+                if c in v[:i]:
+                    raise ValueError(f"column {c!r} is named twice")
+        return v
+
+
 class TrainConfig(_Strict):
     # Rows per optimiser step; with N processes (torchrun) each takes its share of them.
     batch_size: int = Field(1024, ge=1)
@@ -199,9 +266,16 @@ class TrainConfig(_Strict):
     lr: float = Field(1e-3, gt=0)
     optimizer: Literal["adam", "adamw"] = "adam"
     weight_decay: float = Field(0.0, ge=0.0)
-    lr_schedule: Literal["constant", "cosine", "step"] = "constant"
+    lr_schedule: Literal["constant", "cosine", "step", "exponential"] = "constant"
     warmup_steps: int = Field(0, ge=0)
     step_gamma: float = Field(0.5, gt=0, le=1)  # lr multiplier per epoch for `step`
+    # `exponential` (EasyRec's exponential_decay_learning_rate): lr * decay_factor ** (s /
+    # decay_steps) after s steps past the warm-up, s / decay_steps rounded down with
+    # `staircase`, never below min_lr.
+    decay_steps: int = Field(1000, ge=1)
+    decay_factor: float = Field(0.5, gt=0, le=1)
+    staircase: bool = True
+    min_lr: float = Field(0.0, ge=0.0)
     seed: int = 1024
     # Rows read from the file at a time (memory stays bounded whatever the file size); with
     # `shuffle`, rows are shuffled within each chunk, else batches follow the file order.
@@ -227,6 +301,7 @@ class RunConfig(_Strict):
     tasks: list[TaskConfig] = Field(min_length=1)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> RunConfig:
@@ -240,6 +315,12 @@ class RunConfig(_Strict):
                     raise ValueError(f"{what}[{i}].name: duplicate name {n!r}")
         self._check_shared_tables()
         m = self.model
+        inputs = self.input_features
+        if inputs and all(f.context for f in inputs):
+            raise ValueError(
+                "features: every feature the network reads is `context: true`; a ranking "
+                "request scores candidates, so at least one feature must be per candidate"
+            )
         if m.groups is not None:
             known = {f.group for f in self.features}
             unknown = sorted(set(m.groups) - known)
@@ -256,6 +337,11 @@ class RunConfig(_Strict):
             for key in ("task_experts", "ple_layers"):
                 if getattr(m, key) != 1:
                     raise ValueError(f"model.{key}: only for kind: ple")
+        t = self.train
+        if t.lr_schedule != "exponential":
+            for key in ("decay_steps", "decay_factor", "staircase", "min_lr"):
+                if getattr(t, key) != TrainConfig.model_fields[key].default:
+                    raise ValueError(f"train.{key}: only for lr_schedule: exponential")
         es = self.train.early_stopping
         if es is not None and es.metric not in self.metric_names:
             raise ValueError(
@@ -276,7 +362,13 @@ class RunConfig(_Strict):
                 table, key = f.name, ("boundaries", f.embedding_dim, tuple(f.boundaries))
             else:
                 table = f.embedding_name or f.name
-                vocab = None if f.uses_hashing else f.vocab_config.model_dump_json()
+                vocab: object = None
+                if f.vocab_list is not None:
+                    vocab = ("vocab_list", tuple(f.vocab_list))
+                elif f.num_buckets is not None:
+                    vocab = ("num_buckets", f.num_buckets)
+                elif not f.uses_hashing:
+                    vocab = f.vocab_config.model_dump_json()
                 key = ("ids", f.embedding_dim, f.hash_buckets, vocab)
             if table not in owners:
                 owners[table] = (i, key)
@@ -292,7 +384,8 @@ class RunConfig(_Strict):
             if key != first_key:
                 raise ValueError(
                     f"features[{i}].embedding_name: features sharing table {table!r} must have "
-                    f"the same embedding_dim, hash_buckets and vocab as features[{first}]"
+                    f"the same embedding_dim, hash_buckets, vocab, vocab_list and num_buckets as "
+                    f"features[{first}]"
                 )
 
     @property
@@ -340,8 +433,8 @@ def parse_config(data: dict[str, Any]) -> RunConfig:
         raise ConfigError(format_validation_error(err)) from None
 
 
-def load_config(path: str | Path) -> RunConfig:
-    """Read and validate a YAML config; raises ConfigError naming the key path on any problem."""
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A YAML config file as a mapping, not yet validated; raises ConfigError."""
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text())
@@ -351,6 +444,15 @@ def load_config(path: str | Path) -> RunConfig:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping with features, tasks, model, train")
+    return data
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
+    """Read and validate a YAML config, with `key.path=value` overrides applied first (see
+    `model/overrides.py`); raises ConfigError naming the key path on any problem."""
+    from mmoe.model.overrides import apply_overrides
+
+    data = apply_overrides(read_config_file(path), overrides)
     try:
         return parse_config(data)
     except ConfigError as err:

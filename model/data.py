@@ -40,13 +40,19 @@ def needed_columns(config: RunConfig) -> tuple[list[str], list[str]]:
 
 
 class DataSource:
-    """A CSV or Parquet file (or a directory of Parquet files) read in chunks of `rows`."""
+    """A CSV or Parquet file (or a directory of Parquet files) read in chunks of `rows`.
+
+    CSV files are read as `config.data` says: its separator, and for files without a header
+    line the names of their columns in order."""
 
     def __init__(self, path: str | Path, config: RunConfig) -> None:
         self.path = Path(path)
         if not self.path.exists():
             raise FileNotFoundError(f"data file not found: {self.path}")
         self.format = data_format(self.path)
+        self.header_columns = config.data.columns
+        tsv = self.path.name.lower().endswith(".tsv")
+        self.separator = config.data.separator or ("\t" if tsv else ",")
         self.string_columns, self.numeric_columns = needed_columns(config)
         self.columns = self.string_columns + self.numeric_columns
         available = self.schema_names()
@@ -60,8 +66,25 @@ class DataSource:
     def schema_names(self) -> list[str]:
         if self.format == "parquet":
             return list(ds.dataset(self.path, format="parquet").schema.names)
-        with pcsv.open_csv(self.path, read_options=pcsv.ReadOptions(block_size=1 << 16)) as r:
-            return list(r.schema.names)
+        try:
+            with pcsv.open_csv(
+                self.path,
+                read_options=self._read_options(1 << 16),
+                parse_options=pcsv.ParseOptions(delimiter=self.separator),
+            ) as r:
+                return list(r.schema.names)
+        except pa.ArrowInvalid as err:
+            raise ValueError(f"{self.path}: {err}{self._columns_hint()}") from None
+
+    def _read_options(self, block_size: int) -> pcsv.ReadOptions:
+        # Named columns: the first line is data, as in EasyRec's CSVInput.
+        return pcsv.ReadOptions(block_size=block_size, column_names=self.header_columns)
+
+    def count_rows(self) -> int:
+        """Rows in the file (a Parquet file's metadata; a CSV file is read through)."""
+        if self.format == "parquet":
+            return int(ds.dataset(self.path, format="parquet").count_rows())
+        return sum(t.num_rows for t in self.batches(1 << 20))
 
     def batches(self, rows: int) -> Iterator[pa.Table]:
         """Tables of up to `rows` rows with just the needed columns."""
@@ -75,12 +98,23 @@ class DataSource:
         convert = pcsv.ConvertOptions(
             column_types=types, include_columns=self.columns, strings_can_be_null=True
         )
-        read = pcsv.ReadOptions(block_size=1 << 24)
-        parse = pcsv.ParseOptions(delimiter="\t" if self.path.name.endswith(".tsv") else ",")
-        with pcsv.open_csv(
-            self.path, read_options=read, parse_options=parse, convert_options=convert
-        ) as reader:
-            yield from _rechunk((pa.Table.from_batches([b]) for b in reader), rows)
+        read = self._read_options(1 << 24)
+        parse = pcsv.ParseOptions(delimiter=self.separator)
+        try:
+            with pcsv.open_csv(
+                self.path, read_options=read, parse_options=parse, convert_options=convert
+            ) as reader:
+                yield from _rechunk((pa.Table.from_batches([b]) for b in reader), rows)
+        except pa.ArrowInvalid as err:
+            raise ValueError(f"{self.path}: {err}{self._columns_hint()}") from None
+
+    def _columns_hint(self) -> str:
+        if self.header_columns is None:
+            return ""
+        return (
+            f" (data.columns names {len(self.header_columns)} columns, separated by "
+            f"{self.separator!r})"
+        )
 
 
 def _rechunk(tables: Iterator[pa.Table], rows: int) -> Iterator[pa.Table]:

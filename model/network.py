@@ -15,7 +15,7 @@ import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -110,12 +110,21 @@ class ExpertBank(nn.Module):
         self.act = ACTIVATIONS[activation]()
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        k = self.num_experts
+    def input_layer(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer 0 of all experts as one matrix: weight [in, K*out] and bias [K*out]."""
         w, b = self.weights[0], self.biases[0]
-        out = w.shape[2]
+        return w.permute(1, 0, 2).reshape(w.shape[1], -1), b.reshape(-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, b = self.input_layer()
         # [B, in] @ [in, K*out] + [K*out]: one Gemm (fused with its bias in onnxruntime).
-        h = torch.addmm(b.reshape(-1), x, w.permute(1, 0, 2).reshape(w.shape[1], k * out))
+        return self.after_input_layer(torch.addmm(b, x, w))
+
+    def after_input_layer(self, h: torch.Tensor) -> torch.Tensor:
+        """The rest of the experts, from layer 0's output before its norm and activation
+        ([B, K*out], `x @ weight + bias` of `input_layer()`)."""
+        k = self.num_experts
+        out = self.weights[0].shape[2]
         if self.norms:
             h = self.norms[0](h)
         h = self.dropout(self.act(h)).view(-1, k, out).transpose(0, 1)  # [K, B, out]
@@ -166,8 +175,25 @@ class Gate(nn.Module):
         self.hidden = mlp(in_dim, units, activation)
         self.out = nn.Linear(units[-1] if units else in_dim, num_experts)
 
+    def _input_linear(self) -> nn.Linear:
+        first = self.hidden[0] if len(self.hidden) else self.out
+        assert isinstance(first, nn.Linear)
+        return first
+
+    def input_layer(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer that reads the input (the MLP's first, else the output layer): weight
+        [in, out] and bias [out]."""
+        first = self._input_linear()
+        return first.weight.T, first.bias
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.softmax(self.out(self.hidden(x)), dim=-1)
+        return self.after_input_layer(self._input_linear()(x))
+
+    def after_input_layer(self, h: torch.Tensor) -> torch.Tensor:
+        """The gate from its input layer's output (`x @ weight + bias` of `input_layer()`)."""
+        if len(self.hidden):
+            h = self.out(self.hidden[1:](h))
+        return F.softmax(h, dim=-1)
 
 
 def _mix(gate: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
@@ -237,9 +263,24 @@ class MMoE(nn.Module):
         g = torch.stack([gate(x) for gate in self.gates])
         return g.expand(len(self.tasks), -1, -1) if len(self.gates) == 1 else g
 
+    def input_layers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(weight [in, out], bias [out]) of each layer that reads the input: the experts' first
+        layer, then each gate's. `forward(x)` equals `forward_from_input_layers([x @ w + b for
+        w, b in input_layers()])`; export uses it to split the input into parts."""
+        gates = cast(list[Gate], list(self.gates))
+        return [self.experts.input_layer(), *(gate.input_layer() for gate in gates)]
+
+    def forward_from_input_layers(self, h: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Per-task logits from the outputs of `input_layers()` (same order)."""
+        experts = self.experts.after_input_layer(h[0])
+        mods = cast(list[Gate], list(self.gates))
+        gates = [gate.after_input_layer(g) for gate, g in zip(mods, h[1:], strict=True)]
+        return self._heads(experts, gates)
+
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        experts = self.experts(x)
-        gates = [gate(x) for gate in self.gates]
+        return self._heads(self.experts(x), [gate(x) for gate in self.gates])
+
+    def _heads(self, experts: torch.Tensor, gates: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         out = {}
         for i, (task, head) in enumerate(zip(self.tasks, self.towers, strict=True)):
             if not gates:
@@ -283,18 +324,43 @@ class CGCLayer(nn.Module):
             else Gate(in_dim, num_tasks * num_specific + num_shared, gate_units, activation)
         )
 
+    def input_modules(self) -> list[ExpertBank | Gate]:
+        """What reads the input when every task's input is the same x (the first layer): the
+        shared experts, each task's experts, each task's gate, then the shared gate if any."""
+        shared_gate = [] if self.shared_gate is None else [self.shared_gate]
+        return cast(
+            list[ExpertBank | Gate], [self.shared, *self.specific, *self.task_gates, *shared_gate]
+        )
+
     def forward(
         self, task_in: list[torch.Tensor], shared_in: torch.Tensor
-    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+    ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """Each task's output, and the next layer's shared input (None below no layer)."""
         shared = self.shared(shared_in)
         specific = [bank(h) for bank, h in zip(self.specific, task_in, strict=True)]
-        task_out = [
-            _mix(gate(h), torch.cat([own, shared]))
-            for gate, h, own in zip(self.task_gates, task_in, specific, strict=True)
-        ]
+        gates = [gate(h) for gate, h in zip(self.task_gates, task_in, strict=True)]
         if self.shared_gate is not None:
-            shared_in = _mix(self.shared_gate(shared_in), torch.cat([*specific, shared]))
-        return task_out, shared_in
+            gates.append(self.shared_gate(shared_in))
+        return self._mix_experts(shared, specific, gates)
+
+    def forward_from_input_layers(
+        self, h: Sequence[torch.Tensor]
+    ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """`forward` from the outputs of the input layers of `input_modules()` (same order)."""
+        outs = [m.after_input_layer(x) for m, x in zip(self.input_modules(), h, strict=True)]
+        n = len(self.specific)
+        return self._mix_experts(outs[0], outs[1 : 1 + n], outs[1 + n :])
+
+    def _mix_experts(
+        self, shared: torch.Tensor, specific: list[torch.Tensor], gates: list[torch.Tensor]
+    ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        task_out = [
+            _mix(gate, torch.cat([own, shared]))
+            for gate, own in zip(gates[: len(specific)], specific, strict=True)
+        ]
+        if self.shared_gate is None:
+            return task_out, None
+        return task_out, _mix(gates[-1], torch.cat([*specific, shared]))
 
 
 class PLE(nn.Module):
@@ -350,8 +416,9 @@ class PLE(nn.Module):
         """[tasks, B, experts] gate distributions of the last layer over `expert_names`
         (0 for another task's experts, which a task's gate cannot choose)."""
         task_in = [x] * len(self.tasks)
-        shared_in = x
+        shared_in: torch.Tensor | None = x
         for layer in self.layers[:-1]:
+            assert shared_in is not None  # every layer but the last has a shared output
             task_in, shared_in = layer(task_in, shared_in)
         last = self.layers[-1]
         assert isinstance(last, CGCLayer)
@@ -363,10 +430,29 @@ class PLE(nn.Module):
             out[t, :, n_tasks * s :] = g[:, s:]
         return out
 
+    def input_layers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(weight [in, out], bias [out]) of each layer that reads the input (the first CGC
+        layer's banks and gates). `forward(x)` equals `forward_from_input_layers([x @ w + b for
+        w, b in input_layers()])`; export uses it to split the input into parts."""
+        first = self.layers[0]
+        assert isinstance(first, CGCLayer)
+        return [m.input_layer() for m in first.input_modules()]
+
+    def forward_from_input_layers(self, h: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Per-task logits from the outputs of `input_layers()` (same order)."""
+        first = self.layers[0]
+        assert isinstance(first, CGCLayer)
+        return self._upper_layers(*first.forward_from_input_layers(h))
+
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        task_in = [x] * len(self.tasks)
-        shared_in = x
-        for layer in self.layers:
+        return self._upper_layers(*self.layers[0]([x] * len(self.tasks), x))
+
+    def _upper_layers(
+        self, task_in: list[torch.Tensor], shared_in: torch.Tensor | None
+    ) -> dict[str, torch.Tensor]:
+        """The layers above the first, and the towers."""
+        for layer in self.layers[1:]:
+            assert shared_in is not None  # every layer but the last has a shared output
             task_in, shared_in = layer(task_in, shared_in)
         return {
             t.name: head(h) for t, head, h in zip(self.tasks, self.towers, task_in, strict=True)
@@ -464,9 +550,13 @@ class RankingModel(nn.Module):
 
     def dense_input(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         fields, sq = self.embedding(inputs)
+        return self.join_fields(fields), sq
+
+    def join_fields(self, fields: list[torch.Tensor]) -> torch.Tensor:
+        """The field vectors (in feature order) -> the network's dense input, through SENet."""
         if self.senet is not None:
             fields = self.senet(fields)
-        return torch.cat(fields, dim=1), sq
+        return torch.cat(fields, dim=1)
 
     def forward(self, inputs: dict[str, torch.Tensor], with_embedding_l2: bool = False) -> Any:
         """Per-task logits; with `with_embedding_l2`, also the squared norm of the embeddings
@@ -476,11 +566,29 @@ class RankingModel(nn.Module):
         return (logits, sq) if with_embedding_l2 else logits
 
 
+@dataclass(frozen=True)
+class OutputNames:
+    """The names one task's outputs are exported under (EasyRec's naming)."""
+
+    score: str  # probs_<task> (binary, multiclass) or y_<task> (regression)
+    logits: str | None  # logits_<task>; None for regression
+
+
+def output_names(task: TaskHead) -> OutputNames:
+    """The one place that names exported outputs: export's graph and metadata, and evaluation,
+    all read it."""
+    if task.kind == "regression":
+        return OutputNames(f"y_{task.name}", None)
+    return OutputNames(f"probs_{task.name}", f"logits_{task.name}")
+
+
 def task_outputs(task: TaskHead, logits: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The exported outputs of one task, named as in EasyRec."""
+    """The exported outputs of one task, by the names of `output_names`."""
+    names = output_names(task)
+    if task.kind == "regression":
+        return {names.score: logits[:, 0]}
+    assert names.logits is not None
     if task.kind == "binary":
         z = logits[:, 0]
-        return {f"probs_{task.name}": torch.sigmoid(z), f"logits_{task.name}": z}
-    if task.kind == "multiclass":
-        return {f"probs_{task.name}": F.softmax(logits, dim=-1), f"logits_{task.name}": logits}
-    return {f"y_{task.name}": logits[:, 0]}
+        return {names.score: torch.sigmoid(z), names.logits: z}
+    return {names.score: F.softmax(logits, dim=-1), names.logits: logits}

@@ -5,7 +5,8 @@ applied in Python during training, and turned into ONNX nodes by `export/`. The 
 contract both sides implement:
 
 - categorical / tags with a vocabulary: 0 = missing (null or ""), 1 = out of vocabulary,
-  2 + i = the i-th vocabulary entry.
+  2 + i = the i-th vocabulary entry. The vocabulary is fitted on the data, or fixed by the config
+  (`vocab_list`; `num_buckets: N` is "0", "1", ..., "N-1", so integer id v -> 2 + v).
 - categorical / tags with hash buckets: 0 = missing, 1 + murmur3_32(utf8, seed) % buckets.
 - numeric with boundaries: searchsorted(boundaries, value, side="right"), in [0, len(boundaries)].
 - numeric: value (null/NaN -> default), then log1p(max(value, 0)) or (value - mean) / std.
@@ -48,6 +49,9 @@ class FittedFeature(BaseModel):
     kind: Literal["categorical", "numeric", "tags"]
     column: str
     default: float | str | list[str] | None = None
+    # Request context (the config's `context`): one value for all candidates of a request.
+    # Absent in schemas fitted before the flag existed.
+    context: bool = False
     # categorical / tags
     table: str | None = None
     vocab: list[str] | None = None
@@ -105,6 +109,11 @@ class FeatureSchema(BaseModel):
                 table = f.table or f.name
                 out[table] = (f.num_embeddings, f.embedding_dim or 1)
         return out
+
+    @property
+    def context_features(self) -> list[str]:
+        """Names of the features declared request context."""
+        return [f.name for f in self.features if f.context]
 
     @property
     def dense_features(self) -> list[FittedFeature]:
@@ -280,7 +289,7 @@ class SchemaFitter:
                     self._sumsq[f.name] = self._sumsq.get(f.name, 0.0) + float((x * x).sum())
                     self._n[f.name] = self._n.get(f.name, 0) + len(x)
                 continue
-            if f.uses_hashing:
+            if f.uses_hashing or f.fixed_vocab is not None:
                 continue
             if isinstance(f, TagsFeature):
                 tokens = tag_tokens(col, f.separator, f.max_len, f.default)
@@ -329,6 +338,7 @@ class SchemaFitter:
                         kind="numeric",
                         column=column,
                         default=f.default,
+                        context=f.context,
                         transform=f.transform,
                         mean=mean,
                         std=std,
@@ -338,7 +348,9 @@ class SchemaFitter:
                 )
                 continue
             table = f.embedding_name or f.name
-            vocab = None if f.uses_hashing else self._vocab(table, f.vocab_config)
+            vocab = f.fixed_vocab
+            if vocab is None and not f.uses_hashing:
+                vocab = self._vocab(table, f.vocab_config)
             extra = {}
             if isinstance(f, TagsFeature):
                 extra = {"separator": f.separator, "pooling": f.pooling, "max_len": f.max_len}
@@ -349,6 +361,7 @@ class SchemaFitter:
                     kind=f.kind,
                     column=column,
                     default=f.default,
+                    context=f.context,
                     table=table,
                     vocab=vocab,
                     hash_buckets=f.hash_buckets,

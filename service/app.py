@@ -17,7 +17,7 @@ from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from mmoe.service import openapi
+from mmoe.service import grpc_v2, openapi
 from mmoe.service.errors import (
     ApiError,
     api_error_handler,
@@ -72,6 +72,7 @@ def create_app(
         holder = ModelHolder(settings, metrics, executor, link)
         holder.on_swap.append(lambda _: setattr(app, "openapi_schema", None))
         app.state.holder = holder
+        grpc_server = await grpc_v2.start(settings, holder, metrics)  # None unless configured
         if link is not None:
             link.attach(holder.load_for_sibling)
         loader = asyncio.create_task(holder.keep_loading(model_path or settings.model_path))
@@ -98,6 +99,7 @@ def create_app(
                 loop.remove_signal_handler(signal.SIGHUP)
             if link is not None:
                 link.detach()
+            await grpc_v2.stop(grpc_server)
             await holder.close()
             executor.shutdown(wait=True)
 

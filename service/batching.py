@@ -101,7 +101,8 @@ class Runner:
     def _run(self, feeds: Feeds) -> Outputs:
         t0 = time.perf_counter()
         out = self.predictor.run(feeds)
-        self.metrics.observe_run(len(next(iter(feeds.values()))), time.perf_counter() - t0)
+        rows = max(len(v) for v in feeds.values())  # context inputs may have one row
+        self.metrics.observe_run(rows, time.perf_counter() - t0)
         return out
 
     async def _submit(self, feeds: Feeds, n: int) -> Outputs:
@@ -154,6 +155,22 @@ class _Item:
     feeds: Feeds
     n: int
     future: asyncio.Future[Outputs] = field(repr=False)
+
+
+def _merge(requests: list[tuple[Feeds, int]]) -> Feeds:
+    """The feeds of several requests as one: each input's rows, request after request. A
+    context input given once for a request's n rows is broadcast to them first: the merged
+    call has one row per candidate of every request."""
+    if len(requests) == 1:
+        return requests[0][0]
+    merged: Feeds = {}
+    for name in requests[0][0]:
+        parts = []
+        for feeds, n in requests:
+            v = feeds[name]
+            parts.append(v if len(v) == n else np.broadcast_to(v, (n, *v.shape[1:])))
+        merged[name] = np.concatenate(parts)
+    return merged
 
 
 class MicroBatcher(Runner):
@@ -218,12 +235,7 @@ class MicroBatcher(Runner):
                 continue
             self._count_inflight(1)
             try:
-                merged = {
-                    k: np.concatenate([b.feeds[k] for b in batch])
-                    if len(batch) > 1
-                    else batch[0].feeds[k]
-                    for k in batch[0].feeds
-                }
+                merged = _merge([(b.feeds, b.n) for b in batch])
                 outputs = await loop.run_in_executor(self.executor, self._run, merged)
             except Exception as err:  # hand the failure to every caller in the batch
                 for b in batch:

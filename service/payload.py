@@ -5,7 +5,11 @@ checking happen in one C pass (no per-item pydantic objects), and their JSON Sch
 request in OpenAPI. The rules (DESIGN.md section 3):
 
 - columnar: `candidates` holds one list per feature, all of the same length N; `context` holds
-  scalars broadcast to all N rows. Row form: `instances`, a list of objects.
+  scalars shared by all N rows. A feature the model declares context (its graph input takes
+  one row per request) is passed once, as a [1] array ([1, max_len] for tags), whether given
+  in `context` or left to its default; any other feature's context value is broadcast to the
+  N rows. A declared-context feature may also come as a candidates column (N values). Row
+  form: `instances`, a list of objects.
 - categorical values are strings or integers (integers are scored as their decimal string);
   numeric values are numbers; tags are a list of ids or one string split on the separator.
 - null, or leaving a feature out, means "use the default"; features without one are required.
@@ -255,6 +259,7 @@ class RequestDecoder:
         feeds: dict[str, np.ndarray] = {}
         for i, f in enumerate(self.features):
             scalar = getattr(ctx, f"f{i}") if ctx is not None else msgspec.UNSET
+            rows = 1 if f.context else n  # the graph broadcasts a context input itself
             if f.name in columns:
                 if scalar is not msgspec.UNSET:
                     raise PayloadError(
@@ -262,9 +267,9 @@ class RequestDecoder:
                     )
                 feeds[f.name] = column_array(f, columns[f.name][1], f"candidates.{f.name}")
             elif scalar is not msgspec.UNSET:
-                feeds[f.name] = broadcast_array(f, scalar, n, f"context.{f.name}")
+                feeds[f.name] = broadcast_array(f, scalar, rows, f"context.{f.name}")
             else:
-                feeds[f.name] = default_array(f, n, f"candidates.{f.name}")
+                feeds[f.name] = default_array(f, rows, f"candidates.{f.name}")
         return n, feeds
 
     def _from_rows(self, rows: list[Any]) -> tuple[int, dict[str, np.ndarray]]:

@@ -43,18 +43,20 @@ def choose_providers(requested: str) -> list[str]:
 
 
 def warmup_feeds(features: list[FeatureInfo], n: int) -> dict[str, np.ndarray]:
-    """A synthetic batch exercising every input (missing values, empty tags)."""
+    """A synthetic batch exercising every input (missing values, empty tags); context inputs
+    have one row, as /predict sends them."""
     feeds: dict[str, np.ndarray] = {}
     for f in features:
+        n_rows = 1 if f.context else n
         if f.kind == "numeric":
-            feeds[f.name] = np.linspace(0, 10, n, dtype=np.float32)
+            feeds[f.name] = np.linspace(0, 10, n_rows, dtype=np.float32)
         elif f.kind == "tags":
             assert f.max_len is not None
-            arr = np.full((n, f.max_len), "", dtype=object)
+            arr = np.full((n_rows, f.max_len), "", dtype=object)
             arr[::2, 0] = "warmup"
             feeds[f.name] = arr
         else:
-            feeds[f.name] = np.array([f"warmup{i % 3}" for i in range(n)], dtype=object)
+            feeds[f.name] = np.array([f"warmup{i % 3}" for i in range(n_rows)], dtype=object)
     return feeds
 
 

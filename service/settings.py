@@ -45,6 +45,11 @@ class Settings(BaseSettings):
     )
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8000, ge=0, le=65535, description="port to listen on")
+    # Bound with SO_REUSEPORT (grpcio's default on Linux), so that several worker processes
+    # can each serve the same port.
+    grpc_port: int | None = Field(
+        None, ge=1, le=65535, description="port for KServe V2 over gRPC, on --host; unset: off"
+    )
 
     provider: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="execution provider; auto: CUDA when it loads, else CPU"
@@ -102,6 +107,13 @@ class Settings(BaseSettings):
         # a copy of the model in GPU memory.
         provider = info.data.get("provider")
         return 1 if provider == "cuda" or (provider == "auto" and _gpu_build()) else usable_cpus()
+
+    @field_validator("grpc_port")
+    @classmethod
+    def _grpc_port_not_http(cls, v: int | None, info: ValidationInfo) -> int | None:
+        if v is not None and v == info.data.get("port"):
+            raise ValueError(f"{v} is the HTTP port too: give gRPC a port of its own")
+        return v
 
     @field_validator("intra_op_threads")
     @classmethod

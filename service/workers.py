@@ -288,8 +288,9 @@ class Supervisor:
                 self._finish_reload(reload)
         if self.stopping:
             return
-        if worker.fatal is not None:
-            log.critical(f"cannot serve: {worker.fatal}", extra={"event": "worker_fatal"})
+        if worker.fatal is not None or code == FATAL_EXIT:
+            reason = worker.fatal or "a worker could not start (its log says why)"
+            log.critical(f"cannot serve: {reason}", extra={"event": "worker_fatal"})
             self.status = FATAL_EXIT
             self._stop_all("a worker cannot serve: stopping")
             return

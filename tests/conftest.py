@@ -66,3 +66,33 @@ def start_server(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
 @pytest.fixture
 def server(start_server: Callable[..., ServerProcess], tiny_onnx: Path) -> ServerProcess:
     return start_server(tiny_onnx)
+
+
+# tiny.yaml's features that tiny_context_run declares request context: a categorical id with a
+# vocabulary, one with a default, a bucketised number and a tag list.
+TINY_CONTEXT = ("user_id", "age_level", "hour", "tag_brand_list")
+
+
+@pytest.fixture(scope="session")
+def tiny_context_run(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tiny.yaml trained with TINY_CONTEXT declared `context: true`."""
+    import yaml
+
+    from mmoe.model.config import parse_config
+    from mmoe.model.train import train
+
+    config = yaml.safe_load(TINY_CONFIG.read_text())
+    for f in config["features"]:
+        f["context"] = f["name"] in TINY_CONTEXT
+    out = tmp_path_factory.mktemp("run") / "tiny_context"
+    train(parse_config(config), tiny_data, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_context_onnx(tiny_context_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from mmoe.export.exporter import export_run
+
+    out = tmp_path_factory.mktemp("onnx") / "context.onnx"
+    export_run(tiny_context_run, out, parity_rows=256)
+    return out

@@ -1,4 +1,5 @@
-"""The serving install is small: `pip install .[serve]` pulls no torch, and `mmoe serve` runs."""
+"""The serving install is small: `pip install .[serve]` pulls no torch, and `mmoe serve` runs,
+HTTP and KServe V2 over gRPC."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ import sys
 import time
 from pathlib import Path
 
+import grpc
 import httpx
 import pytest
+from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from tests.server import free_port
 
@@ -56,10 +59,11 @@ def test_serve_install_has_no_torch_and_serves(tmp_path: Path, tiny_onnx: Path) 
     for heavy in ("torch", "onnx==", "pyarrow", "scikit-learn"):
         assert heavy not in listed, f"{heavy} installed by .[serve]:\n{listed}"
 
-    port = free_port()
+    port, grpc_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    serve = [str(venv / "bin" / "mmoe"), "serve", "--model", str(tiny_onnx), "--port", str(port)]
     proc = subprocess.Popen(
-        [str(venv / "bin" / "mmoe"), "serve", "--model", str(tiny_onnx), "--port", str(port)],
+        [*serve, "--grpc-port", str(grpc_port)],
         cwd=tmp_path,
         env=env,
         stdout=subprocess.PIPE,
@@ -81,6 +85,9 @@ def test_serve_install_has_no_torch_and_serves(tmp_path: Path, tiny_onnx: Path) 
         )
         assert r.status_code == 200, r.text
         assert len(r.json()["scores"]["ctr"]) == 2
+        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+            stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+            assert stub.ServerReady(service_pb2.ServerReadyRequest(), timeout=30).ready
     finally:
         proc.terminate()
         proc.wait(30)

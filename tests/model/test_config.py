@@ -89,7 +89,8 @@ BAD: list[tuple[str, Mutation, str]] = [
     (
         "vocab and hash",
         _set("features.0.hash_buckets", 10),
-        "features[0]: set either `vocab` or `hash_buckets`",
+        "features[0]: set one of `vocab`, `hash_buckets`, `vocab_list`, `num_buckets`, "
+        "not `vocab` and `hash_buckets`",
     ),
     (
         "unsorted boundaries",

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def batch_rows(trainer: Trainer, epoch: int = 1) -> list[list[int]]:
     schema, rows = trainer.fit_schema()
     return [
-        sorted(b.inputs["rid"].long().tolist()) for b in trainer.epoch_batches(schema, epoch, rows)
+        sorted(b.inputs["rid"].long().tolist()) for b in trainer.batches.epoch(schema, epoch, rows)
     ]
 
 

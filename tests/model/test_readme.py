@@ -11,6 +11,7 @@ import yaml
 
 from mmoe.model.config import (
     CategoricalFeature,
+    DataConfig,
     EarlyStoppingConfig,
     ModelConfig,
     NumericFeature,
@@ -24,6 +25,10 @@ from mmoe.model.config import (
 )
 
 README = Path(__file__).resolve().parents[2] / "README.md"
+# Keys documented with their topic (until the README's list has them): those added for EasyRec
+# configs, and request context.
+EASYREC_DOC = README.parent / "docs" / "easyrec.md"
+CONTEXT_DOC = README.parent / "docs" / "context.md"
 
 
 def section() -> str:
@@ -50,8 +55,14 @@ def test_yaml_is_a_valid_config_listing_every_option() -> None:
     (text,) = blocks("yaml")
     config = parse_config(yaml.safe_load(text))
     assert [f.kind for f in config.features] == ["categorical", "numeric", "tags"]
-    documented = set(re.findall(r"([a-z_0-9]+):", text))
+    extra = [
+        block
+        for doc in (EASYREC_DOC, CONTEXT_DOC)
+        for block in re.findall(r"```yaml\n(.*?)```", doc.read_text(), re.S)
+    ]
+    documented = set(re.findall(r"([a-z_0-9]+):", "\n".join([text, *extra])))
     for model in (
+        DataConfig,
         RunConfig,
         CategoricalFeature,
         NumericFeature,

@@ -15,12 +15,15 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
+from mmoe.model.batches import encode_table, held_out
 from mmoe.model.checkpoint import build_model, load_run
 from mmoe.model.config import TaskConfig, parse_config
 from mmoe.model.data import DataSource, write_table
+from mmoe.model.evaluation import evaluate, predict
+from mmoe.model.losses import task_loss
 from mmoe.model.schema import FeatureSchema, SchemaFitter
 from mmoe.model.synthetic import synthetic_ranking
-from mmoe.model.train import Trainer, encode_table, evaluate, held_out, predict, task_loss, train
+from mmoe.model.train import Trainer, train
 
 
 def run(config: dict[str, Any], data: Path, out: Path, **kw: Any) -> dict[str, Any]:

@@ -182,7 +182,8 @@ def test_a_small_request_runs_on_the_event_loop_thread(tiny_onnx: Path) -> None:
     thread and back); larger: on an inference thread. The scores are the same either way."""
     predictor = ThreadRecordingPredictor(tiny_onnx)
     small = warmup_feeds(predictor.meta.features, INLINE_MAX_ROWS)
-    large = {k: np.concatenate([v, v[:1]]) for k, v in small.items()}  # one row more
+    # one row more (context inputs keep their one row)
+    large = {k: np.concatenate([v, v[:1]]) if len(v) > 1 else v for k, v in small.items()}
 
     async def serve() -> tuple[int, dict[str, np.ndarray], dict[str, np.ndarray]]:
         with ThreadPoolExecutor(1) as pool:

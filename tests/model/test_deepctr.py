@@ -1,0 +1,205 @@
+"""DeepCTR's MMOE API: the seed document's signature, DeepCTR-Torch's compile/fit/predict on
+dicts of arrays (integer and string ids, padded sequences, dense values), and a DeepCTR-style
+script, run as a user would, whose saved model exports and serves predict()'s scores."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+from mmoe.model.deepctr import (
+    MMOE,
+    DenseFeat,
+    SparseFeat,
+    VarLenSparseFeat,
+    get_feature_names,
+)
+from tests.cli import mmoe
+from tests.server import ServerProcess
+
+SCRIPT = Path(__file__).resolve().parents[1] / "data" / "deepctr" / "mmoe_census.py"
+
+# deepctr.models.multitask.mmoe.MMOE, as the seed document gives it
+SEED_SIGNATURE = (
+    "(dnn_feature_columns, num_experts=3, expert_dnn_hidden_units=(256, 128), "
+    "tower_dnn_hidden_units=(64,), gate_dnn_hidden_units=(), l2_reg_embedding=1e-05, "
+    "l2_reg_dnn=0, seed=1024, dnn_dropout=0, dnn_activation='relu', dnn_use_bn=False, "
+    "task_types=('binary', 'binary'), task_names=('ctr', 'ctcvr'))"
+)
+
+
+def test_signature_and_defaults_are_deepctrs() -> None:
+    params = inspect.signature(MMOE).parameters.values()
+    text = ", ".join(
+        p.name if p.default is inspect.Parameter.empty else f"{p.name}={p.default!r}"
+        for p in params
+    )
+    assert f"({text})" == SEED_SIGNATURE
+
+
+def test_same_module_from_a_checkout() -> None:
+    import model.deepctr  # type: ignore[import-not-found]
+
+    assert model.deepctr.MMOE is MMOE
+
+
+def columns() -> list[Any]:
+    return [
+        SparseFeat("user", vocabulary_size=40, embedding_dim=4),
+        SparseFeat("city", vocabulary_size=10, embedding_dim="auto"),
+        DenseFeat("price", 1),
+        VarLenSparseFeat(SparseFeat("tags", vocabulary_size=6, embedding_dim=3), maxlen=4),
+        VarLenSparseFeat(
+            SparseFeat("words", vocabulary_size=20, embedding_dim=3), maxlen=2, combiner="sum"
+        ),
+    ]
+
+
+def data(n: int, seed: int = 0) -> tuple[dict[str, Any], np.ndarray]:
+    rng = np.random.default_rng(seed)
+    user = rng.integers(0, 40, n)
+    city = rng.choice(["paris", "oslo", "rome", "lima"], n)  # string ids
+    price = rng.random(n)
+    tags = rng.integers(0, 6, (n, 4))  # 0 pads
+    words = np.where(rng.random((n, 2)) < 0.3, "", rng.choice(["a", "b", "c"], (n, 2)))
+    z = (user % 3 == 0) * 1.5 + (city == "oslo") + price - 1.5
+    y = np.stack([rng.random(n) < 1 / (1 + np.exp(-z)), rng.random(n) < 0.3], axis=1)
+    x = {"user": user, "city": city, "price": price, "tags": tags, "words": words}
+    return x, y.astype(int)
+
+
+def small_model() -> Any:
+    return MMOE(
+        columns(),
+        num_experts=2,
+        expert_dnn_hidden_units=(8,),
+        tower_dnn_hidden_units=(4,),
+        gate_dnn_hidden_units=(4,),
+        dnn_use_bn=True,
+        task_names=("ctr", "cvr"),
+    )
+
+
+def test_compile_fit_predict_save(tmp_path: Path) -> None:
+    from mmoe.export.parity import torch_outputs
+    from mmoe.model.checkpoint import load_run
+
+    model = small_model()
+    assert get_feature_names(model.feature_columns) == ["user", "city", "price", "tags", "words"]
+    model.compile("adam", loss=["binary_crossentropy", "binary_crossentropy"], metrics=["auc"])
+    x, y = data(800)
+    history = model.fit(x, y, batch_size=64, epochs=2, verbose=0, validation_split=0.25)
+    assert history.epoch == [0, 1]
+    assert {"loss", "ctr_loss", "cvr_loss", "val_auc_ctr", "val_auc_cvr", "val_loss"} == set(
+        history.history
+    )
+    assert all(len(v) == 2 for v in history.history.values())
+    config = model.config
+    assert [f.kind for f in config.features] == [
+        "categorical",
+        "categorical",
+        "numeric",
+        "tags",
+        "tags",
+    ]
+    assert config.features[0].num_buckets == 40  # integer ids index the table
+    assert config.features[1].vocab is not None  # string ids: a fitted vocabulary
+    assert config.features[1].embedding_dim == int(6 * 10**0.25)  # "auto"
+    assert config.model.gate_units == [4] and config.model.batch_norm
+    assert config.model.embedding_l2 == 1e-5 and config.train.batch_size == 64
+
+    test_x, _ = data(50, seed=1)
+    scores = model.predict(test_x, batch_size=16)
+    assert scores.shape == (50, 2) and scores.dtype == np.float64
+    assert ((scores > 0) & (scores < 1)).all()
+    run = load_run(model.save(tmp_path / "run"))
+    raw = {
+        "user": [str(v) for v in test_x["user"]],
+        "city": list(test_x["city"]),
+        "price": list(test_x["price"]),
+        "tags": [[str(v) for v in row if v] for row in test_x["tags"]],
+        "words": [[v for v in row if v] for row in test_x["words"]],
+    }
+    expected = torch_outputs(run.model, run.schema, raw)
+    np.testing.assert_allclose(scores[:, 0], expected["probs_ctr"], atol=1e-6)
+    np.testing.assert_allclose(scores[:, 1], expected["probs_cvr"], atol=1e-6)
+
+
+def test_regression_task_and_validation_data() -> None:
+    model = MMOE(
+        columns()[:3],
+        expert_dnn_hidden_units=(8,),
+        tower_dnn_hidden_units=(),
+        task_types=("binary", "regression"),
+        task_names=("click", "dwell"),
+    )
+    model.compile("adam", loss=["binary_crossentropy", "mse"], metrics=["auc", "mse"])
+    x, y = data(400)
+    x = {k: x[k] for k in ("user", "city", "price")}
+    y = [y[:, 0], x["price"] * 3]  # one array per task
+    valid = ({k: v[:100] for k, v in x.items()}, [y[0][:100], y[1][:100]])
+    history = model.fit(x, y, batch_size=50, epochs=1, verbose=0, validation_data=valid)
+    assert {"val_auc_click", "val_mse_dwell"} <= set(history.history)
+    assert model.config.tasks[1].kind == "regression"
+    scores = model.predict({k: v[:5] for k, v in x.items()})
+    assert scores.shape == (5, 2)
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda: MMOE([DenseFeat("p", 2)]), "dimension 2"),
+        (lambda: MMOE([SparseFeat("a-b", 3)]), "names here are"),
+        (lambda: MMOE(columns(), task_types=("binary", "tweedie")), "binary or regression"),
+        (lambda: MMOE(columns(), dnn_activation="dice"), "dnn_activation 'dice'"),
+        (
+            lambda: MMOE([VarLenSparseFeat(SparseFeat("t", 3), 2, length_name="n")]),
+            "length_name and weight_name are not supported",
+        ),
+        (lambda: MMOE([VarLenSparseFeat(SparseFeat("t", 3), 2, combiner="max")]), "mean or sum"),
+        (lambda: small_model().compile("sgd"), "'adam' or 'adamw'"),
+        (lambda: small_model().compile("adam", loss="mse"), "trains 'binary_crossentropy'"),
+        (lambda: small_model().compile("adam", metrics=["ndcg"]), "metric 'ndcg'"),
+        (lambda: small_model().predict(data(3)[0]), "call fit"),
+        (lambda: small_model().fit(data(3)[0], np.zeros((3, 3))), r"expected \(3, 2\)"),
+        (lambda: small_model().fit({"user": [1]}, [[0, 1]]), "x has no 'city'"),
+    ],
+)
+def test_what_is_not_supported_is_refused(call: Any, message: str) -> None:
+    with pytest.raises((ValueError, RuntimeError), match=message):
+        call()
+
+
+@pytest.mark.slow
+def test_deepctr_script_runs_exports_and_serves_its_scores(tmp_path: Path) -> None:
+    """The script changes only its imports from DeepCTR's; its saved model, exported, serves
+    the scores predict() returned."""
+    text = SCRIPT.read_text()
+    assert "from mmoe.model.deepctr import" in text and "deepctr_torch" not in text
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), str(tmp_path)], capture_output=True, text=True, timeout=900
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "label_income test AUC" in proc.stdout
+    auc = float(proc.stdout.split("label_income test AUC")[1].split()[0])
+    assert auc > 0.6  # it learned from the generated labels
+    model = tmp_path / "model.onnx"
+    assert "parity" in mmoe("export", str(tmp_path / "run"), "--out", str(model))
+    rows = json.loads((tmp_path / "test_rows.json").read_text())
+    scores = np.load(tmp_path / "scores.npy")
+    names = ["education", "occupation", "age", "hours_per_week", "interests"]
+    candidates = {n: [r[n] for r in rows] for n in names}
+    with ServerProcess(model, log_path=tmp_path / "server.log") as server:
+        r = httpx.post(f"{server.url}/predict", json={"candidates": candidates}, timeout=30)
+    assert r.status_code == 200, r.text
+    served = r.json()["scores"]
+    np.testing.assert_allclose(served["label_income"], scores[:, 0], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(served["label_marital"], scores[:, 1], atol=1e-5, rtol=0)
