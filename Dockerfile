@@ -13,19 +13,22 @@
 # The gpu target's base (see that stage).
 ARG CUDA_IMAGE=nvidia/cuda:13.0.2-cudnn-runtime-ubuntu24.04
 
-# ---- build: the project's wheel (the project alone; dependencies come from the index) ------
+# ---- build: the project's two wheels (the project alone; dependencies come from the index) -
+# mmoe_ranking: the command, the contract and the server; mmoe_ranking_train (training/): the
+# training code, export and bench. mmoe/ and training/mmoe/ link to the stage folders
+# (mmoe.model -> model/, ...): the wheels install them there.
 FROM python:3.11-slim AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore
 WORKDIR /src
 COPY pyproject.toml README.md ./
-# mmoe/ links to the stage folders (mmoe.model -> model/, ...): the wheel installs them there.
 COPY mmoe ./mmoe
+COPY training ./training
 COPY model ./model
 COPY export ./export
 COPY contract ./contract
 COPY service ./service
 COPY bench ./bench
-RUN pip wheel --no-deps --wheel-dir /wheels .
+RUN pip wheel --no-deps --wheel-dir /wheels . ./training
 
 # ---- train: torch (CPU build) for data -> train -> export ----------------------------------
 FROM python:3.11-slim AS train
@@ -35,7 +38,8 @@ ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore \
     PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 ORT_DISABLE_TELEMETRY=1
 COPY --from=build /wheels /tmp/wheels
-RUN pip install --extra-index-url "$TORCH_INDEX_URL" "$(ls /tmp/wheels/mmoe_ranking-*.whl)[train]" \
+RUN pip install --extra-index-url "$TORCH_INDEX_URL" \
+      "$(ls /tmp/wheels/mmoe_ranking-*.whl)" "$(ls /tmp/wheels/mmoe_ranking_train-*.whl)" \
  && rm -rf /tmp/wheels \
  && python -c "import sys, torch; sys.exit('got a CUDA build of torch' if torch.version.cuda else 0)"
 RUN useradd --uid 10001 --user-group --create-home --shell /usr/sbin/nologin mmoe \
@@ -77,7 +81,8 @@ STOPSIGNAL SIGTERM
 CMD ["mmoe", "serve"]
 
 # ---- runtime: the CPU server (the default target) -------------------------------------------
-# Only the serving install: every dependency is a binary wheel, so no compiler, and no torch.
+# Only the serving wheel: every dependency is a binary wheel, so no compiler, no torch, and no
+# training code.
 FROM python:3.11-slim AS runtime
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore
 COPY --from=build /wheels /tmp/wheels

@@ -1,46 +1,66 @@
 # The two set-up commands: `make serve` (build the demo model if missing, then serve it) and
 # `make test` (lint, types, tests). Both create .venv and install what they need.
+#
+# `make serve` passes no settings of its own: `mmoe serve` reads every MMOE_* variable from the
+# environment, as in a container.
+#   MMOE_PORT=8011 make serve
+#   MMOE_HOST=0.0.0.0 MMOE_MODEL_PATH=models/other.onnx make serve
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-MODEL ?= models/demo.onnx
-HOST ?= 127.0.0.1
-PORT ?= 8000
+# What `mmoe serve` serves when MMOE_MODEL_PATH is unset (service/settings.py's default).
+DEMO_MODEL := models/demo.onnx
 PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: serve demo test lint install-serve install-dev clean
+.PHONY: serve demo test lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
+# Two distributions: the server (this directory, `.[serve]`: no torch, no training code) and the
+# training code (training/: data, train, export, inspect, bench), which depends on the first.
 # The checkout's folders are importable by their own names too (`import model.config`, the same
 # module as `mmoe.model.config`), from anywhere in this development environment.
-$(VENV)/.train-installed: pyproject.toml | $(BIN)/python
-	$(PIP) install -e ".[serve,train]"
+$(VENV)/.serve-installed: pyproject.toml | $(BIN)/python
+	$(PIP) install -e ".[serve]"
 	$(BIN)/python -c "import pathlib, site; pathlib.Path(site.getsitepackages()[0], 'mmoe-checkout.pth').write_text('$(CURDIR)\n')"
 	touch $@
 
-$(VENV)/.dev-installed: pyproject.toml $(VENV)/.train-installed
-	$(PIP) install -e ".[serve,train,dev]"
+$(VENV)/.train-installed: training/pyproject.toml $(VENV)/.serve-installed
+	$(PIP) install -e ./training
 	touch $@
 
-demo: $(MODEL)
+$(VENV)/.dev-installed: pyproject.toml $(VENV)/.train-installed
+	$(PIP) install -e ".[serve,dev]"
+	touch $@
 
-$(MODEL): configs/demo.yaml | $(VENV)/.train-installed
+demo: $(DEMO_MODEL)
+
+$(DEMO_MODEL): configs/demo.yaml | $(VENV)/.train-installed
 	$(BIN)/mmoe data synthetic-ranking --rows 200000 --seed 7 --out data/demo.parquet
-	$(BIN)/mmoe train --config configs/demo.yaml --data data/demo.parquet --out runs/demo
-	$(BIN)/mmoe export runs/demo --out $(MODEL)
+	$(BIN)/mmoe train --config configs/demo.yaml --data data/demo.parquet --out runs/demo --overwrite
+	$(BIN)/mmoe export runs/demo --out $@
 
-serve: $(VENV)/.train-installed $(MODEL)
-	$(BIN)/mmoe serve --model $(MODEL) --host $(HOST) --port $(PORT)
+# The demo is built only when it is what will be served.
+SERVED_MODEL := $(or $(MMOE_MODEL_PATH),$(DEMO_MODEL))
+serve: $(VENV)/.serve-installed $(if $(filter $(DEMO_MODEL) ./$(DEMO_MODEL),$(SERVED_MODEL)),$(DEMO_MODEL))
+	$(BIN)/mmoe serve
+
+# `make serve PORT=8011` would be silently ignored: say what works instead, before any build.
+ifneq ($(filter serve,$(MAKECMDGOALS)),)
+$(foreach v,PORT HOST MODEL,$(if $(filter command line,$(origin $(v))),\
+  $(error make serve takes its settings from MMOE_* variables, e.g. MMOE_PORT=8011 make serve)))
+endif
 
 lint: $(VENV)/.dev-installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy mmoe
 
+# PYTEST_ARGS: more pytest options, e.g. make test PYTEST_ARGS="-k predict --durations=25" (or
+# "-n 2": pytest-xdist; not the default, as timing-sensitive server tests share the 2 cores then).
 test: lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) runs data models results

@@ -6,7 +6,6 @@ Every part of the benchmark (floor, service, baseline, JSON decode) uses these s
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +14,7 @@ import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from mmoe.contract.values import json_value
 from mmoe.model.data import data_format
 
 
@@ -30,14 +30,8 @@ def read_sample(path: Path, features: list[str], rows: int = 50_000) -> pa.Table
     return table.slice(0, rows)
 
 
-def _json_value(v: Any) -> Any:
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    return v
-
-
 def _column(table: pa.Table, name: str, rows: np.ndarray) -> list[Any]:
-    return [_json_value(v) for v in table.column(name).take(pa.array(rows)).to_pylist()]
+    return [json_value(v) for v in table.column(name).take(pa.array(rows)).to_pylist()]
 
 
 def make_bodies(

@@ -86,8 +86,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="short runs (under 3 minutes), for CI")
     p.add_argument("--seconds", type=float, help="measured seconds per point (default 5)")
     p.add_argument("--warmup", type=float, help="warm-up seconds per point (default 1)")
-    p.add_argument("--concurrency", type=_ints, default=[1, 8, 32])
-    p.add_argument("--candidates", type=_ints, default=[64, 256, 1024])
+    p.add_argument(
+        "--concurrency",
+        type=_ints,
+        default=[1, 8, 32],
+        help="requests in flight at once, comma-separated (default 1,8,32)",
+    )
+    p.add_argument(
+        "--candidates",
+        type=_ints,
+        default=[64, 256, 1024],
+        help="candidates per request, comma-separated (default 64,256,1024)",
+    )
     p.add_argument(
         "--client",
         choices=["auto", "wrk", "python"],

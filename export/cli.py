@@ -1,4 +1,4 @@
-"""`mmoe export` and `mmoe inspect`."""
+"""`mmoe export`, `mmoe inspect` and `mmoe verify`."""
 
 from __future__ import annotations
 
@@ -9,9 +9,15 @@ from typing import Any
 
 def register(sub: Any) -> None:
     ex = sub.add_parser("export", help="RUN_DIR -> one self-contained model.onnx (parity-checked)")
-    ex.add_argument("run_dir")
-    ex.add_argument("--out", required=True)
-    ex.add_argument("--tolerance", type=float, default=1e-5, help="max |torch - onnxruntime|")
+    ex.add_argument("run_dir", help="a RUN_DIR written by mmoe train")
+    ex.add_argument("--out", required=True, help="the model.onnx to write")
+    ex.add_argument(
+        "--tolerance",
+        type=float,
+        default=1e-5,
+        help="allowed |torch - onnxruntime| per unit of max(1, |value|), on top of what float32 "
+        "rounding allows at each row's scale (export/parity.py)",
+    )
     ex.add_argument("--rows", type=int, default=1024, help="generated rows for the parity check")
     ex.add_argument(
         "--no-context",
@@ -33,7 +39,7 @@ def register(sub: Any) -> None:
     )
     ex.set_defaults(func=_export)
     ins = sub.add_parser("inspect", help="print a model.onnx's schema, tasks, inputs and outputs")
-    ins.add_argument("model")
+    ins.add_argument("model", help="a model.onnx written by mmoe export")
     ins.set_defaults(func=_inspect)
 
 
@@ -55,13 +61,15 @@ def _export(args: argparse.Namespace) -> int:
     except ParityError as err:
         print(f"error: export refused, parity check failed: {err}", file=sys.stderr)
         return 1
-    except FileNotFoundError as err:
+    except (FileNotFoundError, ValueError) as err:  # not a run; features named like outputs
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(
         f"wrote {report.path} ({report.size_bytes / 1e6:.2f} MB) in {report.seconds:.1f}s; "
-        f"parity on {report.rows_checked} rows: "
-        f"max |torch - onnxruntime| = {report.parity_max_abs_diff:.2e}"
+        f"parity on {report.rows_checked} rows ({report.sample_rows} of them validation rows): "
+        f"max |torch - onnxruntime| = {report.parity_max_abs_diff:.2e}, "
+        f"{report.parity_fraction_of_allowed:.0%} of the allowed difference; "
+        f"{report.golden_rows} golden rows stored"
     )
     if report.context:
         print(f"  context (once per request): {', '.join(report.context)}")

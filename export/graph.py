@@ -4,6 +4,12 @@ Implements the index layout documented in `model/schema.py` with standard operat
 `ai.onnx.ml.LabelEncoder` for vocabularies, `com.microsoft.MurmurHash3` (onnxruntime's contrib
 op, the same 32-bit murmur3 training uses via `mmh3`) for hash buckets, arithmetic for
 numeric transforms and comparisons for bucket boundaries.
+
+Names: in the assembled file only the graph's inputs (named after the features) and outputs
+(`probs_<task>`, ...) have plain names; everything inside the preprocessing gets PRE_PREFIX and
+everything inside the network NET_PREFIX (`with_plain_io`), and the preprocessing's own names
+contain "/" too. Feature and output names are identifiers, so a feature named `cat`, `relu`,
+`input` or `encoded` cannot meet a tensor of the same name.
 """
 
 from __future__ import annotations
@@ -12,8 +18,9 @@ from collections.abc import Collection
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, compose, helper, numpy_helper
 
+from mmoe.contract.metadata import FeatureInfo
 from mmoe.model.schema import (
     HASH_SEED,
     MISSING_INDEX,
@@ -33,14 +40,17 @@ OPSET_IMPORTS = [
 ]
 
 
+PRE_PREFIX = "pre/"
+NET_PREFIX = "net/"
 # The batch dimension of the graph's inputs: N candidates, and the request context (1, or N).
 BATCH_DIM = "batch"
 CONTEXT_DIM = "context"
 
 
 def encoded_name(feature: str) -> str:
-    """Name of the network input that carries a feature's encoded value."""
-    return f"enc__{feature}"
+    """Name of the network input that carries a feature's encoded value (never a feature's
+    name: those are identifiers)."""
+    return f"encoded/{feature}"
 
 
 class _GraphBuilder:
@@ -51,7 +61,7 @@ class _GraphBuilder:
 
     def name(self, base: str) -> str:
         self._n += 1
-        return f"{base}__{self._n}"
+        return f"{base}/{self._n}"  # "/": never a feature's name
 
     def const(self, base: str, value: np.ndarray) -> str:
         name = self.name(base)
@@ -158,8 +168,53 @@ def encoding_text(f: FittedFeature) -> str:
     return f"vocabulary of {len(f.vocab)} (+ OOV)"
 
 
+def feature_info(f: FittedFeature, context: bool = False) -> FeatureInfo:
+    """What a server needs to know of one fitted feature (its entry in the file's metadata);
+    `context`: the graph takes it once per request."""
+    return FeatureInfo(
+        name=f.name,
+        kind=f.kind,
+        dtype="float32" if f.kind == "numeric" else "string",
+        default=f.default,
+        separator=f.separator,
+        max_len=f.max_len,
+        encoding=encoding_text(f),
+        context=context,
+    )
+
+
+def rename_edges(graph: onnx.GraphProto, names: dict[str, str]) -> None:
+    """Renames tensors everywhere they appear: nodes (and their subgraphs), the graph's inputs,
+    outputs, initializers and value infos."""
+    for node in graph.node:
+        node.input[:] = [names.get(n, n) for n in node.input]
+        node.output[:] = [names.get(n, n) for n in node.output]
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
+                rename_edges(sub, names)
+    for entries in (graph.input, graph.output, graph.value_info, graph.initializer):
+        for entry in entries:
+            entry.name = names.get(entry.name, entry.name)
+
+
+def with_plain_io(
+    pre: onnx.ModelProto, net: onnx.ModelProto, features: list[str]
+) -> onnx.ModelProto:
+    """The preprocessing and the network merged into one model: every name prefixed
+    (PRE_PREFIX, NET_PREFIX), the preprocessing's `encoded/<feature>` outputs feeding the
+    network's inputs, then the raw inputs and the outputs given back their plain names."""
+    pre = compose.add_prefix(pre, PRE_PREFIX)
+    net = compose.add_prefix(net, NET_PREFIX)
+    io_map = [(PRE_PREFIX + encoded_name(n), NET_PREFIX + encoded_name(n)) for n in features]
+    merged = compose.merge_models(pre, net, io_map=io_map)
+    plain = {PRE_PREFIX + n: n for n in features}
+    plain |= {o.name: o.name.removeprefix(NET_PREFIX) for o in merged.graph.output}
+    rename_edges(merged.graph, plain)
+    return merged
+
+
 def preprocessing_graph(schema: FeatureSchema, context: Collection[str] = ()) -> onnx.ModelProto:
-    """Raw inputs named after the features -> `enc__<feature>` outputs the network reads.
+    """Raw inputs named after the features -> `encoded/<feature>` outputs the network reads.
     Features in `context` have the batch dimension CONTEXT_DIM, the others BATCH_DIM."""
     g = _GraphBuilder()
     inputs, outputs = [], []

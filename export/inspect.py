@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from pathlib import Path
 
@@ -21,6 +22,16 @@ def _shape(v: onnx.ValueInfoProto) -> str:
     return f"[{', '.join(dims)}]"
 
 
+def _clipped(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def _value(v: float | list[float], digits: int = 5) -> str:
+    if isinstance(v, list):
+        return "[" + ", ".join(f"{x:.{digits}g}" for x in v) + "]"
+    return f"{v:.{digits}g}"
+
+
 def describe(path: str | Path) -> str:
     path = Path(path)
     if not path.is_file():
@@ -30,7 +41,8 @@ def describe(path: str | Path) -> str:
     lines = [
         f"{path}  ({path.stat().st_size / 1e6:.2f} MB)",
         f"model      {meta.name} v{meta.version}  "
-        f"(config {meta.config_hash}, exported {meta.exported_at})",
+        f"(config {meta.config_hash}, exported {meta.exported_at}, metadata format "
+        f"{meta.format_version})",
         f"format     IR {model.ir_version}, opsets "
         + ", ".join(f"{o.domain or 'ai.onnx'} {o.version}" for o in model.opset_import),
         "",
@@ -59,6 +71,19 @@ def describe(path: str | Path) -> str:
     if meta.metrics:
         lines += ["", "training metrics (best epoch)"]
         lines += [f"  {k:<22} {v:.4f}" for k, v in meta.metrics.items()]
+    if meta.golden is not None:
+        lines += [
+            "",
+            f"golden rows ({len(meta.golden.rows)}: checked by a server at load and by "
+            "`mmoe verify`; outputs as PyTorch gave them, +- the allowed difference)",
+        ]
+        for i, row in enumerate(meta.golden.rows):
+            lines.append(f"  {i:<3}{_clipped(json.dumps(row, ensure_ascii=False), 96)}")
+            answers = [
+                f"{name} {_value(values[i])} +-{_value(meta.golden.allowed[name][i], 2)}"
+                for name, values in meta.golden.outputs.items()
+            ]
+            lines.append("     -> " + ", ".join(answers))
     ops = Counter(f"{n.domain + '.' if n.domain else ''}{n.op_type}" for n in model.graph.node)
     lines += [
         "",

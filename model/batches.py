@@ -140,6 +140,36 @@ class BatchStream:
         self.valid_source = valid_source
         self.world = world
         self.rank = rank
+        # The training rows' chunks, encoded in file order, once the first epoch has read them
+        # all within train.cache_mb (`cached`); later epochs then neither read nor encode.
+        self._cache: list[Batch] = []
+        self._cache_bytes = 0
+        self.cached = False
+        self.cache_overflowed = False
+
+    @property
+    def cache_mib(self) -> float:
+        return self._cache_bytes / 2**20
+
+    def _encoded_chunks(self, schema: FeatureSchema) -> Iterator[Batch]:
+        """Every training chunk encoded whole: from memory when cached, else read (and kept,
+        while the bound allows)."""
+        if self.cached:
+            yield from self._cache
+            return
+        limit = self.config.train.cache_mb * 2**20
+        keep = limit > 0 and not self.cache_overflowed
+        self._cache, self._cache_bytes = [], 0
+        for chunk in self.chunks():
+            data = encode_table(chunk, schema, self.config.tasks)
+            if keep:
+                self._cache_bytes += _nbytes(data)
+                if self._cache_bytes > limit:
+                    keep, self.cache_overflowed, self._cache = False, True, []
+                else:
+                    self._cache.append(data)
+            yield data
+        self.cached = keep
 
     def chunks(self, validation: bool = False) -> Iterator[pa.Table]:
         """The training file's training rows (or, with `validation`, its held-out rows)."""
@@ -171,7 +201,9 @@ class BatchStream:
         """This process's share of each of the epoch's batches (all of it in one process).
 
         Row j of the epoch's row stream belongs to batch j // B, and to process
-        (j % B) % world; each chunk is encoded once, only the rows this process needs.
+        (j % B) % world. Chunks are encoded whole and kept in memory (`train.cache_mb`); without
+        a cache (0, or past the bound) each chunk is encoded on every epoch, only the rows this
+        process needs. The batches are the same either way.
         """
         cfg = self.config
         size, world = cfg.train.batch_size, self.world
@@ -179,8 +211,12 @@ class BatchStream:
         pending: Batch | None = None
         pending_ids = np.zeros(0, dtype=np.int64)
         first = 0  # stream position of the chunk's first row
-        for i, chunk in enumerate(self.chunks()):
-            n = chunk.num_rows
+        cache = self.cached or (cfg.train.cache_mb > 0 and not self.cache_overflowed)
+        chunks: Iterator[Batch | pa.Table] = (
+            self._encoded_chunks(schema) if cache else self.chunks()
+        )
+        for i, chunk in enumerate(chunks):
+            n = len(chunk) if isinstance(chunk, Batch) else chunk.num_rows
             if cfg.train.shuffle:
                 order = np.random.default_rng([cfg.train.seed, epoch, i]).permutation(n)
             else:
@@ -190,7 +226,10 @@ class BatchStream:
             mine = ((pos % size) % world == self.rank) & (pos < end)
             if not mine.any():
                 continue
-            data = encode_table(chunk.take(pa.array(order[mine])), schema, cfg.tasks)
+            if isinstance(chunk, Batch):
+                data = chunk.take(torch.from_numpy(order[mine]))
+            else:
+                data = encode_table(chunk.take(pa.array(order[mine])), schema, cfg.tasks)
             ids = pos[mine] // size
             if pending is not None:
                 data = Batch.concat([pending, data])
@@ -202,6 +241,11 @@ class BatchStream:
             pending_ids = ids[complete:]
         if pending is not None:
             yield from _split_by_id(pending, pending_ids)
+
+
+def _nbytes(batch: Batch) -> int:
+    parts = (batch.inputs, batch.labels, batch.weights, batch.masks)
+    return sum(t.nbytes for part in parts for t in part.values())
 
 
 def _split_by_id(data: Batch, ids: np.ndarray) -> Iterator[Batch]:

@@ -5,16 +5,22 @@ RUN_DIR/
   schema.json    the fitted FeatureSchema (vocabularies, statistics)
   weights.pt     the best state_dict (loaded with weights_only=True: no pickled code runs)
   metrics.json   per-epoch losses and validation metrics, and the best epoch
+  valid_sample.parquet  a few hundred raw validation rows (the feature columns), which export
+                 adds to its parity check (absent when there were no validation rows)
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 import yaml
 
@@ -34,7 +40,10 @@ def build_model(config: RunConfig, schema: FeatureSchema) -> RankingModel:
         )
         for f in schema.features
     ]
-    tasks = [TaskHead(t.name, t.kind, tuple(t.tower), t.num_class) for t in config.tasks]
+    tasks = [
+        TaskHead(t.name, t.kind, tuple(t.tower), t.num_class, t.multiply, t.product_name)
+        for t in config.tasks
+    ]
     m = config.model
     input_dim = sum(schema.tables[s.table][1] if s.table else 1 for s in specs)
     common: dict[str, Any] = dict(
@@ -60,8 +69,16 @@ def build_model(config: RunConfig, schema: FeatureSchema) -> RankingModel:
     return RankingModel(specs, schema.tables, net, senet_reduction=reduction)
 
 
+# Train settings that change how fast a run goes or what it prints, never the model it trains.
+NOT_IDENTITY = {"progress", "threads", "cache_mb"}
+
+
 def config_hash(config: RunConfig) -> str:
-    text = json.dumps(config.model_dump(mode="json"), sort_keys=True)
+    """What identifies the model a config trains (train.progress, threads and cache_mb left
+    out)."""
+    text = json.dumps(
+        config.model_dump(mode="json", exclude={"train": NOT_IDENTITY}), sort_keys=True
+    )
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -72,6 +89,30 @@ class Run:
     model: RankingModel
     metrics: dict[str, Any]
     path: Path
+
+
+class RunDirError(ValueError):
+    """An output directory that a run may not be written into."""
+
+
+def prepare_run_dir(path: str | Path, overwrite: bool = False) -> None:
+    """Refuse an existing non-empty RUN_DIR (its old files, report plots, would mix with the
+    new run's) unless `overwrite`, which empties it."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise RunDirError(f"--out {path} is a file, not a directory")
+    if not path.exists() or not any(path.iterdir()):
+        return
+    if not overwrite:
+        raise RunDirError(
+            f"--out {path} exists and is not empty; pass --overwrite to replace it, or choose "
+            "another directory"
+        )
+    for child in path.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
 
 
 def save_config(config: RunConfig, run_dir: Path) -> None:
@@ -85,6 +126,25 @@ def save_weights(model: RankingModel, run_dir: Path) -> None:
     tmp = run_dir / "weights.pt.tmp"
     torch.save(model.state_dict(), tmp)
     tmp.replace(run_dir / "weights.pt")
+
+
+VALID_SAMPLE = "valid_sample.parquet"
+
+
+def save_valid_sample(
+    valid: pa.Table | None, config: RunConfig, run_dir: Path, rows: int = 256
+) -> None:
+    """Keep up to `rows` raw validation rows (drawn with the training seed, in file order; only
+    the columns the features read) as RUN_DIR/valid_sample.parquet, for export's parity check.
+    Without validation rows, an older sample is removed."""
+    path = run_dir / VALID_SAMPLE
+    if valid is None or valid.num_rows == 0:
+        path.unlink(missing_ok=True)
+        return
+    n = min(rows, valid.num_rows)
+    picked = np.sort(np.random.default_rng(config.train.seed).choice(valid.num_rows, n, False))
+    columns = list(dict.fromkeys(f.column or f.name for f in config.input_features))
+    pq.write_table(valid.select(columns).take(pa.array(picked)), path)
 
 
 def load_run(run_dir: str | Path) -> Run:

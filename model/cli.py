@@ -10,14 +10,28 @@ from typing import Any
 
 
 def register(sub: Any) -> None:
-    data = sub.add_parser("data", help="generate a data set")
+    data = sub.add_parser("data", help="write a synthetic data set (or bring your own CSV/Parquet)")
     kinds = data.add_subparsers(dest="dataset", required=True, metavar="DATASET")
     rank = kinds.add_parser(
-        "synthetic-ranking", help="click/conversion log with ids, numbers, tags"
+        "synthetic-ranking",
+        help="a click/conversion log with ids, numbers and tags (the demo config's columns)",
+        description="A click/conversion log drawn from a fixed world (users, items, their "
+        "categories, prices and brands, and what drives clicks and purchases). --seed draws the "
+        "rows from that world, --world-seed the world itself: files made with different --seed "
+        "and the same --world-seed are samples of one world, e.g. a training and a validation "
+        "file.",
     )
-    rank.add_argument("--rows", type=int, default=200_000)
-    rank.add_argument("--seed", type=int, default=7)
-    rank.add_argument("--out", required=True, help="FILE.parquet or FILE.csv")
+    rank.add_argument("--rows", type=int, default=200_000, help="rows to write (default 200000)")
+    rank.add_argument(
+        "--seed", type=int, default=7, help="seed of the rows drawn from the world (default 7)"
+    )
+    rank.add_argument(
+        "--world-seed",
+        type=int,
+        default=0,
+        help="seed of the world: users, items, categories and their effects (default 0)",
+    )
+    rank.add_argument("--out", required=True, help="FILE.parquet or FILE.csv to write")
     rank.set_defaults(func=_data)
     paper = kinds.add_parser(
         "paper-synthetic",
@@ -26,7 +40,7 @@ def register(sub: Any) -> None:
     paper.add_argument(
         "--correlation", type=float, required=True, help="task correlation p in [-1, 1]"
     )
-    paper.add_argument("--rows", type=int, default=10_000)
+    paper.add_argument("--rows", type=int, default=10_000, help="rows to write (default 10000)")
     paper.add_argument("--dim", type=int, default=100, help="input dimension d (default 100)")
     paper.add_argument("--sines", type=int, default=10, help="number of sine terms m (default 10)")
     paper.add_argument("--scale", type=float, default=1.0, help="weight scale c (default 1)")
@@ -40,19 +54,35 @@ def register(sub: Any) -> None:
         default=0,
         help="seed of the sine parameters alpha, beta ~ N(0, 1) (default 0)",
     )
-    paper.add_argument("--out", required=True)
+    paper.add_argument(
+        "--sine-params",
+        choices=["normal", "index"],
+        default="normal",
+        help="alpha, beta of the sines (the paper gives none): N(0, 1) draws from --sine-seed "
+        "(default), or alpha_j = j+1, beta_j = j^2 as in Google Research's generator",
+    )
+    paper.add_argument("--out", required=True, help="FILE.parquet or FILE.csv to write")
     paper.set_defaults(func=_data)
 
     train = sub.add_parser("train", help="fit the feature schema and train the model")
     train.add_argument(
-        "--config", required=True, help="config.yaml, or an EasyRec pipeline.config (.config)"
+        "--config",
+        required=True,
+        help="the training config: YAML (e.g. configs/demo.yaml), or an EasyRec pipeline.config",
     )
     train.add_argument(
         "--data", required=True, help="training data (.parquet, .csv, or a directory)"
     )
     train.add_argument("--valid", help="validation data (default: hold out train.valid_fraction)")
-    train.add_argument("--out", required=True, help="RUN_DIR to write")
+    train.add_argument(
+        "--out", required=True, help="RUN_DIR to write: weights, fitted schema, config, metrics"
+    )
     train.add_argument("--nproc", type=int, default=1, help="processes (DDP via torchrun)")
+    train.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="clear RUN_DIR first if it exists and is not empty (else that is refused)",
+    )
     train.add_argument(
         "overrides",
         nargs="*",
@@ -79,7 +109,7 @@ def register(sub: Any) -> None:
     convert.set_defaults(func=_convert_config)
 
     report = sub.add_parser("report", help="plot a run's curves and gate utilisation")
-    report.add_argument("run_dir")
+    report.add_argument("run_dir", help="a RUN_DIR written by mmoe train")
     report.add_argument("--out", help="directory for PNGs (default RUN_DIR/report)")
     report.set_defaults(func=_report)
 
@@ -89,7 +119,7 @@ def _data(args: argparse.Namespace) -> int:
     from mmoe.model.synthetic import paper_synthetic, synthetic_ranking
 
     if args.dataset == "synthetic-ranking":
-        table = synthetic_ranking(args.rows, args.seed)
+        table = synthetic_ranking(args.rows, args.seed, args.world_seed)
     else:
         table = paper_synthetic(
             args.rows,
@@ -100,6 +130,7 @@ def _data(args: argparse.Namespace) -> int:
             noise_std=args.noise,
             seed=args.seed,
             sine_seed=args.sine_seed,
+            sine_params=args.sine_params,
         )
     write_table(table, args.out)
     print(f"wrote {table.num_rows} rows to {args.out}")
@@ -119,11 +150,13 @@ def _resolve_config(args: argparse.Namespace) -> tuple[Any, dict[str, Any], list
 
 
 def _train(args: argparse.Namespace) -> int:
+    from mmoe.model.checkpoint import prepare_run_dir
     from mmoe.model.config import ConfigError
 
     try:
         config, _, notes = _resolve_config(args)
-    except (ConfigError, ValueError, FileNotFoundError) as err:
+        prepare_run_dir(args.out, args.overwrite)  # after the config: a bad one clears nothing
+    except (ConfigError, ValueError, FileNotFoundError) as err:  # RunDirError too
         print(f"error: {err}", file=sys.stderr)
         return 2
     for note in notes:

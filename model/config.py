@@ -166,6 +166,11 @@ class TaskConfig(_Strict):
     # ESMM-style task space: only rows where every listed column equals its value count,
     # e.g. {clk: 1} for a conversion task trained on clicked rows.
     only_where: dict[str, float] = Field(default_factory=dict)
+    # ESMM on the entire space (Ma et al., SIGIR 2018): `multiply: ctr` makes this tower's
+    # output pCVR and trains pCTCVR = pCTR x pCVR against this task's label over all rows;
+    # the product is also served, as `probs_<product>` (default `<multiply>_<name>`).
+    multiply: Name | None = None
+    product: Name | None = None
 
     @model_validator(mode="after")
     def _check(self) -> TaskConfig:
@@ -180,7 +185,23 @@ class TaskConfig(_Strict):
         }[self.kind] & set(self.metrics)
         if bad:
             raise ValueError(f"metrics {sorted(bad)} do not apply to a {self.kind} task")
+        if self.product is not None and self.multiply is None:
+            raise ValueError("`product` names the output of `multiply`; set `multiply` too")
+        if self.multiply is not None:
+            if self.kind != "binary":
+                raise ValueError("`multiply` is for binary tasks (a probability times another)")
+            if self.only_where:
+                raise ValueError(
+                    "`multiply` trains on every row (the entire space); drop `only_where`"
+                )
         return self
+
+    @property
+    def product_name(self) -> str | None:
+        """The served product's name (`ctcvr` for `product: ctcvr`), or None."""
+        if self.multiply is None:
+            return None
+        return self.product or f"{self.multiply}_{self.name}"
 
     @property
     def default_metrics(self) -> list[str]:
@@ -240,6 +261,27 @@ class EarlyStoppingConfig(_Strict):
         return self.mode == "max" if self.mode else higher_is_better(self.metric)
 
 
+class LossWeightingConfig(_Strict):
+    """How the task losses are combined. `fixed`: sum of tasks[i].weight * loss_i.
+    `uncertainty` (Kendall et al., 2018): a learned log-variance s_i per task, loss
+    exp(-s_i) * L_i + s_i / 2 for classification and exp(-s_i) / 2 * L_i + s_i / 2 for
+    regression. `gradnorm` (Chen et al., 2018): learned weights whose gradient norms on the last
+    shared layer are pulled towards the mean norm times (relative inverse training rate)^alpha.
+    In both, tasks[i].weight stays a constant factor on its task's term."""
+
+    kind: Literal["fixed", "uncertainty", "gradnorm"] = "fixed"
+    # gradnorm only: the restoring force's strength (the paper's alpha; default 1.5).
+    alpha: float | None = Field(None, ge=0.0)
+    # uncertainty and gradnorm: the Adam learning rate of the learned weights (both learn in
+    # log space, so 0.025, the default, moves a weight by about 2.5% a step).
+    lr: float | None = Field(None, gt=0.0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, data: Any) -> Any:
+        return {"kind": data} if isinstance(data, str) else data
+
+
 class DataConfig(_Strict):
     """How CSV files are read (Parquet files carry their own column names)."""
 
@@ -285,7 +327,13 @@ class TrainConfig(_Strict):
     # (picked by a hash of the row number and the seed; held in memory).
     valid_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     early_stopping: EarlyStoppingConfig | None = None
-    # A progress bar on stderr with the running loss per task.
+    loss_weighting: LossWeightingConfig = Field(default_factory=LossWeightingConfig)
+    # Encoded training rows are kept in memory after the first epoch while they take at most
+    # this many MiB (later epochs then skip reading and encoding); past it every epoch streams
+    # from the file. 0: always stream.
+    cache_mb: float = Field(2048, ge=0)
+    # A progress bar on stderr with the running loss per task, when stderr is a terminal (else
+    # the line per epoch on stdout only).
     progress: bool = True
     # torch intra-op threads while training (default: torch's choice, one per core). Small
     # models train fastest with 1, and far faster when other processes share the cores.
@@ -337,6 +385,17 @@ class RunConfig(_Strict):
             for key in ("task_experts", "ple_layers"):
                 if getattr(m, key) != 1:
                     raise ValueError(f"model.{key}: only for kind: ple")
+        self._check_products()
+        lw = self.train.loss_weighting
+        if lw.kind != "gradnorm" and lw.alpha is not None:
+            raise ValueError("train.loss_weighting.alpha: only for kind: gradnorm")
+        if lw.kind == "fixed" and lw.lr is not None:
+            raise ValueError("train.loss_weighting.lr: only for learned weights")
+        if lw.kind != "fixed" and len(self.tasks) < 2:
+            raise ValueError(
+                f"train.loss_weighting.kind: {lw.kind} balances two or more tasks; "
+                "this config has one"
+            )
         t = self.train
         if t.lr_schedule != "exponential":
             for key in ("decay_steps", "decay_factor", "staircase", "min_lr"):
@@ -349,6 +408,29 @@ class RunConfig(_Strict):
                 f"choose one of {self.metric_names}"
             )
         return self
+
+    def _check_products(self) -> None:
+        by_name = {t.name: t for t in self.tasks}
+        products = [t.product_name for t in self.tasks]
+        for i, t in enumerate(self.tasks):
+            if t.multiply is None:
+                continue
+            other = by_name.get(t.multiply)
+            if other is None or other is t:
+                raise ValueError(
+                    f"tasks[{i}].multiply: {t.multiply!r} is not another task; "
+                    f"choose one of {sorted(set(by_name) - {t.name})}"
+                )
+            if other.kind != "binary" or other.multiply is not None:
+                raise ValueError(
+                    f"tasks[{i}].multiply: {t.multiply!r} must be a binary task that is not "
+                    "itself a product"
+                )
+            if t.product_name in by_name or products.count(t.product_name) > 1:
+                raise ValueError(
+                    f"tasks[{i}].product: {t.product_name!r} is already the name of a task "
+                    "or product; set another `product`"
+                )
 
     def _check_shared_tables(self) -> None:
         """Features that share an embedding table (`embedding_name`) must agree on its shape and
@@ -390,8 +472,14 @@ class RunConfig(_Strict):
 
     @property
     def metric_names(self) -> list[str]:
-        """What validation computes: `<metric>_<task>` for each task's metrics, and `loss`."""
-        return [f"{m}_{t.name}" for t in self.tasks for m in t.default_metrics] + ["loss"]
+        """What validation computes: `<metric>_<task>` for each task's metrics (and, for a
+        product task, `<metric>_<product>`), and `loss`."""
+        names = []
+        for t in self.tasks:
+            names += [f"{m}_{t.name}" for m in t.default_metrics]
+            if t.product_name:
+                names += [f"{m}_{t.product_name}" for m in t.default_metrics]
+        return [*names, "loss"]
 
     @property
     def input_features(self) -> list[CategoricalFeature | NumericFeature | TagsFeature]:

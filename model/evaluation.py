@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from mmoe.model.batches import Batch
 from mmoe.model.config import RunConfig
 from mmoe.model.losses import task_loss
 from mmoe.model.metrics import task_metrics
-from mmoe.model.network import PLE, MMoE, RankingModel, output_names, task_outputs
+from mmoe.model.network import PLE, MMoE, RankingModel, model_outputs, output_names
 
 EVAL_ROWS = 8192  # rows per forward pass
 
@@ -31,39 +35,137 @@ def _logits(model: RankingModel, batch: Batch) -> dict[str, torch.Tensor]:
 @torch.no_grad()
 def predict(model: RankingModel, batch: Batch) -> dict[str, np.ndarray]:
     """Exported outputs (`probs_<task>`, `y_<task>`, `logits_<task>`) for encoded rows."""
-    logits = _logits(model, batch)
-    out: dict[str, np.ndarray] = {}
-    for task in model.tasks:
-        out.update({k: v.numpy() for k, v in task_outputs(task, logits[task.name]).items()})
-    return out
+    return {k: v.numpy() for k, v in model_outputs(model.tasks, _logits(model, batch)).items()}
 
 
 @torch.no_grad()
 def evaluate(model: RankingModel, config: RunConfig, data: Batch) -> dict[str, float]:
     """Each task's metrics on the rows in its space (label present, `only_where` holds), and
-    `loss`: the sum of the task losses weighted by `tasks[i].weight` (without regularisation)."""
+    `loss`: the sum of the task losses weighted by `tasks[i].weight` (without regularisation).
+
+    An ESMM task (`multiply`) has its metrics twice: `<metric>_<product>` of the product on
+    every row, and `<metric>_<task>` of its own probability (pCVR) on the rows where the task it
+    multiplies has label 1 (the clicked rows), the space that probability is about."""
     logits = _logits(model, data)
+    outputs = model_outputs(model.tasks, logits)
     metrics: dict[str, float] = {}
     total = 0.0
     for t, head in zip(config.tasks, model.tasks, strict=True):
-        z = logits[t.name]
         y, w = data.labels[t.name], data.weights[t.name]
-        total += t.weight * float(task_loss(t, z, y, w))
-        scores = task_outputs(head, z)[output_names(head).score]
-        labels = np.where(data.masks[t.name].numpy(), y.numpy().astype(np.float64), np.nan)
-        metrics.update(task_metrics(t.default_metrics, t.kind, labels, scores.numpy(), t.name))
+        multiplier = logits[t.multiply] if t.multiply else None
+        total += t.weight * float(task_loss(t, logits[t.name], y, w, multiplier))
+        names = output_names(head)
+        mask = data.masks[t.name].numpy()
+        labels = y.numpy().astype(np.float64)
+        if t.multiply is not None and t.product_name and names.product:
+            product = outputs[names.product].numpy()
+            metrics.update(
+                task_metrics(
+                    t.default_metrics,
+                    t.kind,
+                    np.where(mask, labels, np.nan),
+                    product,
+                    t.product_name,
+                )
+            )
+            mask = mask & (data.labels[t.multiply].numpy() == 1)
+        scores = outputs[names.score].numpy()
+        own = task_metrics(
+            t.default_metrics, t.kind, np.where(mask, labels, np.nan), scores, t.name
+        )
+        metrics.update(own)
     metrics["loss"] = total
     return metrics
 
 
+# Expert-health thresholds. An expert is starved when every task gives it less than this
+# fraction of a uniform gate's weight (1/K); a gate is near-uniform when its mean entropy is
+# above this fraction of log(number of experts it can choose); experts are near-identical when
+# their outputs' mean pairwise cosine similarity is above this.
+STARVED = 0.1
+UNIFORM = 0.999
+IDENTICAL = 0.98
+
+
+@dataclass
+class ExpertHealth:
+    """Gate and expert statistics on a set of rows (validation rows, in training)."""
+
+    experts: list[str]
+    gates: dict[str, list[float]]  # per task: mean gate weight per expert
+    gate_entropy: dict[str, float]  # per task: mean entropy / log(experts it can choose)
+    # mean pairwise cosine similarity of the experts' outputs (NaN for one expert)
+    expert_similarity: float
+
+    def warnings(self) -> list[str]:
+        """Collapse symptoms, each a sentence naming the experts or tasks."""
+        out: list[str] = []
+        k = len(self.experts)
+        if k < 2:  # Shared-Bottom: nothing to choose between
+            return out
+        for e, name in enumerate(self.experts):
+            reachable = [g[e] for g in self.gates.values() if g[e] > 0] or [0.0]
+            if max(reachable) < STARVED / k:
+                out.append(
+                    f"expert {name} gets almost no gate weight from any task "
+                    f"(at most {max(reachable):.3g}; uniform would be {1 / k:.3g})"
+                )
+        for task, h in self.gate_entropy.items():
+            if h > UNIFORM:
+                out.append(
+                    f"task {task}'s gate is near-uniform (entropy {h:.3f} of the maximum): it "
+                    "does not choose between experts"
+                )
+        if self.expert_similarity > IDENTICAL:
+            out.append(
+                f"the experts' outputs are near-identical (mean cosine similarity "
+                f"{self.expert_similarity:.3f}): they learned the same thing"
+            )
+        return out
+
+    def record(self) -> dict[str, Any]:
+        return {
+            "gates": self.gates,
+            "gate_entropy": self.gate_entropy,
+            "expert_similarity": self.expert_similarity,
+        }
+
+
 @torch.no_grad()
-def gate_utilisation(model: RankingModel, data: Batch) -> tuple[dict[str, list[float]], list[str]]:
-    """Mean gate weight per task and expert on the given rows, and the experts' names."""
+def expert_health(model: RankingModel, data: Batch) -> ExpertHealth | None:
+    """Each task's mean gate weight per expert and normalised gate entropy, and how alike the
+    experts' outputs are, on the given rows; None for a network that is neither MMoE nor PLE."""
+    net = model.net
+    if not isinstance(net, MMoE | PLE):
+        return None
     was_training = model.training
     model.eval()
-    x, _ = model.dense_input(data.inputs)
-    net = model.net
-    assert isinstance(net, MMoE | PLE)
-    g = net.gate_weights(x).mean(dim=1)  # [tasks, experts]
+    n_tasks, k = len(model.tasks), len(net.expert_names)
+    gate_sum = torch.zeros(n_tasks, k, dtype=torch.float64)
+    entropy_sum = torch.zeros(n_tasks, dtype=torch.float64)
+    similarity_sum = 0.0
+    pairs = torch.triu_indices(k, k, offset=1)
+    for start in range(0, len(data), EVAL_ROWS):
+        x, _ = model.dense_input(
+            {k_: v[start : start + EVAL_ROWS] for k_, v in data.inputs.items()}
+        )
+        g = net.gate_weights(x).double()  # [tasks, B, K]; 0 where a task cannot choose
+        gate_sum += g.sum(1)
+        entropy_sum += -(g * torch.log(g.clamp(min=1e-30))).sum(-1).sum(-1)
+        if k > 1:
+            e = F.normalize(net.expert_outputs(x).double(), dim=-1)  # [K, B, H]
+            cos = torch.einsum("kbh,jbh->kjb", e, e)[pairs[0], pairs[1]]  # [pairs, B]
+            similarity_sum += float(cos.sum()) / pairs.shape[1]
     model.train(was_training)
-    return {t.name: g[i].tolist() for i, t in enumerate(model.tasks)}, net.expert_names
+    n = len(data)
+    gates = gate_sum / n
+    # A PLE task chooses among its own and the shared experts only.
+    choices = (gates > 0).sum(1).clamp(min=2).double()
+    entropy = entropy_sum / n / torch.log(choices)
+    names = [t.name for t in model.tasks]
+    return ExpertHealth(
+        experts=list(net.expert_names),
+        gates={t: gates[i].tolist() for i, t in enumerate(names)},
+        gate_entropy={t: float(entropy[i]) for i, t in enumerate(names)},
+        expert_similarity=similarity_sum / n if k > 1 else float("nan"),
+    )

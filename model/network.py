@@ -39,6 +39,10 @@ class TaskHead:
     kind: str = "binary"
     tower: tuple[int, ...] = (64,)
     num_class: int | None = None
+    # ESMM: this task's probability is multiplied by task `multiply`'s; the product is also an
+    # output, named `product`.
+    multiply: str | None = None
+    product: str | None = None
 
     @property
     def out_dim(self) -> int:
@@ -256,12 +260,21 @@ class MMoE(nn.Module):
     def expert_names(self) -> list[str]:
         return [f"e{k}" for k in range(self.experts.num_experts)]
 
+    def last_shared_layer(self) -> nn.Parameter:
+        """The weights of the experts' last layer, which every task's loss reaches (GradNorm
+        balances the tasks' gradient norms on it)."""
+        return self.experts.weights[-1]
+
     def gate_weights(self, x: torch.Tensor) -> torch.Tensor:
         """[tasks, B, K] gate distributions (for analysis)."""
         if not self.gates:
             return torch.ones(len(self.tasks), x.shape[0], 1)
         g = torch.stack([gate(x) for gate in self.gates])
         return g.expand(len(self.tasks), -1, -1) if len(self.gates) == 1 else g
+
+    def expert_outputs(self, x: torch.Tensor) -> torch.Tensor:
+        """[experts, B, H]: what the gates mix (for analysis)."""
+        return self.experts(x)
 
     def input_layers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(weight [in, out], bias [out]) of each layer that reads the input: the experts' first
@@ -406,6 +419,12 @@ class PLE(nn.Module):
         self.num_shared = num_shared_experts
         self.num_specific = num_task_experts
 
+    def last_shared_layer(self) -> nn.Parameter:
+        """The weights of the last layer's shared experts, which every task's gate reads."""
+        last = self.layers[-1]
+        assert isinstance(last, CGCLayer)
+        return last.shared.weights[-1]
+
     @property
     def expert_names(self) -> list[str]:
         """The last layer's experts: each task's own, then the shared ones."""
@@ -429,6 +448,17 @@ class PLE(nn.Module):
             out[t, :, t * s : (t + 1) * s] = g[:, :s]
             out[t, :, n_tasks * s :] = g[:, s:]
         return out
+
+    def expert_outputs(self, x: torch.Tensor) -> torch.Tensor:
+        """[experts, B, H] of the last layer, in `expert_names` order (for analysis)."""
+        task_in = [x] * len(self.tasks)
+        shared_in = x
+        for layer in self.layers[:-1]:
+            task_in, shared_in = layer(task_in, shared_in)
+        last = self.layers[-1]
+        assert isinstance(last, CGCLayer)
+        own = [bank(h) for bank, h in zip(last.specific, task_in, strict=True)]
+        return torch.cat([*own, last.shared(shared_in)])
 
     def input_layers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(weight [in, out], bias [out]) of each layer that reads the input (the first CGC
@@ -572,6 +602,7 @@ class OutputNames:
 
     score: str  # probs_<task> (binary, multiclass) or y_<task> (regression)
     logits: str | None  # logits_<task>; None for regression
+    product: str | None = None  # probs_<product> of an ESMM task (`multiply`)
 
 
 def output_names(task: TaskHead) -> OutputNames:
@@ -579,11 +610,13 @@ def output_names(task: TaskHead) -> OutputNames:
     all read it."""
     if task.kind == "regression":
         return OutputNames(f"y_{task.name}", None)
-    return OutputNames(f"probs_{task.name}", f"logits_{task.name}")
+    product = f"probs_{task.product}" if task.product else None
+    return OutputNames(f"probs_{task.name}", f"logits_{task.name}", product)
 
 
 def task_outputs(task: TaskHead, logits: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The exported outputs of one task, by the names of `output_names`."""
+    """The exported outputs of one task by the names of `output_names`, the product of an ESMM
+    task aside (see `model_outputs`)."""
     names = output_names(task)
     if task.kind == "regression":
         return {names.score: logits[:, 0]}
@@ -592,3 +625,19 @@ def task_outputs(task: TaskHead, logits: torch.Tensor) -> dict[str, torch.Tensor
         z = logits[:, 0]
         return {names.score: torch.sigmoid(z), names.logits: z}
     return {names.score: F.softmax(logits, dim=-1), names.logits: logits}
+
+
+def model_outputs(
+    tasks: Sequence[TaskHead], logits: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Every exported output, task by task (score, logits, then an ESMM task's product
+    `probs_<product>` = p(task) * p(multiply)): what export serves and evaluation scores."""
+    out: dict[str, torch.Tensor] = {}
+    for task in tasks:
+        own = task_outputs(task, logits[task.name])
+        out.update(own)
+        names = output_names(task)
+        if names.product is not None:
+            assert task.multiply is not None
+            out[names.product] = own[names.score] * torch.sigmoid(logits[task.multiply][:, 0])
+    return out

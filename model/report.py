@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -14,8 +15,10 @@ import numpy as np
 
 def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:
     """Writes curves.png (per task and in total: training loss and validation metrics per
-    epoch, the best epoch marked) and, when the run has validation data, gates.png (mean gate
-    weight per task x expert on it)."""
+    epoch, the best epoch marked), task_weights.png (each task's loss weight per epoch: learned
+    with `train.loss_weighting` uncertainty or gradnorm) and, when the run has validation data,
+    gates.png (mean gate weight per task x expert on it, best epoch) and experts.png (per
+    epoch: each task's gate weight per expert, gate entropy, experts' output similarity)."""
     run_dir = Path(run_dir)
     path = run_dir / "metrics.json"
     if not path.exists():
@@ -55,6 +58,26 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> list
     plt.close(fig)
     written.append(path)
 
+    weights = [e.get("task_weights") for e in epochs]
+    if all(weights):
+        fig, ax = plt.subplots(figsize=(5.5, 3.6))
+        for task in weights[0]:
+            ax.plot(xs, [w[task] for w in weights], marker="o", label=task)
+        kind = metrics.get("loss_weighting", "fixed")
+        ax.set(title=f"task loss weights ({kind}, end of epoch)", xlabel="epoch", yscale="log")
+        ax.legend(fontsize="small")
+        fig.tight_layout()
+        path = out / "task_weights.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+
+    health = [e.get("experts") for e in epochs]
+    if all(health):
+        path = out / "experts.png"
+        _expert_health(xs, health, metrics.get("gate_experts"), path)
+        written.append(path)
+
     gates = metrics.get("gates")
     if gates:
         gate_tasks = list(gates)
@@ -76,3 +99,28 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> list
         plt.close(fig)
         written.append(path)
     return written
+
+
+def _expert_health(
+    xs: list[int], health: list[dict[str, Any]], experts: list[str] | None, path: Path
+) -> None:
+    tasks = list(health[0]["gates"])
+    k = len(health[0]["gates"][tasks[0]])
+    names = experts or [f"e{i}" for i in range(k)]
+    fig, axes = plt.subplots(1, len(tasks) + 1, figsize=(3.6 * (len(tasks) + 1), 3.4))
+    for ax, task in zip(axes, tasks, strict=False):
+        for i, name in enumerate(names):
+            ax.plot(xs, [h["gates"][task][i] for h in health], marker="o", label=name)
+        ax.set(title=f"{task}: mean gate weight", xlabel="epoch", ylim=(0, 1))
+        ax.legend(fontsize="x-small", ncol=2)
+    last = axes[-1]
+    for task in tasks:
+        last.plot(
+            xs, [h["gate_entropy"][task] for h in health], marker="o", label=f"{task} entropy"
+        )
+    last.plot(xs, [h["expert_similarity"] for h in health], marker="s", label="expert similarity")
+    last.set(title="gate entropy / expert similarity", xlabel="epoch", ylim=(-0.05, 1.05))
+    last.legend(fontsize="x-small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

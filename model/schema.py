@@ -17,6 +17,7 @@ contract both sides implement:
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
@@ -40,6 +41,22 @@ MISSING_INDEX = 0
 OOV_INDEX = 1
 VOCAB_OFFSET = 2
 HASH_SEED = 0
+QUANTILES = (0.01, 0.1, 0.25, 0.5, 0.75, 0.9, 0.99)
+STATS_SAMPLE = 10_000  # values kept (uniformly at random) to estimate the quantiles
+
+
+class NumericStats(BaseModel):
+    """What training saw of a numeric feature's raw values (before any transform): export draws
+    its parity rows from this. Quantiles are keyed "p1", "p10", ..., "p99" and estimated from a
+    uniform sample of up to STATS_SAMPLE values; min and max are exact."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    count: int  # finite values
+    missing: int  # null or NaN
+    min: float
+    max: float
+    quantiles: dict[str, float]
 
 
 class FittedFeature(BaseModel):
@@ -62,6 +79,7 @@ class FittedFeature(BaseModel):
     mean: float | None = None
     std: float | None = None
     boundaries: list[float] | None = None
+    stats: NumericStats | None = None  # absent in runs trained before it was recorded
     # tags
     separator: str | None = None
     pooling: Literal["mean", "sum"] | None = None
@@ -275,13 +293,19 @@ class SchemaFitter:
         self._sum: dict[str, float] = {}
         self._sumsq: dict[str, float] = {}
         self._n: dict[str, int] = {}
+        self._summaries = {
+            f.name: _NumericSummary(seed=i)
+            for i, f in enumerate(self.features)
+            if isinstance(f, NumericFeature)
+        }
 
     def update(self, batch: pa.Table | pa.RecordBatch) -> None:
         for f in self.features:
             col = batch.column(f.column or f.name)
             if isinstance(f, NumericFeature):
+                x = numeric_values(col)
+                self._summaries[f.name].update(x)
                 if f.transform == "standard":
-                    x = numeric_values(col)
                     if f.default is not None:
                         x = np.where(np.isnan(x), f.default, x)
                     x = x[~np.isnan(x)]
@@ -344,6 +368,7 @@ class SchemaFitter:
                         std=std,
                         boundaries=f.boundaries,
                         embedding_dim=f.embedding_dim if f.boundaries is not None else None,
+                        stats=self._summaries[f.name].stats(),
                     )
                 )
                 continue
@@ -370,3 +395,43 @@ class SchemaFitter:
                 )
             )
         return FeatureSchema(features=fitted)
+
+
+class _NumericSummary:
+    """Streaming NumericStats: exact count, missing, min and max, and a uniform sample of the
+    values (each value gets a random key; the STATS_SAMPLE smallest keys are kept)."""
+
+    def __init__(self, seed: int) -> None:
+        self._rng = np.random.default_rng(seed)
+        self.count = self.missing = 0
+        self.min, self.max = math.inf, -math.inf
+        self._values = np.zeros(0)
+        self._keys = np.zeros(0)
+
+    def update(self, x: np.ndarray) -> None:
+        finite = np.isfinite(x)
+        self.missing += int(np.isnan(x).sum())
+        x = x[finite]
+        if not len(x):
+            return
+        self.count += len(x)
+        self.min, self.max = min(self.min, float(x.min())), max(self.max, float(x.max()))
+        values = np.concatenate([self._values, x])
+        keys = np.concatenate([self._keys, self._rng.random(len(x))])
+        if len(values) > STATS_SAMPLE:
+            keep = np.argpartition(keys, STATS_SAMPLE)[:STATS_SAMPLE]
+            values, keys = values[keep], keys[keep]
+        self._values, self._keys = values, keys
+
+    def stats(self) -> NumericStats | None:
+        if not self.count:
+            return None
+        q = np.quantile(self._values, QUANTILES)
+        keys = [f"p{round(level * 100)}" for level in QUANTILES]
+        return NumericStats(
+            count=self.count,
+            missing=self.missing,
+            min=self.min,
+            max=self.max,
+            quantiles={k: float(v) for k, v in zip(keys, q, strict=True)},
+        )

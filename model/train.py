@@ -27,11 +27,24 @@ from torch import nn
 from tqdm import tqdm
 
 from mmoe.model.batches import BatchStream, encode_table
-from mmoe.model.checkpoint import build_model, config_hash, save_config, save_weights
-from mmoe.model.config import RunConfig, higher_is_better
+from mmoe.model.checkpoint import (
+    build_model,
+    config_hash,
+    prepare_run_dir,
+    save_config,
+    save_valid_sample,
+    save_weights,
+)
+from mmoe.model.config import ConfigError, RunConfig, higher_is_better
 from mmoe.model.data import DataSource
-from mmoe.model.evaluation import evaluate, gate_utilisation
-from mmoe.model.losses import dense_l2, task_loss
+from mmoe.model.evaluation import evaluate, expert_health
+from mmoe.model.losses import (
+    TaskBalancer,
+    UncertaintyWeighting,
+    dense_l2,
+    task_balancer,
+    task_loss,
+)
 from mmoe.model.network import PLE, MMoE, RankingModel
 from mmoe.model.schema import FeatureSchema, SchemaFitter
 
@@ -44,6 +57,7 @@ class History:
     gates: dict[str, list[float]] | None = None
     gate_experts: list[str] | None = None
     stopped_early: bool = False
+    warnings: list[dict[str, Any]] = field(default_factory=list)
 
 
 class Trainer:
@@ -58,6 +72,14 @@ class Trainer:
         self.out_dir = Path(out_dir)
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
+        es = config.train.early_stopping
+        no_valid = not valid_path and config.train.valid_fraction == 0
+        if es is not None and es.metric != "loss" and no_valid:
+            raise ConfigError(
+                f"train.early_stopping.metric: {es.metric!r} is measured on validation rows "
+                "and there are none (train.valid_fraction is 0 and no validation file); "
+                "set train.valid_fraction, give a validation file, or use metric: loss"
+            )
         self.batches = BatchStream(
             config,
             DataSource(train_path, config),
@@ -125,9 +147,14 @@ class Trainer:
         torch.manual_seed(cfg.train.seed + self.rank)  # dropout differs between processes
         ddp: nn.Module = nn.parallel.DistributedDataParallel(model) if self.world > 1 else model
         opt_cls = torch.optim.AdamW if cfg.train.optimizer == "adamw" else torch.optim.Adam
-        optimizer = opt_cls(
-            model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
-        )
+        balancer = task_balancer(cfg)
+        groups: list[dict[str, Any]] = [{"params": list(model.parameters())}]
+        if balancer.network_parameters():
+            assert isinstance(balancer, UncertaintyWeighting)
+            groups.append(
+                {"params": balancer.network_parameters(), "lr": balancer.lr, "weight_decay": 0.0}
+            )
+        optimizer = opt_cls(groups, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
         steps = self.batches.steps_per_epoch(n_rows)
         if cfg.train.batch_size < self.world or steps == 0:
             raise ValueError(
@@ -147,35 +174,61 @@ class Trainer:
         stale = 0
         for epoch in range(1, cfg.train.epochs + 1):
             t_epoch = time.perf_counter()
-            losses = self._train_epoch(ddp, model, optimizer, scheduler, schema, epoch, n_rows)
+            losses = self._train_epoch(
+                ddp, model, balancer, optimizer, scheduler, schema, epoch, n_rows
+            )
+            train_seconds = time.perf_counter() - t_epoch
             stop = False
+            if epoch == 1 and cfg.train.epochs > 1 and cfg.train.cache_mb > 0:
+                self.log(self._cache_note())
             if self.rank == 0:
                 record: dict[str, Any] = {
                     "epoch": epoch,
                     "train_loss": losses,
                     "lr": optimizer.param_groups[0]["lr"],
+                    "task_weights": dict(
+                        zip([t.name for t in cfg.tasks], balancer.weights(), strict=True)
+                    ),
                 }
                 if valid is not None:
                     record["valid"] = evaluate(model, cfg, valid)
+                    health = expert_health(model, valid)
+                    if health is not None:
+                        record["experts"] = health.record()
+                        for warning in health.warnings():
+                            self._warn(history, epoch, warning)
+                # the training steps alone, and with validation
+                record["train_seconds"] = round(train_seconds, 2)
+                record["rows_per_second"] = round(n_rows / train_seconds)
                 record["seconds"] = round(time.perf_counter() - t_epoch, 2)
                 history.epochs.append(record)
-                value = self._monitored(record)
-                improved = best_value is None or (
-                    value > best_value if self._maximise() else value < best_value
-                )
+                name, value = self._monitored(history, record)
+                if math.isnan(value):
+                    self._warn(
+                        history,
+                        epoch,
+                        f"{name} is NaN on the validation rows (a single class?): "
+                        "this epoch cannot be judged",
+                    )
+                improved = not math.isnan(value) and (best_value is None or value > best_value)
                 summary = " ".join(f"{k}={v:.4f}" for k, v in record.get("valid", {}).items())
-                self.log(f"epoch {epoch}: train loss {losses['total']:.4f}  valid {summary}")
+                self.log(
+                    f"epoch {epoch}: train loss {losses['total']:.4f} "
+                    f"({record['seconds']:.1f} s)  valid {summary}"
+                )
                 if improved:
                     best_value, stale = value, 0
+                else:
+                    stale += 1
+                # Until an epoch can be judged, the latest weights are kept.
+                if improved or best_value is None:
                     history.best_epoch = epoch
                     history.best = dict(record.get("valid", {}))
                     save_weights(model, self.out_dir)
-                else:
-                    stale += 1
-                    es = cfg.train.early_stopping
-                    if es is not None and stale >= es.patience and epoch < cfg.train.epochs:
-                        self.log(f"early stopping: no better {es.metric} for {stale} epochs")
-                        stop = history.stopped_early = True
+                es = cfg.train.early_stopping
+                if es is not None and stale >= es.patience and epoch < cfg.train.epochs:
+                    self.log(f"early stopping: no better {name} for {stale} epochs")
+                    stop = history.stopped_early = True
             if self.world > 1:
                 flag = [stop]
                 dist.broadcast_object_list(flag, src=0)
@@ -188,10 +241,12 @@ class Trainer:
             # Analyses use the best weights, as export does.
             state = torch.load(self.out_dir / "weights.pt", weights_only=True)
             model.load_state_dict(state)
-            if valid is not None and isinstance(model.net, MMoE | PLE):
-                history.gates, history.gate_experts = gate_utilisation(model, valid)
+            health = expert_health(model, valid) if valid is not None else None
+            if health is not None:
+                history.gates, history.gate_experts = health.gates, health.experts
             valid_rows = len(valid) if valid is not None else 0
             self._write_metrics(history, n_rows, valid_rows, steps, time.perf_counter() - t0)
+            save_valid_sample(valid_table, cfg, self.out_dir)
             best = " ".join(f"{k}={v:.4f}" for k, v in history.best.items())
             self.log(f"best epoch {history.best_epoch}: {best}")
             self.log(f"run written to {self.out_dir}")
@@ -199,25 +254,42 @@ class Trainer:
             dist.barrier()  # every process returns once the run is written
         return history
 
-    def _maximise(self) -> bool:
-        es = self.config.train.early_stopping
-        if es is not None:
-            return es.maximise
-        return True  # _monitored negates lower-is-better metrics
+    def _cache_note(self) -> str:
+        b = self.batches
+        if b.cached:
+            return f"encoded training rows kept in memory ({b.cache_mib:.0f} MiB) for epochs 2+"
+        return (
+            f"encoded training rows exceed train.cache_mb ({self.config.train.cache_mb:g} MiB): "
+            "every epoch reads the file"
+        )
 
-    def _monitored(self, record: dict[str, Any]) -> float:
-        """The value that picks the best epoch: the early-stopping metric, else the first
-        metric of the first task (negated when lower is better), else (no validation data) the
-        negated training loss."""
+    def _warn(self, history: History, epoch: int, message: str) -> None:
+        """Logged, and kept in metrics.json's `warnings`."""
+        history.warnings.append({"epoch": epoch, "warning": message})
+        self.log(f"warning: epoch {epoch}: {message}")
+
+    def _monitored(self, history: History, record: dict[str, Any]) -> tuple[str, float]:
+        """The metric that picks the best epoch and its value, signed so that larger is better:
+        the early-stopping metric, else the first metric of the first task, else (no
+        validation rows) the training loss. NaN when the metric is undefined on these rows."""
         es = self.config.train.early_stopping
         valid = record.get("valid", {})
         if es is not None:
             source = {"loss": record["train_loss"]["total"], **valid}
-            return float(source[es.metric])
-        if valid:
+            if es.metric in source:
+                value = float(source[es.metric])
+                return es.metric, value if es.maximise else -value
+            if not any(w["warning"].startswith("train.early_stopping") for w in history.warnings):
+                self._warn(
+                    history,
+                    record["epoch"],
+                    f"train.early_stopping.metric: {es.metric} needs validation rows and there "
+                    "are none; the training loss picks the best epoch",
+                )
+        elif valid:
             name, value = next(iter(valid.items()))
-            return value if higher_is_better(name) else -value
-        return -float(record["train_loss"]["total"])
+            return name, value if higher_is_better(name) else -value
+        return "training loss", -float(record["train_loss"]["total"])
 
     def _lr_lambda(self, total_steps: int, steps_per_epoch: int) -> Callable[[int], float]:
         t = self.config.train
@@ -242,6 +314,7 @@ class Trainer:
         self,
         ddp: nn.Module,
         model: RankingModel,
+        balancer: TaskBalancer,
         optimizer: torch.optim.Optimizer,
         scheduler: torch.optim.lr_scheduler.LRScheduler,
         schema: FeatureSchema,
@@ -252,11 +325,18 @@ class Trainer:
         model.train()
         names = [t.name for t in cfg.tasks]
         sums = torch.zeros(len(names) + 1, dtype=torch.float64)  # per task, then total
+        shared = (
+            model.net.last_shared_layer()
+            if cfg.train.loss_weighting.kind == "gradnorm" and isinstance(model.net, MMoE | PLE)
+            else None
+        )
         steps = 0
         bar = tqdm(
             total=self.batches.steps_per_epoch(n_rows),
             desc=f"epoch {epoch}",
-            disable=not (cfg.train.progress and self.rank == 0),
+            # Off a terminal (a log file, CI, `mmoe bench`) a bar would be one line per refresh;
+            # the per-epoch line on stdout says what it would.
+            disable=not (cfg.train.progress and self.rank == 0 and sys.stderr.isatty()),
             file=sys.stderr,
             leave=False,
             dynamic_ncols=True,
@@ -264,17 +344,29 @@ class Trainer:
         for batch in self.batches.epoch(schema, epoch, n_rows):
             logits, emb_sq = ddp(batch.inputs, with_embedding_l2=True)
             per_task = [
-                task_loss(t, logits[t.name], batch.labels[t.name], batch.weights[t.name])
+                task_loss(
+                    t,
+                    logits[t.name],
+                    batch.labels[t.name],
+                    batch.weights[t.name],
+                    logits[t.multiply] if t.multiply else None,
+                )
                 for t in cfg.tasks
             ]
-            loss = torch.stack([t.weight * v for t, v in zip(cfg.tasks, per_task, strict=True)])
-            loss = loss.sum()
+            task_losses = torch.stack(per_task)
+            balancer.step(task_losses, shared)
+            loss = balancer(task_losses)
             if cfg.model.l2:
                 loss = loss + cfg.model.l2 * dense_l2(model)
             if cfg.model.embedding_l2:
                 loss = loss + cfg.model.embedding_l2 * emb_sq
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if self.world > 1:  # DDP averages the network's gradients, not the balancer's
+                for p in balancer.network_parameters():
+                    assert p.grad is not None
+                    dist.all_reduce(p.grad)
+                    p.grad /= self.world
             optimizer.step()
             scheduler.step()
             steps += 1
@@ -307,6 +399,7 @@ class Trainer:
             "steps_per_epoch": steps,
             "train_seconds": round(seconds, 2),
             "world_size": self.world,
+            "loss_weighting": cfg.train.loss_weighting.kind,
             "threads": torch.get_num_threads(),
             "best_epoch": history.best_epoch,
             "best": history.best,
@@ -314,6 +407,7 @@ class Trainer:
             "epochs": history.epochs,
             "gates": history.gates,
             "gate_experts": history.gate_experts,
+            "warnings": history.warnings,
         }
         (self.out_dir / "metrics.json").write_text(json.dumps(payload, indent=1, allow_nan=True))
 
@@ -351,8 +445,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", required=True)
     p.add_argument("--valid")
     p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true", help="clear a non-empty --out first")
     args = p.parse_args(argv)
     try:
+        if int(os.environ.get("RANK", "0")) == 0:  # the others write nothing there
+            prepare_run_dir(args.out, args.overwrite)
         train(load_config(args.config), args.data, args.out, args.valid)
     except (ConfigError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)

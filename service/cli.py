@@ -1,5 +1,5 @@
-"""`mmoe serve`: one flag per setting (service/settings.py); flags override MMOE_* environment
-variables."""
+"""`mmoe serve` (one flag per setting, service/settings.py; flags override MMOE_* environment
+variables) and `mmoe verify` (a file's golden rows, run as the server runs them at load)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,19 @@ _NO_FLAG = {"api_key"}  # a secret on the command line is visible to every user 
 def register(sub: Any) -> None:
     from mmoe.service.settings import Settings
 
+    ver = sub.add_parser(
+        "verify",
+        help="run a model.onnx's golden rows as a server does at load; exit 1 if any answer "
+        "changed (needs only the serving install)",
+    )
+    ver.add_argument("model", help="the model.onnx to check")
+    ver.add_argument(
+        "--provider",
+        choices=["auto", "cpu", "cuda"],
+        default="auto",
+        help="onnxruntime execution provider, as MMOE_PROVIDER (default auto)",
+    )
+    ver.set_defaults(func=_verify)
     p = sub.add_parser("serve", help="serve model.onnx over HTTP (FastAPI + onnxruntime)")
     for name, field in Settings.model_fields.items():
         if name in _NO_FLAG:
@@ -66,3 +79,42 @@ def _serve(args: argparse.Namespace) -> int:
     server = uvicorn.Server(uvicorn_config(create_app(settings), settings))
     server.run()
     return 0 if server.started else 3  # 3: the start failed (a setting to fix), as uvicorn.run
+
+
+def _verify(args: argparse.Namespace) -> int:
+    # The serving side only (onnxruntime, the request decoder): no torch, no onnx package.
+    import numpy as np
+
+    from mmoe.service.payload import RequestDecoder
+    from mmoe.service.predictor import ModelLoadError, Predictor
+
+    try:
+        predictor = Predictor(args.model, args.provider)
+        golden = predictor.meta.golden
+        if golden is None or not golden.rows:
+            print(
+                f"error: {args.model} has no golden rows (exported before metadata format 1.1): "
+                "nothing to verify; export it again",
+                file=sys.stderr,
+            )
+            return 2
+        decoder = RequestDecoder(predictor.meta, max(1, len(golden.rows)))
+        mismatches = predictor.golden_mismatches(decoder)
+    except ModelLoadError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    values = sum(np.asarray(v).size for v in golden.outputs.values())
+    where = f"on {predictor.provider}"
+    if mismatches:
+        print(
+            f"{args.model}: {len(mismatches)} of {values} golden values differ from what was "
+            f"exported beyond the allowed difference {where}; a server refuses this file:"
+        )
+        for m in mismatches:
+            print(f"  {m}")
+        return 1
+    print(
+        f"{args.model}: {len(golden.rows)} golden rows, {len(golden.outputs)} outputs: all "
+        f"{values} values match what was exported {where}"
+    )
+    return 0

@@ -2,7 +2,7 @@
 
 The body types are generated from the model's metadata as msgspec Structs, so decoding and type
 checking happen in one C pass (no per-item pydantic objects), and their JSON Schema documents the
-request in OpenAPI. The rules (DESIGN.md section 3):
+request in OpenAPI. The request's shape (DESIGN.md section 3):
 
 - columnar: `candidates` holds one list per feature, all of the same length N; `context` holds
   scalars shared by all N rows. A feature the model declares context (its graph input takes
@@ -10,8 +10,9 @@ request in OpenAPI. The rules (DESIGN.md section 3):
   in `context` or left to its default; any other feature's context value is broadcast to the
   N rows. A declared-context feature may also come as a candidates column (N values). Row
   form: `instances`, a list of objects.
-- categorical values are strings or integers (integers are scored as their decimal string);
-  numeric values are numbers; tags are a list of ids or one string split on the separator.
+- categorical values are strings or integers; numeric values are numbers; tags are a list of ids
+  or one string. What each value becomes (defaults, integer ids, tag splitting and padding) is
+  the contract's rule, `contract/values.py`, shared with export and the warm-up.
 - null, or leaving a feature out, means "use the default"; features without one are required.
 - unknown categorical values are fine (the out-of-vocabulary bucket); anything else wrong is a
   PayloadError naming the field. That includes a key given twice in one object (JSON parsers
@@ -25,21 +26,18 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
-from itertools import chain
 from typing import Annotated, Any, Literal
 
 import msgspec
 import numpy as np
 
 from mmoe.contract.metadata import FeatureInfo, ModelMetadata
+from mmoe.contract.values import InvalidValue, broadcast_input, column_input
 from mmoe.service.errors import PayloadError
 
 # No real id is longer; a longer one is a client bug, refused rather than scored as unknown.
 MAX_ID_CHARS = 1024
 _ID = Annotated[str, msgspec.Meta(max_length=MAX_ID_CHARS)] | int
-_STR = {str}
-_STR_OR_INT = {str, int}
-_LIST = {list}
 _TOO_MANY_ROWS = re.compile(r"Expected array of length <= (\d+)")
 
 
@@ -286,121 +284,36 @@ class RequestDecoder:
                         f"instances[{unset[0]}].{f.name}", "required feature missing (no default)"
                     )
                 values = [None if v is msgspec.UNSET else v for v in values]
-            feeds[f.name] = column_array(f, values, f"instances[].{f.name}")
+            feeds[f.name] = _rows_array(f, values)
         return n, feeds
 
 
 # ------------------------------------------------------------------------ values -> arrays
 
 
-def _required_null(f: FeatureInfo, field: str) -> PayloadError:
-    return PayloadError(field, f"null is not allowed: {f.name} has no default and is required")
-
-
 def column_array(f: FeatureInfo, values: list[Any], field: str) -> np.ndarray:
-    """One feature's values for N rows -> the graph input ([N] or [N, max_len])."""
-    if f.kind == "numeric":
-        return _numeric(f, values, field)
-    if f.kind == "tags":
-        return _tags(f, values, field)
-    types = set(map(type, values))
-    if types <= _STR:  # the common case, checked in C: no per-item Python
-        return np.array(values, dtype=object)
-    if types <= _STR_OR_INT:  # integer ids score as their decimal strings, converted in C
-        return np.array(list(map(str, values)), dtype=object)
-    default = f.default
-    out = np.array(
-        [
-            v if v.__class__ is str else _id_string(v, default, f, field, j)
-            for j, v in enumerate(values)
-        ],
-        dtype=object,
-    )
-    return out
+    """One feature's values for N rows -> the graph input, by the contract's rules; an error
+    names `field[row]`."""
+    try:
+        return column_input(f, values)
+    except InvalidValue as err:
+        raise PayloadError(f"{field}[{err.row}]", err.reason) from None
 
 
-def _id_string(v: Any, default: Any, f: FeatureInfo, field: str, j: int) -> str:
-    if v is None:
-        if default is None:
-            raise _required_null(f, f"{field}[{j}]")
-        return str(default)
-    return str(v)  # an int (msgspec admits nothing else here); bool is rejected by the type
-
-
-def _numeric(f: FeatureInfo, values: Sequence[Any], field: str) -> np.ndarray:
-    arr = np.array(values, dtype=np.float64)  # None -> NaN; the graph maps NaN to the default
-    if f.default is None:
-        nan = np.isnan(arr)
-        if nan.any():
-            raise _required_null(f, f"{field}[{int(nan.argmax())}]")
-    with np.errstate(over="ignore"):  # overflow is reported below, as the error it is
-        out = arr.astype(np.float32)
-    inf = np.isinf(out)
-    if inf.any():
-        j = int(inf.argmax())
-        raise PayloadError(f"{field}[{j}]", f"{values[j]!r} is outside the float32 range")
-    return out
-
-
-def tag_tokens(f: FeatureInfo, value: Any, field: str) -> list[str]:
-    """Tags for one row: a list of ids or one string split on the separator; empty tokens
-    dropped, the first max_len kept (the rule training applies)."""
-    if value is None:
-        if f.default is None:
-            raise _required_null(f, field)
-        value = f.default
-    if value.__class__ is str:
-        value = value.split(f.separator or "|")
-    return [t if t.__class__ is str else str(t) for t in value if t != ""][: f.max_len]
-
-
-def _tags(f: FeatureInfo, values: Sequence[Any], field: str) -> np.ndarray:
-    """The rule of tag_tokens for N rows, in bulk: rows that are lists are flattened into one
-    array, empty tokens dropped and the first max_len of each row placed with one assignment."""
-    assert f.max_len is not None
-    n = len(values)
-    rows = values
-    if not set(map(type, values)) <= _LIST:  # nulls or separated strings: those rows by the rule
-        rows = [
-            v if v.__class__ is list else tag_tokens(f, v, f"{field}[{j}]")
-            for j, v in enumerate(values)
-        ]
-    lengths = np.fromiter(map(len, rows), dtype=np.intp, count=n)
-    flat = np.fromiter(chain.from_iterable(rows), dtype=object, count=int(lengths.sum()))
-    if not set(map(type, flat)) <= _STR:  # ids given as integers
-        flat = np.array([t if t.__class__ is str else str(t) for t in flat], dtype=object)
-    keep = flat != ""
-    row = np.repeat(np.arange(n), lengths)[keep]
-    tokens = flat[keep]
-    starts = np.zeros(n, dtype=np.intp)
-    np.cumsum(np.bincount(row, minlength=n)[:-1], out=starts[1:])
-    pos = np.arange(len(tokens)) - starts[row]
-    first = pos < f.max_len
-    out = filled((n, f.max_len), "")
-    out[row[first], pos[first]] = tokens[first]
-    return out
+def _rows_array(f: FeatureInfo, values: list[Any]) -> np.ndarray:
+    """column_array for the row form: an error names `instances[row].feature`."""
+    try:
+        return column_input(f, values)
+    except InvalidValue as err:
+        raise PayloadError(f"instances[{err.row}].{f.name}", err.reason) from None
 
 
 def broadcast_array(f: FeatureInfo, value: Any, n: int, field: str) -> np.ndarray:
-    if f.kind == "numeric":
-        return np.repeat(_numeric(f, [value], field), n)
-    if f.kind == "tags":
-        assert f.max_len is not None
-        row = filled((1, f.max_len), "")
-        tokens = tag_tokens(f, value, field)
-        row[0, : len(tokens)] = tokens
-        return np.repeat(row, n, axis=0)
-    if value is None and f.default is None:
-        raise _required_null(f, field)
-    return filled(n, str(f.default if value is None else value))
-
-
-def filled(shape: int | tuple[int, ...], value: str) -> np.ndarray:
-    """An object array holding `value` everywhere: the same str object in every cell, where
-    np.full would build a new one per cell (20x slower for 256 rows)."""
-    out = np.empty(shape, dtype=object)
-    out.fill(value)
-    return out
+    """One value (a context feature) for all N rows."""
+    try:
+        return broadcast_input(f, value, n)
+    except InvalidValue as err:
+        raise PayloadError(field, err.reason) from None
 
 
 def default_array(f: FeatureInfo, n: int, field: str) -> np.ndarray:

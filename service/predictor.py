@@ -1,16 +1,27 @@
-"""One loaded model.onnx: an onnxruntime session, its metadata, and a warmed-up run() for the
-service to call."""
+"""One loaded model.onnx: an onnxruntime session, its metadata, a warmed-up run() for the service
+to call, and the check that the file still computes what was exported (its golden rows)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 
-from mmoe.contract.metadata import FeatureInfo, MetadataError, ModelMetadata, read_metadata
+from mmoe.contract.metadata import (
+    FeatureInfo,
+    GoldenMismatch,
+    MetadataError,
+    ModelMetadata,
+    read_metadata,
+)
+from mmoe.contract.values import graph_inputs
+from mmoe.service.errors import PayloadError
+from mmoe.service.payload import RequestDecoder
 
 log = logging.getLogger("mmoe.service")
 
@@ -42,22 +53,31 @@ def choose_providers(requested: str) -> list[str]:
     return [PROVIDERS["cpu"]]
 
 
-def warmup_feeds(features: list[FeatureInfo], n: int) -> dict[str, np.ndarray]:
-    """A synthetic batch exercising every input (missing values, empty tags); context inputs
-    have one row, as /predict sends them."""
-    feeds: dict[str, np.ndarray] = {}
+def warmup_columns(features: list[FeatureInfo], n: int) -> dict[str, list[Any]]:
+    """N rows of raw values exercising every rule: missing values (where a default allows),
+    integer ids, empty, separated and over-long tags."""
+    columns: dict[str, list[Any]] = {}
     for f in features:
-        n_rows = 1 if f.context else n
         if f.kind == "numeric":
-            feeds[f.name] = np.linspace(0, 10, n_rows, dtype=np.float32)
+            values: list[Any] = [float(v) for v in np.linspace(0, 10, n)]
         elif f.kind == "tags":
-            assert f.max_len is not None
-            arr = np.full((n_rows, f.max_len), "", dtype=object)
-            arr[::2, 0] = "warmup"
-            feeds[f.name] = arr
+            long = [f"warmup{j}" for j in range((f.max_len or 1) + 2)]
+            joined = (f.separator or "|").join(["warmup", "x", "", "y"])
+            forms: list[Any] = [["warmup"], [], joined, long]
+            values = [forms[i % len(forms)] for i in range(n)]
         else:
-            feeds[f.name] = np.array([f"warmup{i % 3}" for i in range(n_rows)], dtype=object)
-    return feeds
+            values = [i if i % 5 == 4 else f"warmup{i % 3}" for i in range(n)]
+        if not f.required:
+            values = [None if i % 4 == 3 else v for i, v in enumerate(values)]
+        columns[f.name] = values
+    return columns
+
+
+def warmup_feeds(features: list[FeatureInfo], n: int) -> dict[str, np.ndarray]:
+    """A synthetic batch of N rows exercising every input, built by the contract's rules;
+    context inputs have one row, as /predict sends them."""
+    feeds = graph_inputs(features, warmup_columns(features, n), n)
+    return {f.name: feeds[f.name][:1] if f.context else feeds[f.name] for f in features}
 
 
 class Predictor:
@@ -145,6 +165,58 @@ class Predictor:
         missing = [t.output for t in self.meta.tasks if t.output not in outputs]
         if missing:
             raise ModelLoadError(f"{self.path}: metadata names outputs {missing} the graph lacks")
+
+    def golden_mismatches(self, decoder: RequestDecoder) -> list[GoldenMismatch]:
+        """The file's golden rows decoded by `decoder` (the server's own decoding path, from the
+        JSON a caller would send) and run: every output value that differs from what export
+        recorded by more than it allows. Empty if all match or the file has no golden rows
+        (exported before metadata format 1.1). ModelLoadError if the rows cannot be run."""
+        golden = self.meta.golden
+        if golden is None or not golden.rows:
+            return []
+        missing = sorted(set(golden.outputs) - set(self.outputs))
+        if missing:
+            raise ModelLoadError(f"{self.path}: golden rows name outputs {missing} the graph lacks")
+        names = list(golden.outputs)
+        parts: dict[str, list[np.ndarray]] = {name: [] for name in names}
+        for start in range(0, len(golden.rows), decoder.max_rows):
+            rows = golden.rows[start : start + decoder.max_rows]
+            try:
+                decoded = decoder.decode(json.dumps({"instances": rows}).encode())
+            except PayloadError as err:
+                raise ModelLoadError(
+                    f"{self.path}: golden rows {start}..{start + len(rows) - 1} are not a valid "
+                    f"request: {err}"
+                ) from None
+            try:
+                outputs = self.run(decoded.feeds, names)
+            except Exception as err:  # onnxruntime raises several unrelated types here
+                raise ModelLoadError(f"{self.path}: golden rows failed to run: {err}") from None
+            for name, value in outputs.items():
+                parts[name].append(value)
+        got = {name: np.concatenate(values) for name, values in parts.items()}
+        try:
+            return golden.mismatches(got)
+        except ValueError as err:
+            raise ModelLoadError(f"{self.path}: golden rows: {err}") from None
+
+    def check_golden(self, decoder: RequestDecoder) -> None:
+        """Raises ModelLoadError, naming the outputs and their differences, if the file does not
+        reproduce its golden rows; a file without them is served with a warning."""
+        if self.meta.golden is None or not self.meta.golden.rows:
+            log.warning(
+                "model has no golden rows: not verified",
+                extra={"event": "golden_missing", "path": str(self.path)},
+            )
+            return
+        found = self.golden_mismatches(decoder)
+        if found:
+            shown = "; ".join(map(str, found[:3]))
+            more = f"; and {len(found) - 3} more values" if len(found) > 3 else ""
+            raise ModelLoadError(
+                f"{self.path}: not served, the file does not compute what was exported "
+                f"(edited, corrupted, or a runtime that computes differently): {shown}{more}"
+            )
 
     def run(
         self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None

@@ -38,7 +38,9 @@ def _gpu_build() -> bool:
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MMOE_", frozen=True, extra="ignore")
 
-    model_path: Path = Field(Path("models/model.onnx"), description="the model.onnx to serve")
+    # The file `make demo` builds, so that a plain `mmoe serve` after it serves something; a
+    # deployment names its own (the images set /models/model.onnx).
+    model_path: Path = Field(Path("models/demo.onnx"), description="the model.onnx to serve")
     # A request can never make the server read a file outside it.
     model_dir: Path | None = Field(
         None, description="directory /admin/reload may load from; unset: the model's"

@@ -2,8 +2,9 @@
 routes (get_settings, get_holder, get_metrics).
 
 A request takes `holder.current` once and uses that model (its decoder, its runner) to the end,
-so a reload never mixes two models in one answer. A new file is loaded and warmed up beside the
-old one; only if that succeeds does it replace it. The old runner then drains what it accepted.
+so a reload never mixes two models in one answer. A new file is loaded, warmed up and checked
+against its golden rows beside the old one; only if that succeeds does it replace it. The old
+runner then drains what it accepted.
 In a multi-process server (service/workers.py) each worker holds its own model; a reload asked
 of one worker reaches the others through its WorkerLink.
 """
@@ -124,15 +125,23 @@ class ModelHolder:
             raise ApiError(403, "path_not_allowed", f"reload paths must be inside {root}", "path")
         return target
 
+    def _prepare(self, path: Path) -> tuple[Predictor, RequestDecoder]:
+        """Load and warm up `path`, then run its golden rows through the decoder requests will
+        use: a file that no longer computes what was exported is refused like one that does not
+        load (ModelLoadError)."""
+        s = self.settings
+        predictor = Predictor(path, s.provider, s.intra_op_threads, s.warmup_rows)
+        decoder = RequestDecoder(predictor.meta, s.max_batch_rows, s.unknown_features)
+        predictor.check_golden(decoder)
+        return predictor, decoder
+
     async def load(self, path: Path, log_failure: bool = True) -> LoadedModel:
         """Load, warm up and swap in `path`; on any failure the current model stays."""
         async with self._lock:
             s = self.settings
             loop = asyncio.get_running_loop()
             try:
-                predictor = await loop.run_in_executor(
-                    None, Predictor, path, s.provider, s.intra_op_threads, s.warmup_rows
-                )
+                predictor, decoder = await loop.run_in_executor(None, self._prepare, path)
             except ModelLoadError as err:
                 self.metrics.reloads.labels("failed").inc()
                 if self.current is None:
@@ -158,7 +167,6 @@ class ModelHolder:
                 )
             else:
                 runner = DirectRunner(predictor, self.executor, **common)
-            decoder = RequestDecoder(predictor.meta, s.max_batch_rows, s.unknown_features)
             new = LoadedModel(predictor, decoder, runner, time.time())
             old, self.current = self.current, new
             self.metrics.reloads.labels("ok").inc()

@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from mmoe.service.settings import Settings
+from tests.docs import sections
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY_PORT = 8000
@@ -76,14 +77,12 @@ def load_compose() -> dict[str, Any]:
 
 
 def docker_section() -> str:
-    readme = (ROOT / "README.md").read_text()
-    m = re.search(r"<!-- section:docker -->(.*?)<!-- /section:docker -->", readme, re.DOTALL)
-    assert m and m.group(1).strip(), "README.md has no docker section"
-    return m.group(1)
+    """The docker sections of the documentation (README.md's example, docs/docker.md)."""
+    return "\n".join(text for _, text in sections("docker"))
 
 
 def readme_commands() -> list[list[str]]:
-    """The `docker ...` command lines of the README's docker section, as argv lists."""
+    """The `docker ...` command lines of the documentation's docker sections, as argv lists."""
     commands = []
     for block in re.findall(r"```bash\n(.*?)```", docker_section(), re.DOTALL):
         pending = ""
@@ -96,7 +95,7 @@ def readme_commands() -> list[list[str]]:
             pending = ""
             if argv[:1] == ["docker"]:
                 commands.append(argv)
-        assert not pending, f"unclosed quote in the README: {pending}"
+        assert not pending, f"unclosed quote in a docker section: {pending}"
     for inline in re.findall(r"`(docker [^`]+)`", docker_section()):
         commands.append(shlex.split(inline))
     return commands
@@ -112,11 +111,11 @@ def test_runtime_stage_is_the_default_and_installs_only_the_serving_extra() -> N
     assert runtime.base == "python:3.11-slim"
     runs = " ".join(runtime.args("RUN"))
     assert "[serve]" in runs
-    for heavy in ("[train]", "torch", "gcc", "build-essential"):
+    for heavy in ("mmoe_ranking_train", "torch", "gcc", "build-essential"):
         assert heavy not in runs, f"runtime stage installs {heavy}"
     for stage in STAGES.values():
         if stage.name != "train":
-            assert "[train]" not in " ".join(stage.args("RUN")), stage.name
+            assert "mmoe_ranking_train" not in " ".join(stage.args("RUN")), stage.name
     copied = " ".join(runtime.args("COPY"))
     assert "--from=train" not in copied
 
@@ -144,7 +143,7 @@ def test_gpu_and_train_stages() -> None:
     assert gpu.base.startswith("nvidia/cuda:") and "cudnn-runtime" in gpu.base
     assert "[serve-gpu]" in " ".join(gpu.args("RUN"))
     assert gpu.env()["MMOE_PROVIDER"] == "cuda"
-    assert "[train]" in " ".join(train.args("RUN"))
+    assert "mmoe_ranking_train" in " ".join(train.args("RUN"))  # the training wheel
     assert train.args("USER")[-1].split(":")[0] not in ("", "0", "root")
 
 

@@ -173,12 +173,20 @@ def test_parity_check_refuses_a_graph_that_differs(tiny_run: Path, tmp_path: Pat
 
     data = assemble(run).SerializeToString()
     cols = generate_rows(run.schema, 64)
-    assert check_parity(run.model, run.schema, data, cols) < 1e-5
+    assert check_parity(run.model, run.schema, data, cols).max_abs_diff < 1e-5
     # Same graph, PyTorch weights nudged: the check must notice.
     with __import__("torch").no_grad():
         next(run.model.net.parameters()).add_(0.05)
     with pytest.raises(ParityError, match="differs"):
         check_parity(run.model, run.schema, data, cols)
+
+
+def test_a_failed_write_leaves_no_temporary_file(tiny_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "taken"
+    out.mkdir()  # the rename onto a directory fails after the file was written
+    with pytest.raises(OSError):
+        export_run(tiny_run, out, parity_rows=16)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
 
 
 def test_export_refuses_a_directory_that_is_not_a_run(tmp_path: Path) -> None:
@@ -201,6 +209,9 @@ def test_variants_are_written_and_run(tiny_run: Path, tmp_path: Path) -> None:
     assert report.variants["opt"]["max_abs_diff"] < 1e-5
     assert report.variants["int8"]["max_abs_diff"] < 0.05  # quantization drift on probabilities
     assert report.variants["fp16"]["max_abs_diff"] < 0.01
+    # Each variant's golden rows allow its drift: a server loads it.
+    for tag in ("opt", "int8"):
+        assert "match what was exported" in mmoe("verify", str(tmp_path / f"m.{tag}.onnx"))
 
 
 def test_inspect_prints_schema_tasks_and_io(tiny_onnx: Path) -> None:
@@ -215,5 +226,9 @@ def test_inspect_prints_schema_tasks_and_io(tiny_onnx: Path) -> None:
         "probs_ctr",
         "probs_cvr",
         "IR 9",
+        "metadata format 1.1",
+        "golden rows (8:",
+        '  1  {"user_id": "u',  # a golden row as a caller sends it
+        "-> probs_ctr ",
     ):
         assert expected in text, expected

@@ -31,11 +31,9 @@ def test_report_writes_curves_and_gate_heatmap(
 ) -> None:
     assert main(["report", str(tiny_run), "--out", str(tmp_path / "report")]) == 0
     printed = capsys.readouterr().out.split()
-    assert printed == [
-        str(tmp_path / "report" / "curves.png"),
-        str(tmp_path / "report" / "gates.png"),
-    ]
-    for name in ("curves.png", "gates.png"):
+    names = ["curves.png", "task_weights.png", "experts.png", "gates.png"]
+    assert printed == [str(tmp_path / "report" / name) for name in names]
+    for name in names:
         width, height = png_size(tmp_path / "report" / name)
         assert width > 200 and height > 100
 
@@ -55,6 +53,7 @@ def test_report_of_a_multi_epoch_ple_run(
     assert main(["report", str(run_dir)]) == 0
     assert png_size(run_dir / "report" / "curves.png")[0] > 200
     assert png_size(run_dir / "report" / "gates.png")[0] > 200
+    assert png_size(run_dir / "report" / "experts.png")[0] > 200
 
 
 def test_report_of_a_missing_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -156,6 +155,36 @@ def test_paper_synthetic_sines_noise_and_seeds() -> None:
         paper_synthetic(10, 1.5)
 
 
+def test_paper_synthetic_index_sines_follow_the_formula() -> None:
+    """alpha_j = j + 1, beta_j = j^2: y minus its noise is exactly z + sum sin(alpha z + beta)."""
+    t = paper_synthetic(500, 1.0, dim=10, num_sines=4, noise_std=0.0, seed=3, sine_params="index")
+    x = np.stack([t.column(f"x{i}").to_numpy() for i in range(10)], axis=1)
+    u1 = np.linalg.qr(np.random.default_rng(3).normal(size=(10, 2)))[0][:, 0]  # seed 3's u1
+    z = x @ u1
+    want = z + sum(np.sin((j + 1) * z + j**2) for j in range(4))
+    np.testing.assert_allclose(t.column("y1").to_numpy(), want, atol=1e-9)
+    with pytest.raises(ValueError, match="sine_params must be"):
+        paper_synthetic(10, 0.5, sine_params="uniform")
+
+
 def test_metrics_json_is_plain_json(tiny_run: Path) -> None:
     metrics = json.loads((tiny_run / "metrics.json").read_text())
     assert isinstance(metrics["epochs"][0]["valid"]["auc_ctr"], float)
+
+
+def test_train_refuses_a_non_empty_out_dir_unless_overwrite(
+    tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "run"
+    (out / "report").mkdir(parents=True)
+    (out / "report" / "stale.png").write_bytes(b"old")
+    args = ["train", "--config", str(TINY_CONFIG), "--data", str(tiny_data), "--out", str(out)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"--out {out} exists and is not empty; pass --overwrite" in err
+    assert (out / "report" / "stale.png").exists()  # untouched
+    assert main([*args, "--config", str(tmp_path / "missing.yaml"), "--overwrite"]) == 2
+    assert (out / "report" / "stale.png").exists()  # a bad config clears nothing
+    assert main([*args, "--overwrite"]) == 0
+    assert not (out / "report").exists() and (out / "weights.pt").exists()
+    assert main([*args, "--overwrite"]) == 0  # again over its own run: the Makefile's case

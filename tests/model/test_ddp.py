@@ -102,8 +102,10 @@ def test_two_processes_train_like_one(tmp_path: Path) -> None:
     for name in ("auc_ctr", "auc_cvr"):
         assert two["best"][name] > 0.65
         assert abs(one["best"][name] - two["best"][name]) < 0.02, name
+    # The demo config has batch norm, whose statistics each process takes over its own half of
+    # the batch (torch has no SyncBatchNorm on CPU): close, not equal.
     for name in ("logloss_ctr", "logloss_cvr"):
-        assert abs(one["best"][name] - two["best"][name]) < 0.01, name
+        assert abs(one["best"][name] - two["best"][name]) < 0.02, name
     # the run directory is complete and loads
     from mmoe.model.checkpoint import load_run
 

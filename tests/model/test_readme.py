@@ -1,5 +1,5 @@
-"""The README's config section stays true: its Python examples run, and its YAML is a valid
-config that lists every option the config accepts."""
+"""The documented config stays true (the config section, docs/training.md): its Python examples
+run, and its YAML is a valid config that lists every option the config accepts."""
 
 from __future__ import annotations
 
@@ -23,23 +23,17 @@ from mmoe.model.config import (
     VocabConfig,
     parse_config,
 )
+from tests.docs import ROOT, section
 
-README = Path(__file__).resolve().parents[2] / "README.md"
-# Keys documented with their topic (until the README's list has them): those added for EasyRec
-# configs, and request context.
-EASYREC_DOC = README.parent / "docs" / "easyrec.md"
-CONTEXT_DOC = README.parent / "docs" / "context.md"
-
-
-def section() -> str:
-    text = README.read_text()
-    match = re.search(r"<!-- section:config -->(.*)<!-- /section:config -->", text, re.S)
-    assert match, "README has no config section"
-    return match.group(1)
+DOC, CONFIG_SECTION = section("config")
+# Keys documented with their topic (until docs/training.md's list has them): those added for
+# EasyRec configs, and request context.
+EASYREC_DOC = ROOT / "docs" / "easyrec.md"
+CONTEXT_DOC = ROOT / "docs" / "context.md"
 
 
 def blocks(language: str) -> list[str]:
-    return re.findall(rf"```{language}\n(.*?)```", section(), re.S)
+    return re.findall(rf"```{language}\n(.*?)```", CONFIG_SECTION, re.S)
 
 
 def test_python_examples_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -47,7 +41,7 @@ def test_python_examples_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     examples = blocks("python")
     assert len(examples) == 2
     for code in examples:
-        exec(compile(code, str(README), "exec"), {})
+        exec(compile(code, str(DOC), "exec"), {})
     assert (tmp_path / "runs" / "small" / "weights.pt").exists()
 
 
@@ -75,7 +69,7 @@ def test_yaml_is_a_valid_config_listing_every_option() -> None:
         TrainConfig,
     ):
         missing = set(model.model_fields) - documented
-        assert not missing, f"{model.__name__}: {sorted(missing)} not in the README"
+        assert not missing, f"{model.__name__}: {sorted(missing)} not in {DOC.name}"
     # the values shown are the defaults
     defaults = RunConfig(features=config.features, tasks=config.tasks)
     assert config.model == defaults.model and config.train == defaults.train

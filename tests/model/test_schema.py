@@ -230,3 +230,30 @@ def test_schema_round_trips_through_json(tmp_path: Any) -> None:
     )
     schema.save(tmp_path / "schema.json")
     assert FeatureSchema.load(tmp_path / "schema.json") == schema
+
+
+def test_numeric_statistics_record_what_training_saw() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.lognormal(3, 1, 30_000)
+    x[::50] = np.nan
+    table = pa.table({"p": pa.array(x, from_pandas=True), "y": np.zeros(len(x))})
+    config = parse_config(
+        {
+            "features": [{"name": "p", "kind": "numeric", "default": 0.0}],
+            "tasks": [{"name": "t", "label": "y"}],
+        }
+    )
+    stats = SchemaFitter(config).fit(table.to_batches(max_chunksize=7000))["p"].stats
+    seen = x[~np.isnan(x)]
+    assert stats is not None
+    assert (stats.count, stats.missing) == (len(seen), len(x) - len(seen))
+    assert (stats.min, stats.max) == (seen.min(), seen.max())
+    # Quantiles from a sample of 10,000: within a percentile of the exact ones.
+    for key, level in [("p1", 0.01), ("p50", 0.5), ("p99", 0.99)]:
+        rank = np.searchsorted(np.sort(seen), stats.quantiles[key]) / len(seen)
+        assert abs(rank - level) < 0.01, key
+
+
+def test_schemas_saved_before_statistics_were_recorded_still_load() -> None:
+    old = {"features": [{"name": "p", "kind": "numeric", "column": "p", "default": 1.0}]}
+    assert FeatureSchema.model_validate(old)["p"].stats is None

@@ -1,0 +1,55 @@
+"""Every relative link in README.md and docs/*.md points at a file of the checkout, and a link to a
+heading (`file.md#heading`) at a heading that file has."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from tests.docs import ROOT, documents
+
+LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def _prose(text: str) -> str:
+    """The text outside fenced code blocks (where brackets are code, not links)."""
+    return re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
+
+
+def _anchors(path: Path) -> set[str]:
+    """The anchors GitHub gives a Markdown file's headings."""
+    anchors = set()
+    for line in _prose(path.read_text()).splitlines():
+        heading = re.match(r"#+\s+(.*)", line)
+        if heading:
+            text = heading.group(1).strip().lower()
+            anchors.add(re.sub(r"[^\w\- ]", "", text).replace(" ", "-"))
+    return anchors
+
+
+def _links(path: Path) -> list[str]:
+    return [t for t in LINK.findall(_prose(path.read_text())) if not re.match(r"[a-z]+:", t)]
+
+
+@pytest.mark.parametrize("doc", documents(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_relative_link_resolves(doc: Path) -> None:
+    broken = []
+    for link in _links(doc):
+        target, _, anchor = link.partition("#")
+        path = (doc.parent / target).resolve() if target else doc
+        if not path.exists():
+            broken.append(f"{link}: no {path.relative_to(ROOT)}")
+        elif anchor and path.suffix == ".md" and anchor not in _anchors(path):
+            broken.append(f"{link}: no heading #{anchor} in {path.name}")
+    assert not broken, f"{doc.relative_to(ROOT)}: {broken}"
+
+
+def test_the_checker_sees_links_and_headings(tmp_path: Path) -> None:
+    doc = tmp_path / "a.md"
+    doc.write_text(
+        "# Settings, measured: `x`\n[b](b.md#top) [web](https://x.org)\n```\n[no](c)\n```\n"
+    )
+    assert _links(doc) == ["b.md#top"]
+    assert _anchors(doc) == {"settings-measured-x"}
