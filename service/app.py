@@ -131,16 +131,21 @@ def create_app(
     return app
 
 
+# After SIGTERM, how long each worker lets its in-flight requests finish (deploy/ sizes the
+# containers' grace periods on it).
+GRACEFUL_SHUTDOWN_S = 30
+
+
 def uvicorn_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
     """How uvicorn serves the app: request heads bounded in size and time (service/protocol.py),
-    logging left to ours, up to 30 s for in-flight requests after SIGTERM."""
+    logging left to ours, up to GRACEFUL_SHUTDOWN_S for in-flight requests after SIGTERM."""
     return uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
         log_config=None,
         access_log=False,
-        timeout_graceful_shutdown=30,
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
         server_header=False,
         http=bounded_http_protocol(settings.client_timeout_s),
     )
