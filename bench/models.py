@@ -23,6 +23,13 @@ class BenchModel:
     config: Path | None = None
     generate: Callable[[int, int], pa.Table] | None = None  # (rows, seed) -> training data
     rows: int = 200_000
+    # The same run exported without context declarations (every row recomputes the context, as
+    # any other exporter's graph does): the naive floor. None: `onnx` is the only graph.
+    naive_onnx: Path | None = None
+
+    @property
+    def naive(self) -> Path:
+        return self.naive_onnx or self.onnx
 
 
 def _synthetic_ranking(rows: int, seed: int) -> pa.Table:
@@ -41,6 +48,7 @@ MODELS = {
         Path("configs/demo.yaml"),
         _synthetic_ranking,
         200_000,
+        Path("models/demo.naive.onnx"),
     ),
     "easyrec": BenchModel(
         "easyrec_taobao",
@@ -51,27 +59,35 @@ MODELS = {
         Path("configs/easyrec_taobao.yaml"),
         taobao.taobao_like,
         300_000,
+        Path("models/easyrec_taobao.naive.onnx"),
     ),
 }
 
 
-def _loads(run_dir: Path) -> bool:
-    """True when the run exists and the current model code can load it."""
-    if not (run_dir / "weights.pt").exists():
+def _current(model: BenchModel) -> bool:
+    """True when the run exists, the current model code can load it, and it was trained from
+    the config file as it is now (an edited config, say newly declared context features, is
+    trained and exported again)."""
+    if not (model.run_dir / "weights.pt").exists():
         return False
     from mmoe.model.checkpoint import load_run
 
     try:
-        load_run(run_dir)
+        run = load_run(model.run_dir)
     except Exception:  # the network or config format changed since it was trained
         return False
-    return True
+    if model.config is None:
+        return True
+    from mmoe.model.config import load_config
+
+    return run.config == load_config(model.config)
 
 
 def prepare(model: BenchModel, say: Callable[[str], None] = print) -> None:
-    """Generate the data, train and export, for whichever of the three is missing or stale (a
-    run the current code cannot load is trained again; an ONNX file older than its run's
-    weights is exported again), so the service and the baseline serve the same weights."""
+    """Generate the data, train and export, for whichever of them is missing or stale (a run
+    the current code cannot load is trained again; an ONNX file older than its run's weights is
+    exported again), so the service and the baseline serve the same weights; the same for the
+    naive graph (exported without context declarations)."""
     if not model.data.exists():
         if model.generate is None:
             raise FileNotFoundError(f"{model.data} is missing")
@@ -80,7 +96,7 @@ def prepare(model: BenchModel, say: Callable[[str], None] = print) -> None:
         say(f"{model.name}: generating {model.rows} rows -> {model.data}")
         write_table(model.generate(model.rows, 7), model.data)
     weights = model.run_dir / "weights.pt"
-    if not _loads(model.run_dir):
+    if not _current(model):
         if model.config is None:
             raise FileNotFoundError(f"{model.run_dir} is not a training run this code can load")
         from mmoe.model.config import load_config
@@ -88,8 +104,15 @@ def prepare(model: BenchModel, say: Callable[[str], None] = print) -> None:
 
         say(f"{model.name}: training {model.config} -> {model.run_dir}")
         train(load_config(model.config), model.data, model.run_dir)
-    if not model.onnx.exists() or model.onnx.stat().st_mtime < weights.stat().st_mtime:
-        from mmoe.export.exporter import export_run
+    from mmoe.export.exporter import export_run
 
+    if _stale(model.onnx, weights):
         say(f"{model.name}: exporting -> {model.onnx}")
         export_run(model.run_dir, model.onnx)
+    if model.naive_onnx is not None and _stale(model.naive_onnx, weights):
+        say(f"{model.name}: exporting without context declarations -> {model.naive_onnx}")
+        export_run(model.run_dir, model.naive_onnx, context=False)
+
+
+def _stale(onnx: Path, weights: Path) -> bool:
+    return not onnx.exists() or onnx.stat().st_mtime < weights.stat().st_mtime

@@ -56,3 +56,13 @@ def make_bodies(
         body["candidates"] = {f: _column(table, f, rows) for f in cand_names}
         bodies.append(orjson.dumps(body))
     return bodies
+
+
+def flatten(body: bytes) -> bytes:
+    """The same request without `context`: each context value repeated as a candidate column,
+    as a caller that knows nothing of context sends it."""
+    data = orjson.loads(body)
+    context = data.pop("context", {})
+    n = len(next(iter(data["candidates"].values())))
+    data["candidates"] |= {name: [value] * n for name, value in context.items()}
+    return orjson.dumps(data)

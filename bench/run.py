@@ -1,14 +1,23 @@
-"""`mmoe bench`: how fast the service is on this machine, against a floor and a baseline, measured
-in one run on the same model and the same request bodies.
+"""`mmoe bench`: how fast the service is on this machine, against floors and peers, measured in
+one run on the same weights and the same request bodies (docs/benchmarks.md says how to read it).
 
-- floor: onnxruntime run() in-process on ready arrays, batches of 1..1024 rows, with the fastest
-  of four session settings; plus the time to JSON-decode each body.
-- service: `mmoe serve` in its own process on loopback, under a closed-loop load generator, at
-  each concurrency x candidates-per-request; latency percentiles, throughput, errors, the
-  server's CPU and memory, the generator's CPU. Each point is compared with the floor measured
-  around it (the mean of just before and just after), as the speed of a shared machine moves.
-- baseline: bench/baseline.py (FastAPI + a pydantic model per row + torch eager) on the same
-  weights and bodies.
+- floors: onnxruntime run() in-process on ready arrays, batches of 1..1024 rows, for two graphs
+  of the same run: the naive one (exported without context declarations: every row recomputes
+  the user's part, as any exporter's graph does) and the context-once one the service serves.
+  A floor's throughput limit is the best of {all threads on one run, one thread per run on
+  every core}. Plus the time to JSON-decode each body.
+- servers, each in its own processes on loopback under a closed-loop load generator, at each
+  concurrency x candidates-per-request: latency percentiles, throughput, errors, CPU and memory
+  summed over all of a server's processes, the generator's CPU. Each point is compared with the
+  floors measured around it (the mean of just before and just after), as the speed of a shared
+  machine moves.
+  - service: `mmoe serve` (its defaults, or --variant settings);
+  - tuned: bench/tuned.py, the hand-tuned peer (FastAPI + orjson + numpy + onnxruntime, one
+    worker process per core, no validation), on the same ONNX file;
+  - baseline: bench/baseline.py (FastAPI + a pydantic model per row + torch eager), the naive
+    peer, on the same weights.
+  - flat: the service with the same requests sent without `context`, on both graphs (256
+    candidates, c=8), for the flat-request target.
 - cold start (process start to /readyz 200) and memory of each server.
 
 Results go to results/<time>/: report.md, results.json, latency_throughput.png.
@@ -28,13 +37,16 @@ from pathlib import Path
 from typing import Any
 
 from mmoe.bench import monitoring, protocols, report
-from mmoe.bench.floor import Floor
+from mmoe.bench.floor import Floor, FloorPoint
 from mmoe.bench.load import run_load, wrk_available
 from mmoe.bench.models import MODELS, BenchModel, prepare
-from mmoe.bench.payloads import make_bodies, read_sample
+from mmoe.bench.payloads import flatten, make_bodies, read_sample
 from mmoe.bench.server import ServerProc, Usage
+from mmoe.service.settings import usable_cpus
 
 FLOOR_ROWS = [1, 16, 64, 256, 1024]
+FLAT_POINT = (report.TARGET_ROWS, 8)  # (candidates, concurrency) of the flat-request target
+PEERS = ("tuned", "baseline")
 
 
 def _ints(text: str) -> list[int]:
@@ -44,8 +56,8 @@ def _ints(text: str) -> list[int]:
 def _variant(text: str) -> tuple[str, dict[str, str]]:
     """NAME or NAME:KEY=VALUE,KEY=VALUE (MMOE_* settings for that service run)."""
     name, _, rest = text.partition(":")
-    if not name or name == "baseline":
-        raise argparse.ArgumentTypeError(f"{text!r}: give the variant a name other than baseline")
+    if not name or name in PEERS or name.startswith("flat"):
+        raise argparse.ArgumentTypeError(f"{text!r}: give the variant a name of its own")
     env = {}
     for item in filter(None, rest.split(",")):
         key, eq, value = item.partition("=")
@@ -62,11 +74,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", default="demo,easyrec", help="of: " + ", ".join(MODELS))
     p.add_argument("--run", type=Path, help="benchmark this training run instead of --models")
     p.add_argument("--onnx", type=Path, help="its exported model.onnx (with --run)")
+    p.add_argument(
+        "--naive-onnx",
+        type=Path,
+        help="the same run exported without context declarations (with --run; default: --onnx)",
+    )
     p.add_argument("--data", type=Path, help="data file to cut request bodies from (with --run)")
     p.add_argument(
         "--context", default="", help="features sent once per request, comma-separated (--run)"
     )
-    p.add_argument("--quick", action="store_true", help="short runs (under 2 minutes), for CI")
+    p.add_argument("--quick", action="store_true", help="short runs (under 3 minutes), for CI")
     p.add_argument("--seconds", type=float, help="measured seconds per point (default 5)")
     p.add_argument("--warmup", type=float, help="warm-up seconds per point (default 1)")
     p.add_argument(
@@ -94,7 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="service settings to compare, NAME:MMOE_X=1,MMOE_Y=2 (repeatable; default: the "
         "service's defaults, named 'service')",
     )
-    p.add_argument("--no-baseline", action="store_true", help="skip the PyTorch baseline server")
+    p.add_argument("--no-tuned", action="store_true", help="leave out the hand-tuned peer")
+    p.add_argument("--no-baseline", action="store_true", help="leave out the naive peer")
+    p.add_argument("--no-flat", action="store_true", help="leave out the flat-request servers")
     p.add_argument(
         "--protocols",
         action="store_true",
@@ -155,17 +174,31 @@ def _bodies(spec: BenchModel, sizes: list[int], count: int) -> dict[int, list[by
     return {n: make_bodies(table, features, list(spec.context), n, count, seed=n) for n in sizes}
 
 
+class Floors:
+    """The naive and the context-once floor (one, when the two graphs are one file)."""
+
+    def __init__(self, spec: BenchModel) -> None:
+        self.context = Floor(spec.onnx)
+        self.naive = self.context if spec.naive == spec.onnx else Floor(spec.naive)
+
+    def point(self, body: bytes, budget_s: float) -> dict[str, FloorPoint]:
+        context = self.context.point(body, budget_s)
+        naive = context if self.naive is self.context else self.naive.point(body, budget_s)
+        return {"naive": naive, "context": context}
+
+
 def _measure_server(
     server: ServerProc,
     label: str,
+    grid: list[tuple[int, int]],
     bodies: dict[int, list[bytes]],
-    floor: Floor,
+    floors: Floors,
     args: argparse.Namespace,
     log_dir: Path,
     profile: Path,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Cold starts (the last start stays up and is measured under load), then the grid; each
-    point is paired with the floor for its batch measured just before and just after it (their
+    point is paired with the floors for its batch measured just before and just after it (their
     mean), so that the ratio compares the two under the same conditions on a machine whose
     speed moves."""
     times = []
@@ -180,58 +213,57 @@ def _measure_server(
     def window(edge: str) -> None:
         edges[edge] = (time.perf_counter(), server.usage())
 
+    budget = 0.05 if args.quick else 0.2
     try:
-        for n in args.candidates:
-            for c in args.concurrency:
-                budget = 0.05 if args.quick else 0.25
-                before = floor.point(bodies[n][0], budget)
-                spy = None
-                if args.profile and (n, c) == (256, 8):
-                    spy = _profile(server, profile, args)
-                edges.clear()
-                res = run_load(
-                    args.client,
-                    server.port,
-                    "/predict",
-                    bodies[n],
-                    c,
-                    args.seconds,
-                    args.warmup,
-                    settle=server.wait_idle,
-                    on_window=window,
-                )
-                server.wait_idle()
-                if spy is not None:
-                    spy.wait()
-                after = floor.point(bodies[n][0], budget)
-                near = before.mean(after)
-                (t0, u0), (t1, u1) = edges["start"], edges["end"]
-                cpu_s = u1.cpu_s - u0.cpu_s if u0.cpu_s is not None and u1.cpu_s else None
-                cell = res.to_dict() | {
-                    "server": label,
-                    "candidates": n,
-                    "rows_per_s": res.rps * n,
-                    "server_cpu": cpu_s / (t1 - t0) if cpu_s is not None else None,
-                    "server_cpu_ms_per_request": (
-                        1e3 * cpu_s / res.requests if cpu_s is not None and res.requests else None
-                    ),
-                    "server_rss_mb": u1.rss_mb,
-                    "client_cpu": res.client_cpu_s / res.seconds if res.seconds else None,
-                    "load": _load(),
-                    "floor_run_ms": near.run_ms,
-                    "floor_run_ms_before_after": [before.run_ms, after.run_ms],
-                    "floor_rows_per_s": near.rows_per_s,
-                    "floor_json_ms": near.json_ms,
-                    "floor_settings": near.settings,
-                }
-                cells.append(cell)
-                _say(
-                    f"  {label:>10} n={n:<5} c={c:<3} {res.rps:8.1f} req/s  "
-                    f"p50 {res.p50_ms:7.2f}  p99 {res.p99_ms:7.2f} ms  errors {res.errors}  "
-                    f"server cpu {cell['server_cpu'] or 0:.2f}"
-                )
-                if res.errors:
-                    _say(f"    errors: {res.error_kinds}; server log: {log_dir}")
+        for n, c in grid:
+            before = floors.point(bodies[n][0], budget)
+            spy = None
+            if args.profile and (n, c) == (256, 8):
+                spy = _profile(server, profile, args)
+            edges.clear()
+            res = run_load(
+                args.client,
+                server.port,
+                "/predict",
+                bodies[n],
+                c,
+                args.seconds,
+                args.warmup,
+                settle=server.wait_idle,
+                on_window=window,
+            )
+            server.wait_idle()
+            if spy is not None:
+                spy.wait()
+            after = floors.point(bodies[n][0], budget)
+            (t0, u0), (t1, u1) = edges["start"], edges["end"]
+            cpu_s = u1.cpu_s - u0.cpu_s if u0.cpu_s is not None and u1.cpu_s else None
+            cell = res.to_dict() | {
+                "server": label,
+                "candidates": n,
+                "rows_per_s": res.rps * n,
+                "server_cpu": cpu_s / (t1 - t0) if cpu_s is not None else None,
+                "server_cpu_ms_per_request": (
+                    1e3 * cpu_s / res.requests if cpu_s is not None and res.requests else None
+                ),
+                "server_rss_mb": u1.rss_mb,
+                "server_processes": u1.processes,
+                "client_cpu": res.client_cpu_s / res.seconds if res.seconds else None,
+                "load": _load(),
+                "floors": {
+                    name: before[name].mean(after[name]).to_dict()
+                    | {"run_ms_before_after": [before[name].run_ms, after[name].run_ms]}
+                    for name in before
+                },
+            }
+            cells.append(cell)
+            _say(
+                f"  {label:>10} n={n:<5} c={c:<3} {res.rps:8.1f} req/s  "
+                f"p50 {res.p50_ms:7.2f}  p99 {res.p99_ms:7.2f} ms  errors {res.errors}  "
+                f"server cpu {cell['server_cpu'] or 0:.2f}"
+            )
+            if res.errors:
+                _say(f"    errors: {res.error_kinds}; server log: {log_dir}")
         end = server.usage()
     finally:
         server.stop()
@@ -241,6 +273,7 @@ def _measure_server(
         "cold_starts_s": times,
         "ready_rss_mb": ready.rss_mb,
         "peak_rss_mb": end.peak_rss_mb,
+        "processes": end.processes,
         "env": server.env_overrides,
     }
     return info, cells
@@ -249,13 +282,13 @@ def _measure_server(
 def _profile(
     server: ServerProc, out: Path, args: argparse.Namespace
 ) -> subprocess.Popen[bytes] | None:
-    """py-spy sampling the server's threads over the coming point (without pausing it: native
-    frames would need that, and would slow the server down)."""
+    """py-spy sampling the server's threads, in all its processes, over the coming point
+    (without pausing it: native frames would need that, and would slow the server down)."""
     if shutil.which("py-spy") is None:
         _say("  --profile: py-spy is not installed (pip install py-spy); no profile")
         return None
     argv = ["py-spy", "record", "--pid", str(server.pid), "--output", str(out), "--threads"]
-    argv += ["--nonblocking", "--duration", str(max(1, round(args.seconds)))]
+    argv += ["--subprocesses", "--nonblocking", "--duration", str(max(1, round(args.seconds)))]
     _say(f"  profiling into {out}")
     with out.with_suffix(".log").open("wb") as log:  # the child keeps its own handle
         return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
@@ -271,48 +304,71 @@ def bench_model(
     sizes = sorted(set(FLOOR_ROWS) | set(args.candidates))
     bodies = _bodies(spec, sizes, count=2 if args.quick else 8)
     budget = 0.2 if args.quick else 1.0
-    _say(f"{spec.name}: floor")
-    floor = Floor(spec.onnx)
-    before = [floor.point(bodies[n][0], budget) for n in FLOOR_ROWS]
+    _say(f"{spec.name}: floors")
+    floors = Floors(spec)
+    before = [floors.point(bodies[n][0], budget) for n in FLOOR_ROWS]
     result: dict[str, Any] = {
         "name": spec.name,
         "onnx": str(spec.onnx),
+        "naive_onnx": str(spec.naive),
+        "two_graphs": spec.naive != spec.onnx,
         "onnx_bytes": spec.onnx.stat().st_size,
-        "floor": [],
+        "floors": {"naive": [], "context": []},
         "servers": {},
         "cells": [],
     }
-    servers: list[tuple[str, ServerProc]] = []
+    grid = [(n, c) for n in args.candidates for c in args.concurrency]
+
+    def log(name: str) -> Path:
+        return out_dir / f"{spec.name}-{name}.log"
+
+    runs: list[tuple[str, ServerProc, list[tuple[int, int]], dict[int, list[bytes]]]] = []
     for name, env in variants:
-        s = ServerProc.service(spec.onnx, env, log_path=out_dir / f"{spec.name}-{name}.log")
-        servers.append((name, s))
+        runs.append((name, ServerProc.service(spec.onnx, env, log(name)), grid, bodies))
+    if not args.no_tuned:
+        runs.append(
+            ("tuned", ServerProc.tuned(spec.onnx, usable_cpus(), None, log("tuned")), grid, bodies)
+        )
     if not args.no_baseline:
-        s = ServerProc.baseline(spec.run_dir, log_path=out_dir / f"{spec.name}-baseline.log")
-        servers.append(("baseline", s))
-    for name, server in servers:
+        runs.append(
+            ("baseline", ServerProc.baseline(spec.run_dir, log_path=log("baseline")), grid, bodies)
+        )
+    n_flat = FLAT_POINT[0]
+    if not args.no_flat and n_flat in bodies:
+        flat = {n_flat: [flatten(b) for b in bodies[n_flat]]}
+        for name, onnx in (("flat", spec.onnx), ("flat, naive graph", spec.naive)):
+            runs.append((name, ServerProc.service(onnx, None, log(name)), [FLAT_POINT], flat))
+    for name, server, points, server_bodies in runs:
         _say(f"{spec.name}: {name}")
-        profile = out_dir / f"profile-{spec.name}-{name}.svg"
-        info, cells = _measure_server(server, name, bodies, floor, args, out_dir, profile)
+        profile = out_dir / f"profile-{spec.name}-{name.replace(', ', '-')}.svg"
+        info, cells = _measure_server(
+            server, name, points, server_bodies, floors, args, out_dir, profile
+        )
         result["servers"][name] = info
         result["cells"].extend(cells)
     if args.protocols:
         _say(f"{spec.name}: protocols")
-        result["protocols"] = protocols.measure(spec, bodies, floor, args, out_dir, _say)
+        result["protocols"] = protocols.measure(spec, bodies, floors.context, args, out_dir, _say)
     if args.monitoring:
         _say(f"{spec.name}: monitoring")
-        result["monitoring"] = monitoring.measure(spec, bodies, floor, args, out_dir, _say)
+        result["monitoring"] = monitoring.measure(spec, bodies, floors.context, args, out_dir, _say)
     # Measured again after the servers: the faster of the two is the floor (the harder one to
     # meet), and the difference shows how much the machine's speed moved during the run.
-    _say(f"{spec.name}: floor again")
-    after = [floor.point(bodies[n][0], budget) for n in FLOOR_ROWS]
-    for b, a in zip(before, after, strict=True):
-        p = b if b.run_ms <= a.run_ms else a
-        result["floor"].append(p.to_dict() | {"run_ms_before": b.run_ms, "run_ms_after": a.run_ms})
-        _say(
-            f"  floor rows={p.rows:<5} run {p.run_ms:8.3f} ms  {p.rows_per_s:10.0f} rows/s  "
-            f"json {p.json_ms:.3f} ms  decode {p.decode_ms:.3f} ms  ({p.settings}; "
-            f"before {b.run_ms:.3f}, after {a.run_ms:.3f} ms)"
-        )
+    _say(f"{spec.name}: floors again")
+    after = [floors.point(bodies[n][0], budget) for n in FLOOR_ROWS]
+    for graph in ("naive", "context"):
+        for b, a in zip(before, after, strict=True):
+            x, y = b[graph], a[graph]
+            p = x if x.run_ms <= y.run_ms else y
+            result["floors"][graph].append(
+                p.to_dict() | {"run_ms_before": x.run_ms, "run_ms_after": y.run_ms}
+            )
+            _say(
+                f"  {graph:>7} floor rows={p.rows:<5} run {p.run_ms:8.3f} ms  "
+                f"limit {p.limit_rows_per_s:10.0f} rows/s  json {p.json_ms:.3f} ms  "
+                f"decode {p.decode_ms:.3f} ms  ({p.settings}; before {x.run_ms:.3f}, "
+                f"after {y.run_ms:.3f} ms)"
+            )
     return result
 
 
@@ -341,6 +397,7 @@ def main(argv: list[str]) -> int:
                 args.onnx,
                 args.data,
                 tuple(x for x in args.context.split(",") if x),
+                naive_onnx=args.naive_onnx,
             )
         ]
     else:
@@ -369,6 +426,7 @@ def main(argv: list[str]) -> int:
         "warmup": args.warmup,
         "environment": {
             "cpus": os.cpu_count(),
+            "usable_cpus": usable_cpus(),
             "cpu_model": _cpu_model(),
             "python": platform.python_version(),
             "onnxruntime": onnxruntime.__version__,

@@ -1,5 +1,6 @@
 """Server processes under test: start one on a free loopback port, time its cold start, and read
-its CPU time and memory from /proc (Linux; elsewhere those numbers are reported as missing)."""
+its CPU time and memory from /proc, summed over the server's processes (a multi-process server's
+parent and workers; Linux; elsewhere those numbers are reported as missing)."""
 
 from __future__ import annotations
 
@@ -35,27 +36,48 @@ def _status_ok(port: int, path: str) -> bool:
 
 @dataclass
 class Usage:
-    """CPU seconds (user + system, all threads) and resident memory of one process."""
+    """CPU seconds (user + system, all threads) and resident memory of a process and its
+    descendants, summed (the peak is the sum of each process's own peak)."""
 
     cpu_s: float | None
     rss_mb: float | None
     peak_rss_mb: float | None
+    processes: int = 1
+
+
+def _descendants(pid: int) -> list[int]:
+    out = []
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            for child in (task / "children").read_text().split():
+                out += [int(child), *_descendants(int(child))]
+    except OSError:  # gone meanwhile
+        pass
+    return out
 
 
 def process_usage(pid: int) -> Usage:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        status = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return Usage(None, None, None)
-    fields = stat[stat.rindex(")") + 2 :].split()
-    cpu = (int(fields[11]) + int(fields[12])) / _TICKS  # utime, stime
-    mem = {}
-    for line in status.splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            mem[key] = int(value.split()[0]) / 1024
-    return Usage(cpu, mem.get("VmRSS"), mem.get("VmHWM"))
+    """`pid` and every process below it. CPU time of children that have exited (and been
+    waited for) is included: /proc counts it in the parent's cutime and cstime."""
+    cpu = rss = peak = 0.0
+    pids = [pid, *_descendants(pid)]
+    for k, p in enumerate(pids):
+        try:
+            stat = Path(f"/proc/{p}/stat").read_text()
+            status = Path(f"/proc/{p}/status").read_text()
+        except OSError:
+            if k == 0:
+                return Usage(None, None, None)
+            continue  # a child that just exited
+        fields = stat[stat.rindex(")") + 2 :].split()
+        cpu += sum(int(f) for f in fields[11:15]) / _TICKS  # utime, stime, cutime, cstime
+        for line in status.splitlines():
+            key, _, value = line.partition(":")
+            if key == "VmRSS":
+                rss += int(value.split()[0]) / 1024
+            elif key == "VmHWM":
+                peak += int(value.split()[0]) / 1024
+    return Usage(cpu, rss, peak, len(pids))
 
 
 class ServerProc:
@@ -86,6 +108,19 @@ class ServerProc:
         argv = [sys.executable, "-m", "mmoe", "serve", "--model", str(model)]
         argv += ["--host", "127.0.0.1", "--port", str(port)]
         env = {"MMOE_ACCESS_LOG": "false", "MMOE_LOG_LEVEL": "warning", **(env or {})}
+        return cls(argv, port, env, log_path)
+
+    @classmethod
+    def tuned(
+        cls,
+        model: Path,
+        workers: int,
+        env: dict[str, str] | None = None,
+        log_path: Path | None = None,
+    ) -> ServerProc:
+        port = free_port()
+        argv = [sys.executable, "-m", "mmoe.bench.tuned", "--model", str(model)]
+        argv += ["--port", str(port), "--workers", str(workers)]
         return cls(argv, port, env, log_path)
 
     @classmethod

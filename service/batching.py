@@ -1,12 +1,13 @@
-"""Getting arrays through onnxruntime without blocking the event loop, with a bounded queue.
+"""Getting a request's arrays through onnxruntime: admitted into a bounded queue, scored within
+the request's time budget, without holding up the event loop for long.
 
-Two runners with one interface (`infer`):
-- DirectRunner: each request is one runtime call on the inference thread pool (a small one
-  alone on the server: on the event loop's thread).
+Two runners with one interface (`Runner.infer`):
+- DirectRunner: each request is one runtime call, on the event loop's own thread when it is
+  small (INLINE_MAX_ROWS), else on an inference thread.
 - MicroBatcher: concurrent requests are merged into one runtime call (up to `max_rows` rows,
   waiting at most `wait_s` for company) and the outputs split back, in order.
-Both refuse work beyond `max_queue` waiting requests (Overloaded -> 503 + Retry-After) instead of
-letting latency grow without bound.
+Both answer 503 + Retry-After (ApiError) instead of letting latency grow without bound: when
+`max_queue` requests already wait, or when a request is not scored within its time budget.
 """
 
 from __future__ import annotations
@@ -14,36 +15,50 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from mmoe.service.errors import ApiError
+from mmoe.service.metrics import ServiceMetrics
 from mmoe.service.monitoring import ModelMonitor
 from mmoe.service.predictor import Predictor
+from mmoe.service.settings import Settings
 
 Feeds = dict[str, np.ndarray]
 Outputs = dict[str, np.ndarray]
-RunObserver = Callable[[int, float, bool], None]  # (rows in the runtime call, seconds, spun)
 
 
 class Overloaded(Exception):
     """The queue is full; the caller should retry later."""
 
 
+@dataclass(frozen=True)
+class Admission:
+    """How much waiting a runner accepts (MMOE_MAX_QUEUE, MMOE_REQUEST_TIMEOUT_MS) and what a
+    refused request is told (MMOE_RETRY_AFTER_S)."""
+
+    max_queue: int
+    timeout_ms: int
+    retry_after_s: int
+
+    @classmethod
+    def of(cls, settings: Settings) -> Admission:
+        return cls(settings.max_queue, settings.request_timeout_ms, settings.retry_after_s)
+
+
 class Runner:
-    """Runs a request's feeds on the inference threads: one runtime call per request
-    (DirectRunner) or merged with others (MicroBatcher); refuses work past `max_queue`."""
+    """Runs a request's feeds: one runtime call per request (DirectRunner) or merged with
+    others (MicroBatcher), `workers` calls at once on `executor`'s threads."""
 
     def __init__(
         self,
         predictor: Predictor,
         executor: ThreadPoolExecutor,
         workers: int,
-        max_queue: int,
-        observe: RunObserver | None,
-        active_requests: Callable[[], int] | None = None,
+        admission: Admission,
+        metrics: ServiceMetrics,
         monitor: ModelMonitor | None = None,
     ) -> None:
         self.predictor = predictor
@@ -51,42 +66,65 @@ class Runner:
         self._outputs = predictor.outputs + (monitor.outputs if monitor else [])
         self.executor = executor
         self.workers = workers
-        self.max_queue = max_queue
-        self.observe = observe
-        self.active_requests = active_requests  # HTTP requests in progress, this one included
+        self.admission = admission
+        self.metrics = metrics
         self.waiting = 0  # requests accepted but not yet in a runtime call
         self.inflight = 0  # runtime calls in progress
 
-    def _alone(self) -> bool:
-        """Whether a runtime call about to start has the machine to itself: no other call in
-        progress or queued, and no other request on its way (being received or decoded)."""
-        others = self.active_requests() > 1 if self.active_requests is not None else False
-        return self.inflight == 1 and self.waiting == 0 and not others
+    async def infer(self, feeds: Feeds, n: int) -> Outputs:
+        """The graph's outputs for `feeds` (n rows). ApiError 503 with Retry-After when the
+        queue is full or the request's time budget runs out."""
+        self.metrics.request_rows.observe(n)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.admission.timeout_ms / 1000
+        try:
+            async with asyncio.timeout_at(deadline):
+                outputs = await self._submit(feeds, n)
+            if loop.time() > deadline:  # a run on the loop's own thread cannot be interrupted
+                raise TimeoutError
+            return outputs
+        except Overloaded:
+            self.metrics.shed.labels("queue_full").inc()
+            raise self._refusal("overloaded", "server busy: queue full, retry later") from None
+        except TimeoutError:
+            self.metrics.shed.labels("timeout").inc()
+            reason = f"not scored within {self.admission.timeout_ms} ms, retry later"
+            raise self._refusal("timeout", reason) from None
 
-    def _run(self, feeds: Feeds, alone: bool = False) -> Outputs:
+    def _refusal(self, code: str, reason: str) -> ApiError:
+        return ApiError(503, code, reason, None, {"Retry-After": str(self.admission.retry_after_s)})
+
+    def _count_waiting(self, delta: int) -> None:
+        self.waiting += delta
+        self.metrics.queue_depth.inc(delta)
+
+    def _count_inflight(self, delta: int) -> None:
+        self.inflight += delta
+        self.metrics.inflight.inc(delta)
+
+    def _run(self, feeds: Feeds) -> Outputs:
         t0 = time.perf_counter()
-        out = self.predictor.run(feeds, self._outputs, alone=alone)
-        if self.observe is not None:
-            rows = max(len(v) for v in feeds.values())  # context inputs may have one row
-            self.observe(rows, time.perf_counter() - t0, self.predictor.spins(alone))
+        out = self.predictor.run(feeds, self._outputs)
+        rows = max(len(v) for v in feeds.values())  # context inputs may have one row
+        self.metrics.observe_run(rows, time.perf_counter() - t0)
         if self.monitor is not None:
             self.monitor.record(feeds, out)
             # The monitoring outputs describe the whole call, not rows to hand back.
             out = {k: out[k] for k in self.predictor.outputs}
         return out
 
-    async def infer(self, feeds: Feeds, n: int) -> Outputs:
+    async def _submit(self, feeds: Feeds, n: int) -> Outputs:
         raise NotImplementedError
 
     async def close(self) -> None:
         """Stop taking work; what is accepted still completes."""
 
 
-# A request alone on the server with at most this many rows runs on the event loop's thread
-# instead of an inference thread: the two thread hand-offs cost about 0.3 ms, 5% of a 256-row
-# EasyRec-sized request on 2 cores (bench/), and nothing else is waiting for the loop. Larger
-# ones take the hop, so that a request arriving meanwhile (or a health check) is not kept
-# waiting behind a long run.
+# A request of at most this many rows runs on the event loop's thread: in a worker with one
+# intra-op thread, a hand-off to an inference thread and back only adds work (0.3-0.4 ms of CPU
+# per request measured in-process on the shared 2-core machine, for 1-row requests of the
+# EasyRec-sized model), and the other cores have workers of their own. Larger runs take the
+# hop, so that a health check is not kept waiting behind a long one (512 rows: about 5 ms).
 INLINE_MAX_ROWS = 512
 
 
@@ -95,33 +133,28 @@ class DirectRunner(Runner):
         super().__init__(*args, **kwargs)
         self._slots = asyncio.Semaphore(self.workers)
 
-    async def infer(self, feeds: Feeds, n: int) -> Outputs:
-        # Requests received together with this one may not be counted yet: their tasks are
-        # scheduled but not started. One turn of the loop lets them start (and count), so that
-        # _alone() below does not take a busy server for an idle one.
-        await asyncio.sleep(0)
-        if self.waiting >= self.max_queue:
+    async def _submit(self, feeds: Feeds, n: int) -> Outputs:
+        if self.waiting >= self.admission.max_queue:
             raise Overloaded
-        self.waiting += 1
+        self._count_waiting(1)
         try:
             await self._slots.acquire()
         finally:
-            self.waiting -= 1
-        self.inflight += 1
-        alone = self._alone()
-        if alone and n <= INLINE_MAX_ROWS:
+            self._count_waiting(-1)
+        self._count_inflight(1)
+        if n <= INLINE_MAX_ROWS:
             try:
-                return self._run(feeds, alone)
+                return self._run(feeds)
             finally:
                 self._release()
         loop = asyncio.get_running_loop()
-        fut = loop.run_in_executor(self.executor, self._run, feeds, alone)
+        fut = loop.run_in_executor(self.executor, self._run, feeds)
         # Released when the run really ends, even if the caller gave up waiting.
         fut.add_done_callback(lambda _: self._release())
         return await asyncio.shield(fut)
 
     def _release(self) -> None:
-        self.inflight -= 1
+        self._count_inflight(-1)
         self._slots.release()
 
 
@@ -158,15 +191,15 @@ class MicroBatcher(Runner):
         self._closed = False
         self._tasks = [asyncio.create_task(self._worker()) for _ in range(self.workers)]
 
-    async def infer(self, feeds: Feeds, n: int) -> Outputs:
+    async def _submit(self, feeds: Feeds, n: int) -> Outputs:
         if self._closed:  # the request took this model just before a reload replaced it
             loop = asyncio.get_running_loop()
             return await loop.run_in_executor(self.executor, self._run, feeds)
-        if self.waiting >= self.max_queue:
+        if self.waiting >= self.admission.max_queue:
             raise Overloaded
         item = _Item(feeds, n, asyncio.get_running_loop().create_future())
         self._queue.append(item)
-        self.waiting += 1
+        self._count_waiting(1)
         self._arrived.set()
         return await item.future
 
@@ -179,7 +212,7 @@ class MicroBatcher(Runner):
             if batch and rows + item.n > self.max_rows:
                 break
             self._queue.popleft()
-            self.waiting -= 1
+            self._count_waiting(-1)
             if item.future.done():  # the caller timed out or went away
                 continue
             batch.append(item)
@@ -208,18 +241,17 @@ class MicroBatcher(Runner):
             batch = self._take()
             if not batch:
                 continue
-            self.inflight += 1
+            self._count_inflight(1)
             try:
                 merged = _merge([(b.feeds, b.n) for b in batch])
-                alone = self._alone()
-                outputs = await loop.run_in_executor(self.executor, self._run, merged, alone)
+                outputs = await loop.run_in_executor(self.executor, self._run, merged)
             except Exception as err:  # hand the failure to every caller in the batch
                 for b in batch:
                     if not b.future.done():
                         b.future.set_exception(err)
                 continue
             finally:
-                self.inflight -= 1
+                self._count_inflight(-1)
             start = 0
             for b in batch:
                 if not b.future.done():

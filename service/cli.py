@@ -54,12 +54,9 @@ def _kind(annotation: Any) -> dict[str, Any]:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
     from pydantic import ValidationError
 
-    from mmoe.service.app import create_app
     from mmoe.service.logs import configure_logging
-    from mmoe.service.protocol import bounded_http_protocol
     from mmoe.service.settings import Settings
 
     overrides = {
@@ -71,17 +68,17 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"error: invalid settings: {err}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level)
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_config=None,
-        access_log=False,
-        timeout_graceful_shutdown=30,
-        server_header=False,
-        http=bounded_http_protocol(settings.client_timeout_s),
-    )
-    return 0
+    if settings.workers > 1:  # the parent imports no model code: it only supervises
+        from mmoe.service.workers import Supervisor
+
+        return Supervisor(settings).run()
+    import uvicorn
+
+    from mmoe.service.app import create_app, uvicorn_config
+
+    server = uvicorn.Server(uvicorn_config(create_app(settings), settings))
+    server.run()
+    return 0 if server.started else 3  # 3: the start failed (a setting to fix), as uvicorn.run
 
 
 def _verify(args: argparse.Namespace) -> int:
@@ -92,7 +89,7 @@ def _verify(args: argparse.Namespace) -> int:
     from mmoe.service.predictor import ModelLoadError, Predictor
 
     try:
-        predictor = Predictor(args.model, args.provider, intra_op_spinning="off")
+        predictor = Predictor(args.model, args.provider)
         golden = predictor.meta.golden
         if golden is None or not golden.rows:
             print(

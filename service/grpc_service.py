@@ -30,7 +30,7 @@ from starlette.datastructures import Headers
 from tritonclient.grpc import service_pb2 as pb
 
 from mmoe.service import kserve_v2
-from mmoe.service.deps import check_api_key, infer
+from mmoe.service.auth import check_api_key
 from mmoe.service.errors import ApiError, PayloadError
 from mmoe.service.metrics import ServiceMetrics
 from mmoe.service.settings import Settings
@@ -132,7 +132,7 @@ class InferenceService:
             request_id = metadata.get("x-request-id", "")[:128] or uuid.uuid4().hex
             trailing: list[tuple[str, str]] = [("x-request-id", request_id)]
             code = grpc.StatusCode.UNKNOWN
-            self.metrics.active_requests += 1
+            self.metrics.active.inc()
             try:
                 try:
                     if needs_key:
@@ -163,7 +163,7 @@ class InferenceService:
                 code = grpc.StatusCode.CANCELLED
                 raise
             finally:
-                self.metrics.active_requests -= 1
+                self.metrics.active.dec()
                 elapsed = time.perf_counter() - start
                 self.metrics.requests.labels(route, code.name).inc()
                 self.metrics.latency.labels(route).observe(elapsed)
@@ -188,7 +188,7 @@ class InferenceService:
         return pb.ServerLiveResponse(live=True)
 
     async def _ready(self, request: Any, context: grpc.aio.ServicerContext) -> Message:
-        return pb.ServerReadyResponse(ready=self.holder.current is not None)
+        return pb.ServerReadyResponse(ready=self.holder.ready()[0])
 
     async def _model_ready(self, request: Any, context: grpc.aio.ServicerContext) -> Message:
         # "Is it ready?" has an answer for any name: no, for a model not loaded or not served.
@@ -228,7 +228,7 @@ class InferenceService:
         given = _given(features, request)
         n, feeds = kserve_v2.feeds(features, given, self.settings.max_batch_rows)
         names = kserve_v2.output_names(model, [o.name for o in request.outputs])
-        outputs = await infer(self.settings, self.metrics, model, feeds, n)
+        outputs = await model.runner.infer(feeds, n)
         response = pb.ModelInferResponse(
             model_name=model.name, model_version=model.version, id=request.id
         )

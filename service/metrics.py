@@ -1,8 +1,16 @@
-"""Prometheus metrics, in a registry per app (tests can build several apps in one process)."""
+"""Prometheus metrics: in a registry per app (tests can build several apps in one process), or,
+in a worker of a multi-process server (PROMETHEUS_MULTIPROC_DIR set by service/workers.py),
+in prometheus_client's multiprocess files, so that any worker's /metrics sums all of them."""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import os
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
 
 from mmoe.service.monitoring import MonitoringMetrics, Watched
 
@@ -24,10 +32,26 @@ _LATENCY_BUCKETS = (
     2.5,
 )
 _ROW_BUCKETS = (1, 4, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+_INFO_LABELS = ("name", "version", "provider", "path")
+
+
+class _ModelInfo(Collector):
+    """mmoe_model_info: one sample per model being served, read when scraped (a gauge with
+    these labels would keep the label set of a model reloaded away in the multiprocess files)."""
+
+    def __init__(self, models: Callable[[], list[dict[str, str]]]) -> None:
+        self.models = models
+
+    def collect(self) -> Iterator[Metric]:
+        info = GaugeMetricFamily("mmoe_model_info", "the model being served", labels=_INFO_LABELS)
+        for model in self.models():
+            info.add_metric([model[k] for k in _INFO_LABELS], 1)
+        yield info
 
 
 class ServiceMetrics:
     def __init__(self, watched: Watched | None = None) -> None:
+        self.multiprocess_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
         self.registry = CollectorRegistry()
         r = self.registry
         self.monitoring = MonitoringMetrics(r, watched or Watched())
@@ -50,31 +74,51 @@ class ServiceMetrics:
         self.runtime_seconds = Histogram(
             "mmoe_runtime_seconds", "onnxruntime run() time", buckets=_LATENCY_BUCKETS, registry=r
         )
-        self.queue_depth = Gauge("mmoe_queue_depth", "requests waiting for the runtime", registry=r)
-        self.inflight = Gauge("mmoe_inflight", "onnxruntime calls in progress", registry=r)
+        # Gauges are summed over the live workers.
+        self.queue_depth = Gauge(
+            "mmoe_queue_depth",
+            "requests waiting for the runtime",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.inflight = Gauge(
+            "mmoe_inflight",
+            "onnxruntime calls in progress",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.active = Gauge(
+            "mmoe_http_requests_active",
+            "HTTP requests in progress",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
         self.shed = Counter(
             "mmoe_shed", "requests refused with 503 (queue full or timeout)", ["reason"], registry=r
         )
-        self.model_info = Gauge(
-            "mmoe_model_info",
-            "the model being served",
-            ["name", "version", "provider", "path"],
+        self.reloads = Counter(
+            "mmoe_reloads",
+            "model loads by result (each worker's load counts)",
+            ["result"],
             registry=r,
         )
-        self.runs = Counter(
-            "mmoe_runtime_runs",
-            "onnxruntime calls, by whether their threads spun (MMOE_INTRA_OP_SPINNING)",
-            ["spinning"],
-            registry=r,
-        )
-        # HTTP requests being received, decoded, scored or answered. The runner reads it to
-        # know whether a runtime call is alone (see MMOE_INTRA_OP_SPINNING=idle).
-        self.active_requests = 0
-        self.active = Gauge("mmoe_http_requests_active", "HTTP requests in progress", registry=r)
-        self.active.set_function(lambda: self.active_requests)
-        self.reloads = Counter("mmoe_reloads", "model reloads by result", ["result"], registry=r)
+        self._models: Callable[[], list[dict[str, str]]] = list
+        # What a scrape reads: this registry, or every worker's multiprocess files.
+        self._scraped = r
+        if self.multiprocess_dir is not None:
+            self._scraped = CollectorRegistry()
+            MultiProcessCollector(self._scraped, self.multiprocess_dir)
+        self._scraped.register(_ModelInfo(lambda: self._models()))
+        self._scraped.register(self.monitoring.references)
 
-    def observe_run(self, rows: int, seconds: float, spun: bool) -> None:
+    def serve_models(self, models: Callable[[], list[dict[str, str]]]) -> None:
+        """Where mmoe_model_info reads the models being served (name, version, provider, path)."""
+        self._models = models
+
+    def observe_run(self, rows: int, seconds: float) -> None:
         self.batch_rows.observe(rows)
         self.runtime_seconds.observe(seconds)
-        self.runs.labels("true" if spun else "false").inc()
+
+    def exposition(self) -> bytes:
+        """The text a scrape of /metrics gets: this process's metrics, or every worker's."""
+        return generate_latest(self._scraped)

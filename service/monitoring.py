@@ -108,7 +108,9 @@ class MonitoringMetrics:
             else None
         )
         self._model: Callable[[], ModelMetadata | None] = lambda: None
-        registry.register(_References(self))
+        # Registered by the owner on the registry a scrape reads (with worker processes, not
+        # `registry`: the references are the model's, read when scraped, not summed over files).
+        self.references: Collector = _References(self)
 
     def serve_model(self, model: Callable[[], ModelMetadata | None]) -> None:
         """Where the references are read from when scraped: the metadata of the model being

@@ -89,14 +89,13 @@ class Predictor:
         provider: str = "auto",
         intra_op_threads: int = 0,
         warmup_rows: int = 32,
-        intra_op_spinning: str = "idle",
     ) -> None:
         self.path = Path(path)
         t0 = time.perf_counter()
         if not self.path.is_file():
             raise ModelLoadError(f"model file not found: {self.path}")
         providers = choose_providers(provider)
-        self.session = self._session(providers, intra_op_threads, intra_op_spinning == "on")
+        self.session = self._session(providers, intra_op_threads)
         self.provider = self.session.get_providers()[0]
         if self.provider != providers[0]:  # onnxruntime falls back silently; say so
             reason = (
@@ -106,17 +105,6 @@ class Predictor:
             if provider == "cuda":
                 raise ProviderError(f"MMOE_PROVIDER=cuda but {reason}")
             log.warning(reason, extra={"event": "provider_fallback", "provider": self.provider})
-        # With spinning "idle", a run that has the runtime to itself goes to a second session
-        # whose threads spin (the lowest latency for one request), any other run to the first.
-        # Only on CPU: on a GPU the second session would be a second copy in GPU memory for
-        # threads that mostly wait on the device anyway.
-        on_cpu = self.provider == PROVIDERS["cpu"]
-        self.spinning = "off" if intra_op_spinning == "idle" and not on_cpu else intra_op_spinning
-        self._alone_session = (
-            self._session(providers, intra_op_threads, True)
-            if self.spinning == "idle"
-            else self.session
-        )
         try:
             self.meta: ModelMetadata = read_metadata(
                 self.session.get_modelmeta().custom_metadata_map
@@ -132,14 +120,13 @@ class Predictor:
         self.load_seconds = time.perf_counter() - t0
         t1 = time.perf_counter()
         feeds = warmup_feeds(self.meta.features, warmup_rows)
-        for alone in {False, self._alone_session is not self.session}:
-            try:
-                out = self.run(feeds, self.outputs + self.monitor_outputs, alone=alone)
-            except Exception as err:
-                raise ModelLoadError(f"{self.path}: warm-up run failed: {err}") from None
-            for name, arr in out.items():
-                if not np.isfinite(arr).all():
-                    raise ModelLoadError(f"{self.path}: warm-up produced non-finite {name}")
+        try:
+            out = self.run(feeds, self.outputs + self.monitor_outputs)
+        except Exception as err:
+            raise ModelLoadError(f"{self.path}: warm-up run failed: {err}") from None
+        for name, arr in out.items():
+            if not np.isfinite(arr).all():
+                raise ModelLoadError(f"{self.path}: warm-up produced non-finite {name}")
         self.warmup_seconds = time.perf_counter() - t1
         log.info(
             "model loaded",
@@ -154,20 +141,16 @@ class Predictor:
             },
         )
 
-    def _session(
-        self, providers: list[str], intra_op_threads: int, spinning: bool
-    ) -> ort.InferenceSession:
+    def _session(self, providers: list[str], intra_op_threads: int) -> ort.InferenceSession:
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if intra_op_threads:
             opts.intra_op_num_threads = intra_op_threads
         opts.inter_op_num_threads = 1
-        # onnxruntime's threads busy-wait for work by default, taking CPU from the event loop
-        # and from anything else on the machine: on 2 shared cores a 256-row request then costs
-        # about twice the CPU time (bench/). Spinning, when asked for, stops as each run ends.
-        spin = "1" if spinning else "0"
-        opts.add_session_config_entry("session.intra_op.allow_spinning", spin)
-        opts.add_session_config_entry("session.force_spinning_stop", spin)
+        # onnxruntime's threads busy-wait for work by default, taking CPU from the event loop,
+        # from the other workers and from anything else on the machine: on 2 shared cores a
+        # 256-row request then costs about twice the CPU time (bench/).
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.log_severity_level = 3
         try:
             return ort.InferenceSession(str(self.path), opts, providers=providers)
@@ -241,17 +224,11 @@ class Predictor:
                 f"(edited, corrupted, or a runtime that computes differently): {shown}{more}"
             )
 
-    def spins(self, alone: bool) -> bool:
-        """Whether a run with this `alone` goes to a session whose threads spin."""
-        return self.spinning == "on" or (alone and self.spinning == "idle")
-
     def run(
-        self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None, alone: bool = False
+        self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None
     ) -> dict[str, np.ndarray]:
-        """`alone`: no other run is in progress or waiting (see the spinning setting)."""
         names = outputs or self.outputs
-        session = self._alone_session if alone else self.session
-        return dict(zip(names, session.run(names, feeds), strict=True))
+        return dict(zip(names, self.session.run(names, feeds), strict=True))
 
     @property
     def task_outputs(self) -> dict[str, str]:

@@ -4,7 +4,7 @@ and in time.
 httptools buffers a head of any size, and uvicorn waits for one without a deadline: one client
 could make the server hold hundreds of MB (a huge header), or hold a connection forever by never
 finishing its head (slowloris). Past the bounds the connection gets a JSON 431 or 408 and is
-closed. The body is bounded by the routes (service.deps.read_json_body).
+closed. The body is bounded by the routes (service.http.read_body).
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import math
 import os
 from pathlib import Path
@@ -22,6 +23,16 @@ def usable_cpus() -> int:
     except (OSError, ValueError):
         pass
     return cpus or 1
+
+
+def _gpu_build() -> bool:
+    """Whether the CUDA build of onnxruntime is installed (read from its package metadata:
+    importing onnxruntime here would cost a multi-process server's parent 30 MB)."""
+    try:
+        importlib.metadata.distribution("onnxruntime-gpu")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
 
 
 class Settings(BaseSettings):
@@ -45,27 +56,19 @@ class Settings(BaseSettings):
     provider: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="execution provider; auto: CUDA when it loads, else CPU"
     )
-    # The runs share one thread pool: a request alone may use every core, concurrent ones split
-    # them. On 2 CPUs that gave 10-40% more throughput at concurrency 8 than one run at a time
-    # or one thread per run (bench/).
+    # Processes rather than threads: one runtime call per core, each in its own process with
+    # its own session, scored 1.2-1.5x the requests per second of one process whose threads
+    # share the cores (docs/serving.md).
+    workers: int = Field(
+        0,
+        ge=0,
+        description="server processes sharing the port; 0: one per CPU this process may use "
+        "(one with CUDA)",
+    )
     intra_op_threads: int = Field(
-        0, ge=0, description="threads per runtime call; 0: one per CPU this process may use"
+        0, ge=0, description="threads per runtime call; 0: the CPUs divided among the workers"
     )
-    inference_workers: int = Field(
-        0, ge=0, description="runtime calls at once; 0: one per CPU this process may use"
-    )
-    # Spinning threads busy-wait between operators while a run is in progress: lower latency
-    # with several intra-op threads on idle cores, far slower when runs or processes share the
-    # cores. `idle` spins only in a run that has the machine to itself (no other request in
-    # progress), on a second session: 15% lower latency for a lone 256-row request of the
-    # EasyRec-sized model, the same throughput under load, one more copy of the weights in
-    # memory (bench/).
-    intra_op_spinning: Literal["off", "on", "idle"] = Field(
-        "idle",
-        description="idle: spin only in a request that has the server to itself (a second "
-        "session: one more copy of the weights; CPU only, off on a GPU); on: always; off: never",
-    )
-
+    inference_workers: int = Field(1, ge=1, description="runtime calls at once in each worker")
     max_batch_rows: int = Field(4096, ge=1, description="most rows one request may carry (413)")
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="largest request body (413)")
     # With no wait, a call takes the requests that queued while the previous one ran; waiting
@@ -104,13 +107,15 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
     access_log: bool = Field(True, description="one JSON line per request")
 
-    @field_validator("intra_op_spinning", mode="before")
+    @field_validator("workers")
     @classmethod
-    def _spinning_flag(cls, v: object) -> object:
-        flags = {"0": "off", "false": "off", "no": "off", "1": "on", "true": "on", "yes": "on"}
-        if isinstance(v, bool):
-            return "on" if v else "off"
-        return flags.get(v.lower(), v.lower()) if isinstance(v, str) else v
+    def _one_per_cpu(cls, v: int, info: ValidationInfo) -> int:
+        if v:
+            return v
+        # On a GPU the runs wait on the device rather than on cores, and each worker would hold
+        # a copy of the model in GPU memory.
+        provider = info.data.get("provider")
+        return 1 if provider == "cuda" or (provider == "auto" and _gpu_build()) else usable_cpus()
 
     @field_validator("grpc_port")
     @classmethod
@@ -119,10 +124,10 @@ class Settings(BaseSettings):
             raise ValueError(f"{v} is the HTTP port too: give gRPC a port of its own")
         return v
 
-    @field_validator("intra_op_threads", "inference_workers")
+    @field_validator("intra_op_threads")
     @classmethod
-    def _one_per_cpu(cls, v: int) -> int:
-        return v or usable_cpus()
+    def _cpus_per_worker(cls, v: int, info: ValidationInfo) -> int:
+        return v or max(1, usable_cpus() // info.data.get("workers", 1))
 
     @property
     def reload_dir(self) -> Path:

@@ -19,6 +19,15 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its descendants (Linux /proc)."""
+    out = [pid]
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            out += process_tree(int(child))
+    return out
+
+
 class ServerProcess:
     """`python -m mmoe serve` in a subprocess; `env` adds MMOE_* settings."""
 
@@ -71,6 +80,20 @@ class ServerProcess:
                 pass
             time.sleep(0.05)
         raise TimeoutError(f"{path} not 200 within {timeout}s: {self.log()}")
+
+    def pids(self) -> list[int]:
+        """The server's processes: the one started and, with workers, its children."""
+        assert self.proc is not None
+        return process_tree(self.proc.pid)
+
+    def rss_kib(self, key: str = "VmRSS") -> int:
+        """Resident memory of all its processes together (`key`: VmRSS now, VmHWM peak)."""
+        total = 0
+        for pid in self.pids():
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith(key + ":"):
+                    total += int(line.split()[1])
+        return total
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-4000:] if self.log_path else ""

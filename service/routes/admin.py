@@ -7,11 +7,13 @@ from typing import Any
 import msgspec
 from fastapi import APIRouter, Depends, Request
 
-from mmoe.service.deps import get_holder, read_json_body, require_api_key
+from mmoe.service.auth import require_api_key
 from mmoe.service.errors import ApiError, PayloadError
+from mmoe.service.http import read_request_body
+from mmoe.service.openapi import ERROR_RESPONSES
 from mmoe.service.payload import duplicate_key
 from mmoe.service.predictor import ModelLoadError
-from mmoe.service.routes.predict import ERROR_RESPONSES
+from mmoe.service.state import get_holder
 
 router = APIRouter(tags=["operations"], dependencies=[Depends(require_api_key)])
 
@@ -22,7 +24,8 @@ class ReloadRequest(msgspec.Struct, forbid_unknown_fields=True):
 
 @router.post(
     "/admin/reload",
-    summary="Reload the model (atomically; a bad file is rejected and the old model keeps serving)",
+    summary="Reload the model in every worker (atomically; a bad file is rejected and the old "
+    "model keeps serving)",
     responses={
         **{k: v for k, v in ERROR_RESPONSES.items() if k != 503},
         403: {**ERROR_RESPONSES[422], "description": "Path outside the model directory"},
@@ -36,7 +39,7 @@ class ReloadRequest(msgspec.Struct, forbid_unknown_fields=True):
 )
 async def reload(request: Request) -> dict[str, Any]:
     holder = get_holder(request)
-    body = await read_json_body(request, 4096)
+    body = await read_request_body(request, 4096)
     try:
         req = msgspec.json.decode(body, type=ReloadRequest) if body.strip() else ReloadRequest()
     except msgspec.ValidationError as err:
@@ -47,7 +50,7 @@ async def reload(request: Request) -> dict[str, Any]:
         raise PayloadError("path", "given twice: give it once", 422, "duplicate_key")
     path = holder.resolve(req.path)
     try:
-        model = await holder.load(path)
+        model = await holder.reload(path)
     except ModelLoadError as err:
         raise ApiError(
             422, "model_rejected", f"{err}; still serving the previous model", "path"

@@ -6,9 +6,9 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
-from mmoe.service.deps import get_holder, get_metrics, get_settings
+from mmoe.service.state import get_holder, get_metrics, get_settings
 
 router = APIRouter(tags=["operations"])
 
@@ -20,14 +20,15 @@ async def livez() -> dict[str, str]:
 
 @router.get(
     "/readyz",
-    summary="A model is loaded and warmed up",
+    summary="A model is loaded and warmed up (in every worker)",
     responses={503: {"description": "Not ready; `reason` says why"}},
 )
 async def readyz(request: Request) -> Response:
     holder = get_holder(request)
+    ready, reason = holder.ready()
     model = holder.current
-    if model is None:
-        return JSONResponse({"status": "not_ready", "reason": holder.not_ready_reason}, 503)
+    if not ready or model is None:
+        return JSONResponse({"status": "not_ready", "reason": reason}, 503)
     return JSONResponse({"status": "ready", "model": model.name, "version": model.version})
 
 
@@ -54,9 +55,9 @@ async def metadata(request: Request) -> dict[str, Any]:
             "dynamic": settings.batch_max_rows > 0,
             "batch_max_rows": settings.batch_max_rows,
             "batch_wait_ms": settings.batch_wait_ms,
+            "workers": settings.workers,
             "inference_workers": settings.inference_workers,
             "intra_op_threads": settings.intra_op_threads,
-            "intra_op_spinning": settings.intra_op_spinning,
             "max_queue": settings.max_queue,
             "max_batch_rows": settings.max_batch_rows,
             "request_timeout_ms": settings.request_timeout_ms,
@@ -64,11 +65,6 @@ async def metadata(request: Request) -> dict[str, Any]:
     }
 
 
-@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+@router.get("/metrics", summary="Prometheus metrics (of every worker)", response_class=Response)
 async def metrics(request: Request) -> Response:
-    m = get_metrics(request)
-    holder = get_holder(request)
-    if holder.current is not None:
-        m.queue_depth.set(holder.current.runner.waiting)
-        m.inflight.set(holder.current.runner.inflight)
-    return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(get_metrics(request).exposition(), media_type=CONTENT_TYPE_LATEST)

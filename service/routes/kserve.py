@@ -17,17 +17,12 @@ from fastapi.responses import Response
 
 from mmoe.contract.metadata import FeatureInfo
 from mmoe.service import kserve_v2
-from mmoe.service.deps import (
-    get_holder,
-    get_settings,
-    read_json_body,
-    require_api_key,
-    run_inference,
-)
+from mmoe.service.auth import require_api_key
 from mmoe.service.errors import ApiError, PayloadError
+from mmoe.service.http import read_request_body
 from mmoe.service.kserve_v2 import input_field, tensor_array
 from mmoe.service.payload import duplicate_key
-from mmoe.service.state import LoadedModel, ModelHolder
+from mmoe.service.state import LoadedModel, ModelHolder, get_holder, get_settings
 
 router = APIRouter(prefix="/v2", tags=["kserve-v2"])
 
@@ -120,7 +115,7 @@ async def live() -> dict[str, bool]:
 
 @router.get("/health/ready", summary="Server is ready")
 async def ready(request: Request) -> Response:
-    ok = get_holder(request).current is not None
+    ok = get_holder(request).ready()[0]
     return Response(orjson.dumps({"ready": ok}), 200 if ok else 503, media_type="application/json")
 
 
@@ -163,7 +158,7 @@ async def infer(
 ) -> Response:
     model = _model(get_holder(request), name, version)
     try:
-        body = await read_json_body(
+        body = await read_request_body(
             request, get_settings(request).max_body_bytes, ("application/octet-stream",)
         )
         req, binary = _split_body(body, request.headers.get(_HEADER))
@@ -171,7 +166,7 @@ async def infer(
         given = _given(features, req, binary)
         n, feeds = kserve_v2.feeds(features, given, get_settings(request).max_batch_rows)
         wanted = _wanted_outputs(model, req)
-        outputs = await run_inference(request, model, feeds, n)
+        outputs = await model.runner.infer(feeds, n)
     except V2Error:
         raise
     except ApiError as err:

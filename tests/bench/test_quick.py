@@ -1,5 +1,5 @@
-"""`mmoe bench --quick` end to end on the tiny model: floor, service, baseline, report and plot.
-It proves the benchmark runs; it asserts nothing about speed."""
+"""`mmoe bench --quick` end to end on the tiny model: floors, service, both peers, the flat
+requests, report and plot. It proves the benchmark runs; it asserts nothing about speed."""
 
 from __future__ import annotations
 
@@ -27,17 +27,28 @@ def test_quick_benchmark_writes_report_and_plot(
     assert proc.returncode == 0, proc.stderr[-4000:]
     (run_dir,) = out.iterdir()
     report = (run_dir / "report.md").read_text()
-    for heading in ("Floor", "Servers under load", "Start-up and memory", "Targets"):
+    for heading in (
+        "Floor, naive graph",
+        "Floor, context-once graph",
+        "Servers under load",
+        "Start-up and memory",
+        "Targets (service, 256 candidates)",
+    ):
         assert f"### {heading}" in report
     assert (run_dir / "latency_throughput.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     results = json.loads((run_dir / "results.json").read_text())
     (model,) = results["models"]
-    assert [p["rows"] for p in model["floor"]] == [1, 16, 64, 256, 1024]
-    assert set(model["servers"]) == {"service", "baseline"}
+    for graph in ("naive", "context"):
+        assert [p["rows"] for p in model["floors"][graph]] == [1, 16, 64, 256, 1024]
+    servers = {"service", "tuned", "baseline", "flat", "flat, naive graph"}
+    assert set(model["servers"]) == servers
     cells = {(c["server"], c["candidates"], c["concurrency"]): c for c in model["cells"]}
-    assert len(cells) == 2 * 3 * 3
+    assert len(cells) == 3 * 3 * 3 + 2
     assert all(c["errors"] == 0 for c in cells.values()), cells
-    for server in ("service", "baseline"):
+    for server in servers:
         assert sum(c["requests"] for c in model["cells"] if c["server"] == server) > 0
     assert model["servers"]["service"]["cold_start_s"] > 0
+    assert model["servers"]["service"]["processes"] > 1  # parent and workers, summed
+    targets = [line for line in report.splitlines() if line.startswith("| c=") or "flat" in line]
+    assert len([t for t in targets if t.endswith(("| yes |", "| **no** |"))]) == 7, targets

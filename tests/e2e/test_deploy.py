@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
+from mmoe.service.app import GRACEFUL_SHUTDOWN_S
 from mmoe.service.settings import Settings
 from tests.docs import sections
 
@@ -163,9 +164,7 @@ def test_compose_wires_the_job_the_servers_and_the_balancer() -> None:
     assert config and (ROOT / config.group(1)).is_file(), "the job trains a config we ship"
     assert "/models/model.onnx" in script
 
-    drain = re.search(r"timeout_graceful_shutdown=(\d+)", (ROOT / "service" / "cli.py").read_text())
-    assert drain, "service/cli.py no longer sets uvicorn's graceful-shutdown timeout"
-    drain_s = int(drain.group(1))
+    drain_s = GRACEFUL_SHUTDOWN_S
     for name in ("server", "server-gpu"):
         svc = services[name]
         assert svc["depends_on"]["model"]["condition"] == "service_completed_successfully"

@@ -290,15 +290,19 @@ def test_only_the_reload_endpoint_takes_a_path(server: ServerProcess) -> None:
 def test_server_runs_as_the_user_that_started_it_and_reads_only_its_model(
     server: ServerProcess, tiny_onnx: Path
 ) -> None:
-    """Nothing escalates: the process keeps the caller's uid, and the only model file it holds
-    open or mapped is the configured one (the container image runs it as uid 10001)."""
-    assert server.proc is not None
-    status = Path(f"/proc/{server.proc.pid}/status").read_text()
-    uids = next(line for line in status.splitlines() if line.startswith("Uid:")).split()[1:]
-    assert set(uids) == {str(os.getuid())}
-    fds = Path(f"/proc/{server.proc.pid}/fd")
-    opened = {os.path.realpath(fds / fd) for fd in os.listdir(fds)}
-    assert not [p for p in opened if p.endswith(".onnx") and p != str(tiny_onnx.resolve())]
+    """Nothing escalates: every process of the server (with workers, the parent and each
+    worker) keeps the caller's uid, and the only model file any holds open or mapped is the
+    configured one (the container image runs it as uid 10001)."""
+    pids = server.pids()
+    workers = httpx.get(server.url + "/metadata").json()["batching"]["workers"]
+    assert len(pids) >= (1 + workers if workers > 1 else 1)
+    for pid in pids:
+        status = Path(f"/proc/{pid}/status").read_text()
+        uids = next(line for line in status.splitlines() if line.startswith("Uid:")).split()[1:]
+        assert set(uids) == {str(os.getuid())}
+        fds = Path(f"/proc/{pid}/fd")
+        opened = {os.path.realpath(fds / fd) for fd in os.listdir(fds)}
+        assert not [p for p in opened if p.endswith(".onnx") and p != str(tiny_onnx.resolve())]
 
 
 # --------------------------------------------------------------------- untrusted checkpoints

@@ -17,6 +17,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from mmoe.service.app import GRACEFUL_SHUTDOWN_S
 from mmoe.service.grpc_v2 import STOP_GRACE_S
 from mmoe.service.routes import health
 from mmoe.service.settings import Settings
@@ -273,11 +274,8 @@ def test_probes_ask_routes_the_server_has_on_its_port(container: dict[str, Any])
 
 
 def test_the_grace_period_covers_the_pause_and_both_drains() -> None:
-    cli = (ROOT / "service" / "cli.py").read_text()
-    drain = re.search(r"timeout_graceful_shutdown=(\d+)", cli)
-    assert drain, "service/cli.py no longer sets uvicorn's graceful-shutdown timeout"
     pause = SERVER["lifecycle"]["preStop"]["sleep"]["seconds"]
-    needed = pause + int(drain.group(1)) + STOP_GRACE_S
+    needed = pause + GRACEFUL_SHUTDOWN_S + STOP_GRACE_S
     assert POD["terminationGracePeriodSeconds"] > needed
 
 

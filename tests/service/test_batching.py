@@ -1,11 +1,10 @@
 """Serving under load: dynamic batching merges concurrent requests into one runtime call and
-splits the scores back in order; the queue is bounded (503 + Retry-After); requests time out."""
+splits the scores back in order; the queue is bounded (503 + Retry-After); requests time out;
+small requests run on the event loop's thread."""
 
 from __future__ import annotations
 
 import asyncio
-import json
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -18,14 +17,10 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from mmoe.service.batching import INLINE_MAX_ROWS, DirectRunner
-from mmoe.service.deps import infer
+from mmoe.service.batching import INLINE_MAX_ROWS, Admission, DirectRunner
 from mmoe.service.errors import ApiError
 from mmoe.service.metrics import ServiceMetrics
-from mmoe.service.payload import RequestDecoder
 from mmoe.service.predictor import Predictor, warmup_feeds
-from mmoe.service.settings import Settings
-from mmoe.service.state import LoadedModel
 from tests.server import ServerProcess
 
 
@@ -160,140 +155,63 @@ def test_a_request_over_its_time_budget_answers_503(
     assert httpx.get(f"{server.url}/readyz").status_code == 200
 
 
-def runs_by_spinning(server: ServerProcess) -> dict[str, float]:
-    text = httpx.get(f"{server.url}/metrics").text
-    return {
-        s.labels["spinning"]: s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-        if s.name == "mmoe_runtime_runs_total"
-    }
+class ThreadRecordingPredictor(Predictor):
+    """The real model; each run after the warm-up notes (rows, the thread it ran on), and takes
+    `delay_s` longer."""
+
+    def __init__(self, path: Path, delay_s: float = 0.0) -> None:
+        self.ran_on: list[tuple[int, int]] = []
+        self.delay_s = 0.0
+        super().__init__(path)
+        self.ran_on.clear()
+        self.delay_s = delay_s
+
+    def run(self, *args: Any, **kwargs: Any) -> dict[str, np.ndarray]:
+        feeds = args[0]
+        self.ran_on.append((len(next(iter(feeds.values()))), threading.get_ident()))
+        time.sleep(self.delay_s)
+        return super().run(*args, **kwargs)
 
 
-@pytest.mark.parametrize("spinning", ["idle", "on"])
-def test_spinning_settings_change_speed_not_scores(
-    start_server: Callable[..., ServerProcess], tiny_onnx: Path, spinning: str
-) -> None:
-    """`idle`: a request alone runs on the spinning session, requests that meet run on the
-    other; `on`: every run spins. The scores are the same as without spinning."""
-    plain = start_server(tiny_onnx)
-    server = start_server(tiny_onnx, env={"MMOE_INTRA_OP_SPINNING": spinning})
-    assert httpx.get(f"{server.url}/metadata").json()["batching"]["intra_op_spinning"] == spinning
-    bodies = [request_body(i, 2000) for i in range(6)]
-
-    expected = [httpx.post(f"{plain.url}/predict", json=b).json()["scores"] for b in bodies]
-    start = runs_by_spinning(server)
-    alone = [httpx.post(f"{server.url}/predict", json=b).json()["scores"] for b in bodies]
-    after_alone = runs_by_spinning(server)
-    together = [r.json()["scores"] for r in post_together(server, bodies)]
-    after_together = runs_by_spinning(server)
-
-    for want, one, met in zip(expected, alone, together, strict=True):
-        for task in ("ctr", "cvr"):
-            np.testing.assert_allclose(one[task], want[task], atol=1e-6)
-            np.testing.assert_allclose(met[task], want[task], atol=1e-6)
-    spun = after_alone.get("true", 0) - start.get("true", 0)
-    assert spun == len(bodies)  # each request sent alone ran alone
-    shared = after_together.get("false", 0) - after_alone.get("false", 0)
-    if spinning == "idle":
-        assert shared >= 1, "requests sent together all ran on the spinning session"
-    else:
-        assert shared == 0
-        assert after_together.get("true", 0) - after_alone.get("true", 0) == len(bodies)
+def runner_for(predictor: Predictor, pool: ThreadPoolExecutor, timeout_ms: int) -> DirectRunner:
+    return DirectRunner(predictor, pool, 1, Admission(8, timeout_ms, 1), ServiceMetrics())
 
 
-def test_a_small_request_alone_runs_on_the_event_loop_thread(tiny_onnx: Path) -> None:
-    """Alone and at most INLINE_MAX_ROWS rows: run on the loop's own thread (no hand-off to an
-    inference thread and back); larger, or with another request in progress: on the inference
-    threads. The scores are the same either way."""
-    predictor = Predictor(tiny_onnx)
-    ran_on: list[tuple[int, int]] = []  # (rows, thread) of each runtime call
-    active = [1]  # HTTP requests in progress, as the service counts them
-
-    def observe(rows: int, seconds: float, spun: bool) -> None:
-        ran_on.append((rows, threading.get_ident()))
-
+def test_a_small_request_runs_on_the_event_loop_thread(tiny_onnx: Path) -> None:
+    """At most INLINE_MAX_ROWS rows: on the loop's own thread (no hand-off to an inference
+    thread and back); larger: on an inference thread. The scores are the same either way."""
+    predictor = ThreadRecordingPredictor(tiny_onnx)
     small = warmup_feeds(predictor.meta.features, INLINE_MAX_ROWS)
-    large = warmup_feeds(predictor.meta.features, INLINE_MAX_ROWS + 1)
+    # one row more (context inputs keep their one row)
+    large = {k: np.concatenate([v, v[:1]]) if len(v) > 1 else v for k, v in small.items()}
 
-    async def serve() -> tuple[int, list[dict[str, np.ndarray]]]:
-        with ThreadPoolExecutor(2) as pool:
-            runner = DirectRunner(predictor, pool, 2, 8, observe, lambda: active[0])
-            outs = [await runner.infer(small, INLINE_MAX_ROWS)]
-            await runner.infer(large, INLINE_MAX_ROWS + 1)
-            active[0] = 2  # another request is being received
-            outs.append(await runner.infer(small, INLINE_MAX_ROWS))
-        return threading.get_ident(), outs
+    async def serve() -> tuple[int, dict[str, np.ndarray], dict[str, np.ndarray]]:
+        with ThreadPoolExecutor(1) as pool:
+            runner = runner_for(predictor, pool, 10_000)
+            inline = await runner.infer(small, INLINE_MAX_ROWS)
+            off_loop = await runner.infer(large, INLINE_MAX_ROWS + 1)
+        return threading.get_ident(), inline, off_loop
 
-    loop_thread, (alone, met) = asyncio.run(serve())
-    assert [rows for rows, _ in ran_on] == [INLINE_MAX_ROWS, INLINE_MAX_ROWS + 1, INLINE_MAX_ROWS]
-    assert ran_on[0][1] == loop_thread
-    assert ran_on[1][1] != loop_thread
-    assert ran_on[2][1] != loop_thread
-    for name in alone:
-        np.testing.assert_allclose(alone[name], met[name], atol=1e-6)
+    loop_thread, inline, off_loop = asyncio.run(serve())
+    assert [rows for rows, _ in predictor.ran_on] == [INLINE_MAX_ROWS, INLINE_MAX_ROWS + 1]
+    assert predictor.ran_on[0][1] == loop_thread
+    assert predictor.ran_on[1][1] != loop_thread
+    for name in inline:
+        np.testing.assert_allclose(inline[name], off_loop[name][:INLINE_MAX_ROWS], atol=1e-6)
 
 
 def test_a_run_on_the_event_loop_thread_over_the_time_budget_answers_503(tiny_onnx: Path) -> None:
     """Such a run cannot be interrupted; once it ends over MMOE_REQUEST_TIMEOUT_MS the request
     still gets the 503 the setting promises."""
-
-    class SlowPredictor(Predictor):  # the real model, 50 ms slower
-        def run(self, *args: Any, **kwargs: Any) -> dict[str, np.ndarray]:
-            time.sleep(0.05)
-            return super().run(*args, **kwargs)
-
-    predictor = SlowPredictor(tiny_onnx)
-    settings = Settings(model_path=tiny_onnx, request_timeout_ms=10)
+    predictor = ThreadRecordingPredictor(tiny_onnx, delay_s=0.05)  # 50 ms, budget 10
     feeds = warmup_feeds(predictor.meta.features, 4)
 
-    async def serve() -> tuple[list[int], ApiError]:
-        with ThreadPoolExecutor(1) as pool:
-            ran_on: list[int] = []
-            runner = DirectRunner(
-                predictor, pool, 1, 8, lambda *_: ran_on.append(threading.get_ident())
-            )
-            model = LoadedModel(predictor, RequestDecoder(predictor.meta, 8), runner, 0.0)
-            with pytest.raises(ApiError) as err:
-                await infer(settings, ServiceMetrics(), model, feeds, 4)
-        return ran_on, err.value
+    async def serve() -> ApiError:
+        with ThreadPoolExecutor(1) as pool, pytest.raises(ApiError) as err:
+            await runner_for(predictor, pool, 10).infer(feeds, 4)
+        return err.value
 
-    ran_on, err = asyncio.run(serve())
-    assert ran_on == [threading.get_ident()]  # it did run on the loop's thread
+    err = asyncio.run(serve())
+    assert [thread for _, thread in predictor.ran_on] == [threading.get_ident()]
     assert (err.status, err.code) == (503, "timeout")
-
-
-def test_requests_that_arrive_together_are_not_taken_for_alone(
-    start_server: Callable[..., ServerProcess], tiny_onnx: Path
-) -> None:
-    """Eight small requests written at the same moment: a request counts as alone (the spinning
-    session, on the event loop's thread) only if no other is in progress, so most of them run
-    as shared. Counting a request only once its task has started would take each for alone, and
-    run them one by one on the loop."""
-    server = start_server(tiny_onnx)
-    host, port = server.url.removeprefix("http://").split(":")
-    requests = []
-    for i in range(8):
-        body = json.dumps(request_body(i, 64)).encode()
-        head = "POST /predict HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
-        requests.append(f"{head}content-length: {len(body)}\r\n\r\n".encode() + body)
-    start = runs_by_spinning(server)
-    sockets = [socket.create_connection((host, int(port)), timeout=30) for _ in requests]
-    try:
-        for sock, request in zip(sockets, requests, strict=True):
-            sock.sendall(request)
-        for sock in sockets:
-            answer = b""
-            while b"\r\n\r\n" not in answer or not answer.endswith(b"}"):
-                chunk = sock.recv(65536)
-                assert chunk, answer
-                answer += chunk
-            assert answer.startswith(b"HTTP/1.1 200"), answer
-    finally:
-        for sock in sockets:
-            sock.close()
-    end = runs_by_spinning(server)
-    shared = end.get("false", 0) - start.get("false", 0)
-    alone = end.get("true", 0) - start.get("true", 0)
-    assert shared + alone == len(requests)
-    assert shared >= 4, f"{alone} of {len(requests)} requests sent together ran as alone"
+    assert err.headers == {"Retry-After": "1"}

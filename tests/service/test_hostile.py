@@ -468,11 +468,8 @@ def hostile_server(
 
 
 def rss_kib(server: ServerProcess, key: str = "VmRSS") -> int:
-    assert server.proc is not None
-    for line in Path(f"/proc/{server.proc.pid}/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-    raise AssertionError(f"no {key} for the server process")
+    """All the server's processes together (with workers, a request reaches any of them)."""
+    return server.rss_kib(key)
 
 
 def assert_still_serves(server: ServerProcess) -> None:

@@ -20,7 +20,6 @@ import httpx
 import onnxruntime as ort
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from pydantic import ValidationError
 
 from mmoe.service.settings import Settings
 from tests.docs import documents
@@ -41,7 +40,7 @@ def server(tiny_onnx: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         "MMOE_INTRA_OP_THREADS": "1",
         "MMOE_ACCESS_LOG": "true",
     }
-    args = ["--provider", "auto", "--max-queue", "9"]
+    args = ["--provider", "auto", "--max-queue", "9", "--workers", "2"]
     log = tmp_path_factory.mktemp("operations") / "server.log"
     with ServerProcess(tiny_onnx, env, args, log_path=log) as running:
         yield running
@@ -117,7 +116,8 @@ def test_metadata_describes_features_tasks_provider_and_batching(
         "batch_wait_ms": 3.0,  # from the environment
         "max_queue": 9,  # the flag, over MMOE_MAX_QUEUE=7
         "intra_op_threads": 1,
-        "intra_op_spinning": "idle",  # the default
+        "workers": 2,  # the flag
+        "inference_workers": 1,  # the default
     }
 
 
@@ -139,7 +139,7 @@ def test_auto_provider_is_the_one_that_really_loaded(
     assert info == 1
     assert server.log_path is not None
     loaded = [e for e in log_lines(server.log_path) if e.get("event") == "model_loaded"]
-    assert [e["provider"] for e in loaded] == [provider]
+    assert sorted((e["worker"], e["provider"]) for e in loaded) == [(0, provider), (1, provider)]
 
 
 def test_cuda_provider_without_cuda_stops_the_start_with_a_clear_message(
@@ -171,13 +171,14 @@ def test_invalid_settings_exit_non_zero_naming_the_setting(tiny_onnx: Path) -> N
 def test_metrics_count_requests_latency_rows_and_runtime_calls(
     server: ServerProcess, tiny_onnx: Path
 ) -> None:
+    """Summed over the two workers: each request on its own connection, so either may get it."""
     before = scrape(server)
-    with httpx.Client(base_url=server.url) as client:
-        for n in (3, 5):
-            body = {"candidates": {"user_id": ["u1"] * n, "category": ["c1"] * n}}
-            assert client.post("/predict", json=body).status_code == 200
-        assert client.post("/predict", json={"candidates": {"user_id": ["u1"]}}).status_code == 422
-        assert client.get("/no/such/page").status_code == 404
+    for n in (3, 5):
+        body = {"candidates": {"user_id": ["u1"] * n, "category": ["c1"] * n}}
+        assert httpx.post(f"{server.url}/predict", json=body).status_code == 200
+    invalid = {"candidates": {"user_id": ["u1"]}}
+    assert httpx.post(f"{server.url}/predict", json=invalid).status_code == 422
+    assert httpx.get(f"{server.url}/no/such/page").status_code == 404
     after = scrape(server)
 
     def delta(metric: str, /, **labels: str) -> float:
@@ -195,14 +196,11 @@ def test_metrics_count_requests_latency_rows_and_runtime_calls(
     assert delta("mmoe_runtime_batch_rows_count") == 2
     assert delta("mmoe_runtime_batch_rows_sum") == 8
     assert delta("mmoe_runtime_seconds_count") == 2
-    # by default a request that has the server to itself runs on the spinning session
-    assert delta("mmoe_runtime_runs_total", spinning="true") == 2
-    assert delta("mmoe_runtime_runs_total", spinning="false") == 0
     assert value(after, "mmoe_http_requests_active") == 1  # the scrape itself
     assert ("mmoe_queue_depth", frozenset()) in after
     assert value(after, "mmoe_queue_depth") == 0
     assert value(after, "mmoe_inflight") == 0
-    assert value(after, "mmoe_reloads_total", result="ok") == 1
+    assert value(after, "mmoe_reloads_total", result="ok") == 2  # each worker loaded the model
     infos = [k for k in after if k[0] == "mmoe_model_info"]
     assert len(infos) == 1
     assert dict(infos[0][1]) | {"provider": ""} == {
@@ -254,8 +252,10 @@ def test_access_log_is_one_json_line_per_request(server: ServerProcess) -> None:
     lines = log_lines(server.log_path)
     by_id = {e["request_id"]: e for e in lines if e.get("logger") == "mmoe.access"}
     ok = by_id[rid]
-    assert ok | {"ms": 0, "ts": ""} == {
+    assert ok["worker"] in (0, 1)  # which of the two workers answered
+    assert ok | {"ms": 0, "ts": "", "worker": 0} == {
         "ts": "",
+        "worker": 0,
         "level": "info",
         "logger": "mmoe.access",
         "msg": "request",
@@ -307,9 +307,11 @@ def test_start_without_a_model_waits_logging_each_reason_once(
 
     assert server.log_path is not None
     failures = [e for e in log_lines(server.log_path) if e.get("event") == "model_load_failed"]
-    assert len(failures) == 2, failures
-    assert "model file not found" in failures[0]["reason"]
-    assert "cannot load" in failures[1]["reason"]
+    for worker in {e.get("worker") for e in failures}:  # each worker logs its own
+        reasons = [e["reason"] for e in failures if e.get("worker") == worker]
+        assert len(reasons) == 2, failures
+        assert "model file not found" in reasons[0]
+        assert "cannot load" in reasons[1]
 
 
 @pytest.mark.slow
@@ -362,25 +364,8 @@ def test_livez_answers_while_inference_is_saturated(
     assert median < 0.05, f"/livez median {median * 1000:.0f} ms under load: {latencies}"
 
 
-@pytest.mark.parametrize(
-    ("given", "means"),
-    [("idle", "idle"), ("ON", "on"), ("1", "on"), ("true", "on"), ("0", "off"), ("false", "off")],
-)
-def test_spinning_setting_takes_its_words_and_booleans(
-    monkeypatch: pytest.MonkeyPatch, given: str, means: str
-) -> None:
-    monkeypatch.setenv("MMOE_INTRA_OP_SPINNING", given)
-    assert Settings().intra_op_spinning == means
-
-
-def test_an_unknown_spinning_setting_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("MMOE_INTRA_OP_SPINNING", "sometimes")
-    with pytest.raises(ValidationError, match="intra_op_spinning"):
-        Settings()
-
-
 def test_every_setting_is_in_a_settings_table_with_its_default() -> None:
-    # docs/settings.md's table, and those of the docs/ pages that add settings.
+    # docs/settings.md's table, and those of the docs/ pages that add settings (a later row wins).
     text = "\n".join(doc.read_text() for doc in documents())
     rows = {
         line.split("|")[1].strip(" `"): line.split("|")[3].strip()

@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 import onnx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from mmoe.contract.metadata import METADATA_KEY
 from tests.server import ServerProcess
@@ -114,6 +115,17 @@ def served_version(server: ServerProcess) -> str:
     return version
 
 
+def versions_served(server: ServerProcess) -> set[str]:
+    """The model versions any worker serves, from mmoe_model_info."""
+    text = httpx.get(f"{server.url}/metrics").text
+    return {
+        s.labels["version"]
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == "mmoe_model_info" and s.value == 1
+    }
+
+
 def reload(server: ServerProcess, body: dict[str, Any] | None = None) -> httpx.Response:
     return httpx.post(f"{server.url}/admin/reload", json=body or {}, timeout=60)
 
@@ -164,8 +176,9 @@ def test_bad_files_are_rejected_under_load_and_a_good_one_swaps_in(
     assert meta["model"]["version"] == "8"
     assert meta["model"]["path"] == str(model_dir / "v8.onnx")
     metrics = httpx.get(f"{server.url}/metrics").text
-    assert 'mmoe_reloads_total{result="failed"} 4.0' in metrics
-    assert 'mmoe_reloads_total{result="ok"} 2.0' in metrics
+    workers = meta["batching"]["workers"]  # each loads the start's and v8's file
+    assert 'mmoe_reloads_total{result="failed"} 4.0' in metrics  # refused by the one asked
+    assert f'mmoe_reloads_total{{result="ok"}} {2.0 * workers}' in metrics
     info = [line for line in metrics.splitlines() if line.startswith("mmoe_model_info{")]
     assert len(info) == 1 and 'version="8"' in info[0]
 
@@ -193,8 +206,10 @@ def test_sighup_reloads_the_file_and_keeps_the_old_model_if_it_is_bad(
     model = model_dir / "model.onnx"
     good_v8 = version_8(tiny_onnx, model_dir / "v8.build").read_bytes()
     server = start_server(model)
+    workers = httpx.get(f"{server.url}/metadata").json()["batching"]["workers"]
 
     def reloads(result: str) -> float:
+        """Loads by result, counted in every worker (each reloads on SIGHUP)."""
         text = httpx.get(f"{server.url}/metrics").text
         for line in text.splitlines():
             if line.startswith(f'mmoe_reloads_total{{result="{result}"}}'):
@@ -210,18 +225,18 @@ def test_sighup_reloads_the_file_and_keeps_the_old_model_if_it_is_bad(
     with Load(server, threads=2) as load:
         replace(model, tiny_onnx.read_bytes()[:5000])
         server.signal(signal.SIGHUP)
-        wait(lambda: reloads("failed") == 1)
+        wait(lambda: reloads("failed") == workers)
         load.wait_for_requests(3)
         assert served_version(server) == "7"
 
         replace(model, good_v8)
         server.signal(signal.SIGHUP)
-        wait(lambda: served_version(server) == "8")
+        wait(lambda: versions_served(server) == {"8"})  # by every worker
         load.wait_for_requests(3)
 
     assert load.failures == []
     assert load.results[-1] == (200, "8")
-    assert reloads("ok") == 2
+    assert reloads("ok") == 2 * workers
     assert server.proc is not None and server.proc.poll() is None  # SIGHUP did not end it
     assert "model load failed" in server.log()
 
