@@ -102,6 +102,13 @@ class ServiceMetrics:
             ["result"],
             registry=r,
         )
+        # Every known label value at 0 from the start: a series that exists only after its first
+        # event has no rate() until then (and a worker's multiprocess files hold only what it
+        # touched), so alerts and dashboards would read "no data" where the answer is 0.
+        for reason in ("queue_full", "timeout"):
+            self.shed.labels(reason)
+        for result in ("ok", "failed"):
+            self.reloads.labels(result)
         self._models: Callable[[], list[dict[str, str]]] = list
         # What a scrape reads: this registry, or every worker's multiprocess files.
         self._scraped = r
