@@ -315,6 +315,7 @@ def test_start_without_a_model_waits_logging_each_reason_once(
 
 
 @pytest.mark.slow
+@pytest.mark.serial
 def test_livez_answers_while_inference_is_saturated(
     start_server: Callable[..., ServerProcess], tiny_onnx: Path
 ) -> None:

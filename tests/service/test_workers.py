@@ -110,6 +110,7 @@ def two_workers(start_server: Callable[..., ServerProcess], model_dir: Path) -> 
     return server
 
 
+@pytest.mark.serial
 def test_metrics_add_up_over_the_requests_sent_to_every_worker(two_workers: ServerProcess) -> None:
     server = two_workers
     before = scrape(server)
