@@ -58,7 +58,7 @@ lint: $(VENV)/.dev-installed
 	$(BIN)/mypy mmoe
 
 # PYTEST_ARGS: more pytest options for both runs, e.g. make test PYTEST_ARGS="-k predict".
-# The tests run on two processes (pytest-xdist: 9 minutes on 2 cores where one took 12-15),
+# The tests run on two processes (pytest-xdist: 8 minutes on 2 cores where one took 12-15),
 # then the few marked `serial` (they measure time, or how connections spread over a server's
 # workers) alone, so that no other test shares the cores with them. Exit status 5 is "nothing
 # selected", as a -k filter may leave one run empty.
