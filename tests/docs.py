@@ -4,6 +4,7 @@ in them (`<!-- section:NAME -->` ... `<!-- /section:NAME -->`), in whichever fil
 from __future__ import annotations
 
 import re
+import shlex
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,3 +28,22 @@ def section(name: str) -> tuple[Path, str]:
     (found, *more) = sections(name)
     assert not more, f"section {name!r} is in more than one place: {[str(p) for p, _ in more]}"
     return found
+
+
+def bash_commands(text: str) -> list[list[str]]:
+    """The command lines of `text`'s bash blocks, as argv lists: continued lines joined, a quoted
+    argument followed over the lines it spans, comments and blank lines left out."""
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", text, re.DOTALL):
+        pending = ""
+        for line in re.sub(r"\\\n", " ", block).splitlines():
+            pending += line + "\n"
+            try:
+                argv = shlex.split(pending, comments=True)
+            except ValueError:  # a quoted argument goes on over the next line
+                continue
+            pending = ""
+            if argv:
+                commands.append(argv)
+        assert not pending, f"unclosed quote in a bash block: {pending}"
+    return commands

@@ -15,7 +15,7 @@ import yaml
 
 from mmoe.service.app import GRACEFUL_SHUTDOWN_S
 from mmoe.service.settings import Settings
-from tests.docs import sections
+from tests.docs import bash_commands, sections
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY_PORT = 8000
@@ -84,19 +84,7 @@ def docker_section() -> str:
 
 def readme_commands() -> list[list[str]]:
     """The `docker ...` command lines of the documentation's docker sections, as argv lists."""
-    commands = []
-    for block in re.findall(r"```bash\n(.*?)```", docker_section(), re.DOTALL):
-        pending = ""
-        for line in re.sub(r"\\\n", " ", block).splitlines():
-            pending += line + "\n"
-            try:
-                argv = shlex.split(pending, comments=True)
-            except ValueError:  # a quoted argument goes on over the next line
-                continue
-            pending = ""
-            if argv[:1] == ["docker"]:
-                commands.append(argv)
-        assert not pending, f"unclosed quote in a docker section: {pending}"
+    commands = [argv for argv in bash_commands(docker_section()) if argv[:1] == ["docker"]]
     for inline in re.findall(r"`(docker [^`]+)`", docker_section()):
         commands.append(shlex.split(inline))
     return commands

@@ -21,6 +21,7 @@ from mmoe.service.app import GRACEFUL_SHUTDOWN_S
 from mmoe.service.grpc_v2 import STOP_GRACE_S
 from mmoe.service.routes import health
 from mmoe.service.settings import Settings
+from tests.docs import bash_commands
 from tests.e2e.test_deploy import STAGES
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -357,20 +358,7 @@ def test_the_model_volume_is_read_only_for_the_servers_and_written_by_the_job() 
 
 def doc_commands() -> list[list[str]]:
     """The command lines of docs/kubernetes.md's bash blocks, as argv lists."""
-    commands = []
-    for block in re.findall(r"```bash\n(.*?)```", DOCS.read_text(), re.DOTALL):
-        pending = ""
-        for line in re.sub(r"\\\n", " ", block).splitlines():
-            pending += line + "\n"
-            try:
-                argv = shlex.split(pending, comments=True)
-            except ValueError:  # a quoted argument goes on over the next line
-                continue
-            pending = ""
-            if argv:
-                commands.append(argv)
-        assert not pending, f"unclosed quote in docs/kubernetes.md: {pending}"
-    return commands
+    return bash_commands(DOCS.read_text())
 
 
 def _objects() -> set[tuple[str, str]]:

@@ -32,18 +32,9 @@ from mmoe.service.grpc_service import status_code
 from mmoe.service.grpc_v2 import STOP_GRACE_S
 from mmoe.service.settings import Settings
 from tests.server import ServerProcess, free_port
+from tests.service.test_kserve import MAX_TAGS, ROWS, predict_scores
 
-MAX_TAGS = 4  # tag_brand_list max_len in tests/data/tiny.yaml
 NUMERIC = ("price", "hour")
-ROWS: dict[str, list[Any]] = {
-    "user_id": ["u12", "u3", "nobody", "u12", "u40"],
-    "item_id": ["i1", "i2", "never-seen", "", "i5"],
-    "category": ["c1", "c7", "c-unknown", "c3", "c1"],
-    "age_level": ["3", "0", "1", "3", "6"],
-    "price": [12.5, 1.0, 0.0, 1e6, -3.0],
-    "hour": [0.0, 6.0, 12.5, 23.0, 18.0],
-    "tag_brand_list": [["b1", "b2"], [], ["b7", "b8", "b9"], ["b4"], ["b1", "b2", "b3", "b4"]],
-}
 KEY = "k3y-for-grpc-tests"
 MAX_BODY = 1 << 20
 
@@ -88,12 +79,6 @@ def client(server: GrpcServer) -> Iterator[triton.InferenceServerClient]:
     c = server.client()
     yield c
     c.close()
-
-
-def predict_scores(server: ServerProcess, rows: dict[str, list[Any]]) -> dict[str, np.ndarray]:
-    r = httpx.post(f"{server.url}/predict", json={"candidates": rows}, timeout=30)
-    assert r.status_code == 200, r.text
-    return {task: np.array(s, dtype=np.float32) for task, s in r.json()["scores"].items()}
 
 
 def tensor_values(name: str, values: list[Any]) -> np.ndarray:

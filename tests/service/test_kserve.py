@@ -43,7 +43,7 @@ def client(server: ServerProcess) -> Iterator[triton.InferenceServerClient]:
 
 
 def predict_scores(server: ServerProcess, rows: dict[str, list[Any]]) -> dict[str, np.ndarray]:
-    r = httpx.post(f"{server.url}/predict", json={"candidates": rows})
+    r = httpx.post(f"{server.url}/predict", json={"candidates": rows}, timeout=30)
     assert r.status_code == 200, r.text
     return {task: np.array(s, dtype=np.float32) for task, s in r.json()["scores"].items()}
 
