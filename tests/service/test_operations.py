@@ -285,7 +285,8 @@ def test_start_without_a_model_waits_logging_each_reason_once(
         reason: str = r.json()["reason"]
         return reason
 
-    assert "model file not found" in not_ready_reason()
+    # Each worker answers "not loaded yet" until its first attempt, which follows its start.
+    wait_until(lambda: "model file not found" in not_ready_reason())
     assert httpx.get(f"{server.url}/livez").status_code == 200
     assert httpx.get(f"{server.url}/v2/health/ready").status_code == 503
     r = httpx.post(f"{server.url}/predict", json={"candidates": ROWS})
