@@ -31,6 +31,7 @@ from mmoe.contract.metadata import FeatureInfo
 
 _STR = {str}
 _STR_OR_INT = {str, int}
+_STR_OR_NONE = {str, type(None)}
 _LIST = {list}
 DEFAULT_SEPARATOR = "|"
 
@@ -61,6 +62,10 @@ def column_input(f: FeatureInfo, values: Sequence[Any]) -> np.ndarray:
     if types <= _STR_OR_INT:  # integer ids score as their decimal strings, converted in C
         return np.array(list(map(str, values)), dtype=object)
     default = f.default
+    if types <= _STR_OR_NONE and default is not None:  # strings and nulls: the nulls in bulk
+        out = np.array(values, dtype=object)
+        out[out == None] = str(default)  # noqa: E711 (elementwise, not identity)
+        return out
     return np.array(
         [v if v.__class__ is str else _id_string(v, default, f, j) for j, v in enumerate(values)],
         dtype=object,

@@ -26,7 +26,7 @@ from mmoe.service.errors import (
 )
 from mmoe.service.metrics import ServiceMetrics
 from mmoe.service.monitoring import Watched
-from mmoe.service.observability import Observability
+from mmoe.service.observability import Observability, ServerLoad
 from mmoe.service.predictor import ModelLoadError, ProviderError, choose_providers
 from mmoe.service.protocol import bounded_http_protocol
 from mmoe.service.routes import admin, health, kserve, predict
@@ -49,6 +49,7 @@ def create_app(
     metrics = ServiceMetrics(
         Watched(settings.monitor_features, settings.monitor_gates, settings.monitor_scores)
     )
+    load = ServerLoad(link.load, link.index) if link is not None else ServerLoad()
 
     def cannot_serve(reason: str, event: str) -> None:
         service_log.critical(f"cannot serve: {reason}", extra={"event": event})
@@ -72,7 +73,7 @@ def create_app(
             cannot_serve(str(err), "provider_unavailable")
             raise
         executor = ThreadPoolExecutor(settings.inference_workers, thread_name_prefix="onnxruntime")
-        holder = ModelHolder(settings, metrics, executor, link)
+        holder = ModelHolder(settings, metrics, executor, link, load)
         holder.on_swap.append(lambda _: setattr(app, "openapi_schema", None))
         app.state.holder = holder
         grpc_server = await grpc_v2.start(settings, holder, metrics)  # None unless configured
@@ -130,7 +131,7 @@ def create_app(
         return app.openapi_schema
 
     app.openapi = document  # type: ignore[method-assign]
-    app.add_middleware(Observability, metrics=metrics, access_log=settings.access_log)
+    app.add_middleware(Observability, metrics=metrics, access_log=settings.access_log, load=load)
     return app
 
 

@@ -23,6 +23,7 @@ import numpy as np
 from mmoe.service.errors import ApiError
 from mmoe.service.metrics import ServiceMetrics
 from mmoe.service.monitoring import ModelMonitor
+from mmoe.service.observability import ServerLoad
 from mmoe.service.predictor import Predictor
 from mmoe.service.settings import Settings
 
@@ -60,8 +61,12 @@ class Runner:
         admission: Admission,
         metrics: ServiceMetrics,
         monitor: ModelMonitor | None = None,
+        load: ServerLoad | None = None,
     ) -> None:
         self.predictor = predictor
+        # A call made while no other request is in progress anywhere on the server may use
+        # every core (Predictor.lone_session).
+        self.load = load or ServerLoad()
         self.monitor = monitor  # counts what each runtime call saw (service/monitoring.py)
         self._outputs = predictor.outputs + (monitor.outputs if monitor else [])
         self.executor = executor
@@ -103,10 +108,12 @@ class Runner:
         self.metrics.inflight.inc(delta)
 
     def _run(self, feeds: Feeds) -> Outputs:
+        lone = self.load.alone()
         t0 = time.perf_counter()
-        out = self.predictor.run(feeds, self._outputs)
+        out = self.predictor.run(feeds, self._outputs, lone)
         rows = max(len(v) for v in feeds.values())  # context inputs may have one row
-        self.metrics.observe_run(rows, time.perf_counter() - t0)
+        lone = lone and self.predictor.lone_session is not None
+        self.metrics.observe_run(rows, time.perf_counter() - t0, lone)
         if self.monitor is not None:
             self.monitor.record(feeds, out)
             # The monitoring outputs describe the whole call, not rows to hand back.

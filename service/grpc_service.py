@@ -133,6 +133,7 @@ class InferenceService:
             trailing: list[tuple[str, str]] = [("x-request-id", request_id)]
             code = grpc.StatusCode.UNKNOWN
             self.metrics.active.inc()
+            self.holder.server_load.enter()
             try:
                 try:
                     if needs_key:
@@ -163,6 +164,7 @@ class InferenceService:
                 code = grpc.StatusCode.CANCELLED
                 raise
             finally:
+                self.holder.server_load.leave()
                 self.metrics.active.dec()
                 elapsed = time.perf_counter() - start
                 self.metrics.requests.labels(route, code.name).inc()

@@ -74,6 +74,12 @@ class ServiceMetrics:
         self.runtime_seconds = Histogram(
             "mmoe_runtime_seconds", "onnxruntime run() time", buckets=_LATENCY_BUCKETS, registry=r
         )
+        self.lone_calls = Counter(
+            "mmoe_runtime_lone_calls",
+            "onnxruntime calls made on every core, no other request being scored (part of "
+            "mmoe_runtime_seconds_count)",
+            registry=r,
+        )
         # Gauges are summed over the live workers.
         self.queue_depth = Gauge(
             "mmoe_queue_depth",
@@ -122,9 +128,11 @@ class ServiceMetrics:
         """Where mmoe_model_info reads the models being served (name, version, provider, path)."""
         self._models = models
 
-    def observe_run(self, rows: int, seconds: float) -> None:
+    def observe_run(self, rows: int, seconds: float, lone: bool = False) -> None:
         self.batch_rows.observe(rows)
         self.runtime_seconds.observe(seconds)
+        if lone:
+            self.lone_calls.inc()
 
     def exposition(self) -> bytes:
         """The text a scrape of /metrics gets: this process's metrics, or every worker's."""

@@ -1,11 +1,12 @@
-"""Per request: an id (x-request-id, echoed or made up), latency and status metrics, and a JSON
-access-log line."""
+"""Per request: an id (x-request-id, echoed or made up), latency and status metrics, a JSON
+access-log line, and the server's count of requests in progress (ServerLoad)."""
 
 from __future__ import annotations
 
 import logging
 import time
 import uuid
+from collections.abc import MutableSequence
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -15,13 +16,42 @@ log = logging.getLogger("mmoe.access")
 _KNOWN_ROUTES = {"/predict", "/livez", "/readyz", "/metadata", "/metrics", "/admin/reload"}
 
 
+class ServerLoad:
+    """The requests in progress on the whole server (HTTP and gRPC, from their arrival to their
+    answer), for a runtime call to know whether it has the machine to itself.
+
+    Each worker counts its own in its slot of an array shared by all workers (service/workers.py),
+    on its event loop's thread: one writer per slot, so no lock. A single-process server has one
+    slot. Requests still in the kernel's socket queues are not seen: a worker running a call on
+    its event loop reads nothing meanwhile, so the next request on its own connections waits for
+    that call whatever threads it has."""
+
+    def __init__(self, slots: MutableSequence[int] | None = None, index: int = 0) -> None:
+        self.slots: MutableSequence[int] = slots if slots is not None else [0]
+        self.index = index
+
+    def enter(self) -> None:
+        self.slots[self.index] += 1
+
+    def leave(self) -> None:
+        self.slots[self.index] -= 1
+
+    def alone(self) -> bool:
+        """Whether the request calling is the only one in progress, server-wide."""
+        own = self.index
+        return self.slots[own] <= 1 and not any(n for i, n in enumerate(self.slots) if i != own)
+
+
 class Observability:
     """Pure ASGI middleware around the whole app."""
 
-    def __init__(self, app: ASGIApp, metrics: ServiceMetrics, access_log: bool) -> None:
+    def __init__(
+        self, app: ASGIApp, metrics: ServiceMetrics, access_log: bool, load: ServerLoad
+    ) -> None:
         self.app = app
         self.metrics = metrics
         self.access_log = access_log
+        self.load = load
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -48,11 +78,13 @@ class Observability:
             await send(message)
 
         self.metrics.active.inc()
+        self.load.enter()
         failed = True
         try:
             await self.app(scope, receive, send_wrapper)
             failed = False
         finally:
+            self.load.leave()
             self.metrics.active.dec()
             if not status:  # no answer: an error (500 from the outer middleware) or the client left
                 status = 500 if failed else 499

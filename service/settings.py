@@ -68,6 +68,14 @@ class Settings(BaseSettings):
     intra_op_threads: int = Field(
         0, ge=0, description="threads per runtime call; 0: the CPUs divided among the workers"
     )
+    # A request alone on the server would otherwise leave the other cores idle: it runs on a
+    # second session of the file with more threads, sharing the first one's weights.
+    lone_request_threads: int = Field(
+        0,
+        ge=0,
+        description="threads of a runtime call while it is the server's only request; 0: every "
+        "CPU; at most MMOE_INTRA_OP_THREADS: off",
+    )
     inference_workers: int = Field(1, ge=1, description="runtime calls at once in each worker")
     max_batch_rows: int = Field(4096, ge=1, description="most rows one request may carry (413)")
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="largest request body (413)")
@@ -128,6 +136,11 @@ class Settings(BaseSettings):
     @classmethod
     def _cpus_per_worker(cls, v: int, info: ValidationInfo) -> int:
         return v or max(1, usable_cpus() // info.data.get("workers", 1))
+
+    @field_validator("lone_request_threads")
+    @classmethod
+    def _every_cpu(cls, v: int) -> int:
+        return v or usable_cpus()
 
     @property
     def reload_dir(self) -> Path:

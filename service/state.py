@@ -24,6 +24,7 @@ from fastapi import Request
 from mmoe.service.batching import Admission, DirectRunner, MicroBatcher, Runner
 from mmoe.service.errors import ApiError
 from mmoe.service.metrics import ServiceMetrics
+from mmoe.service.observability import ServerLoad
 from mmoe.service.payload import RequestDecoder
 from mmoe.service.predictor import ModelLoadError, Predictor, ProviderError
 from mmoe.service.settings import Settings
@@ -55,6 +56,7 @@ class ModelHolder:
         metrics: ServiceMetrics,
         executor: ThreadPoolExecutor,
         link: WorkerLink | None = None,
+        load: ServerLoad | None = None,
     ):
         self.settings = settings
         self.metrics = metrics
@@ -62,6 +64,8 @@ class ModelHolder:
         self.link = link
         self.current: LoadedModel | None = None
         self.not_ready_reason = "model not loaded yet"
+        # The requests in progress, this worker's and (with workers) its siblings'.
+        self.server_load = load or ServerLoad()
         self._lock = asyncio.Lock()
         # Called with each newly swapped-in model, e.g. to refresh the OpenAPI schema.
         self.on_swap: list[Callable[[LoadedModel], object]] = []
@@ -133,7 +137,9 @@ class ModelHolder:
         use: a file that no longer computes what was exported is refused like one that does not
         load (ModelLoadError)."""
         s = self.settings
-        predictor = Predictor(path, s.provider, s.intra_op_threads, s.warmup_rows)
+        predictor = Predictor(
+            path, s.provider, s.intra_op_threads, s.warmup_rows, s.lone_request_threads
+        )
         decoder = RequestDecoder(predictor.meta, s.max_batch_rows, s.unknown_features)
         predictor.check_golden(decoder)
         return predictor, decoder
@@ -163,6 +169,7 @@ class ModelHolder:
                 admission=Admission.of(s),
                 metrics=self.metrics,
                 monitor=monitor if monitor.active else None,
+                load=self.server_load,
             )
             if s.batch_max_rows > 0:
                 runner = MicroBatcher(

@@ -15,6 +15,10 @@ restarts a worker that dies, and relays what concerns all workers:
 - each worker's state (ready or why not, and the model it serves), sent to every worker, so
   that whichever worker answers /readyz or /metrics speaks for the whole server.
 
+One thing is shared in memory: an array with each worker's count of requests in progress
+(service/observability.py's `ServerLoad`), so that a request alone on the whole server may run
+on every core.
+
 Prometheus counters, histograms and gauges are summed over the workers by prometheus_client's
 multiprocess mode, in a directory made for this start and removed at exit.
 """
@@ -32,7 +36,7 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, MutableSequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
@@ -145,6 +149,8 @@ class Supervisor:
         s = self.settings
         self.listeners = _Listeners(s.host, s.port, s.workers)
         context = multiprocessing.get_context("spawn")  # no inherited threads or locks
+        # Slot i: requests in progress in worker i, written by that worker alone.
+        self.load = context.RawArray("q", s.workers)
         wake_r, wake_w = socket.socketpair()
         wake_r.setblocking(False)
         wake_w.setblocking(False)
@@ -195,7 +201,14 @@ class Supervisor:
         parent_end, child_end = context.Pipe()
         process = context.Process(
             target=run_worker,
-            args=(self.settings, self.listeners.of(index), child_end, index, self.serving),
+            args=(
+                self.settings,
+                self.listeners.of(index),
+                child_end,
+                index,
+                self.serving,
+                self.load,
+            ),
             name=f"mmoe-worker-{index}",
         )
         process.start()
@@ -278,6 +291,7 @@ class Supervisor:
         del self.workers[worker.index]
         worker.conn.close()
         self.states.pop(worker.index, None)
+        self.load[worker.index] = 0  # what it had in progress died with it
         if worker.process.pid is not None:
             _forget_live_gauges(worker.process.pid)
         for reload in list(self.reloads.values()):
@@ -312,7 +326,12 @@ def _forget_live_gauges(pid: int) -> None:
 
 
 def run_worker(
-    settings: Settings, sock: socket.socket, conn: Connection, index: int, model_path: Path
+    settings: Settings,
+    sock: socket.socket,
+    conn: Connection,
+    index: int,
+    model_path: Path,
+    load: MutableSequence[int],
 ) -> None:
     """One worker process: a whole server on `sock` (see the module docstring)."""
     import uvicorn
@@ -321,7 +340,7 @@ def run_worker(
     from mmoe.service.logs import configure_logging
 
     configure_logging(settings.log_level, worker=index)
-    link = WorkerLink(conn, index, settings.workers)
+    link = WorkerLink(conn, index, settings.workers, load)
     app = create_app(settings, link=link, model_path=model_path)
     server = uvicorn.Server(uvicorn_config(app, settings))
     server.run(sockets=[sock])
@@ -332,10 +351,14 @@ def run_worker(
 class WorkerLink:
     """A worker's line to the supervisor and, through it, to its sibling workers."""
 
-    def __init__(self, conn: Connection, index: int, count: int) -> None:
+    def __init__(
+        self, conn: Connection, index: int, count: int, load: MutableSequence[int] | None = None
+    ) -> None:
         self.conn = conn
         self.index = index
         self.count = count
+        # Each worker's requests in progress (its own slot is `index`).
+        self.load: MutableSequence[int] = load if load is not None else [0] * count
         self.states: dict[int, WorkerState] = {}
         self._ids = itertools.count()
         self._waiting: dict[int, asyncio.Future[dict[int, str]]] = {}

@@ -58,6 +58,8 @@ async def metadata(request: Request) -> dict[str, Any]:
             "workers": settings.workers,
             "inference_workers": settings.inference_workers,
             "intra_op_threads": settings.intra_op_threads,
+            # 0: no lone-request session (off, on a GPU, or no more threads than a call has)
+            "lone_request_threads": model.predictor.lone_threads,
             "max_queue": settings.max_queue,
             "max_batch_rows": settings.max_batch_rows,
             "request_timeout_ms": settings.request_timeout_ms,

@@ -132,6 +132,9 @@ def test_more_rows_than_the_limit_is_413(body: dict[str, Any]) -> None:
     assert (err.status, err.code) == (413, "too_many_rows"), err.reason
 
 
+DUP = "duplicate_key"
+
+
 @pytest.mark.parametrize(
     ("raw", "status", "code"),
     [
@@ -139,8 +142,25 @@ def test_more_rows_than_the_limit_is_413(body: dict[str, Any]) -> None:
         (b'{"candidates": {"hour": [NaN]}}', 400, "malformed_json"),
         (b'{"candidates": {"user": ["\xff"], "hour": [1]}}', 400, "malformed_json"),
         (b'{"candidates": {"user": ["u"], "user": ["v"], "hour": [1]}}', 422, "duplicate_key"),
+        # colons inside values: the cheap count cannot tell, the exact check does
+        (b'{"candidates": {"user": ["u:1"], "user": ["v"], "hour": [1]}}', 422, "duplicate_key"),
+        (
+            b'{"context": {"user": "a:b", "user": "c"}, "candidates": {"hour": [1]}}',
+            422,
+            "duplicate_key",
+        ),
+        (
+            b'{"tasks": ["ctr"], "tasks": ["ctr"], "candidates": {"hour": [1]}}',
+            422,
+            "duplicate_key",
+        ),
     ],
 )
 def test_malformed_bodies(raw: bytes, status: int, code: str) -> None:
     err = refused(raw)
     assert (err.status, err.code) == (status, code), err.reason
+
+
+def test_values_holding_colons_are_not_taken_for_keys() -> None:
+    body = {"context": {"user": "a:b"}, "candidates": {"hour": [1, 2]}}
+    assert decode(body).feeds["user"].tolist()[0] == "a:b"
