@@ -130,7 +130,7 @@ class Predictor:
         self._shared = shared_initializers(self.path) if lone else {}
         self.session = self._session(providers, intra_op_threads)
         self.lone_session: ort.InferenceSession | None = None
-        if lone and self._shared:
+        if lone:
             self.lone_session = self._session(providers, lone_threads, spin=True)
             _return_freed_memory()  # reading the file for its weights took a copy or two
         self.provider = self.session.get_providers()[0]

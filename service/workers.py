@@ -149,8 +149,9 @@ class Supervisor:
         s = self.settings
         self.listeners = _Listeners(s.host, s.port, s.workers)
         context = multiprocessing.get_context("spawn")  # no inherited threads or locks
-        # Slot i: requests in progress in worker i, written by that worker alone.
-        self.load = context.RawArray("q", s.workers)
+        # Each worker's requests in progress, then since when each has had none (the layout of
+        # service/observability.py's ServerLoad), each written by its worker alone.
+        self.load = context.RawArray("d", 2 * s.workers)
         wake_r, wake_w = socket.socketpair()
         wake_r.setblocking(False)
         wake_w.setblocking(False)
@@ -291,7 +292,7 @@ class Supervisor:
         del self.workers[worker.index]
         worker.conn.close()
         self.states.pop(worker.index, None)
-        self.load[worker.index] = 0  # what it had in progress died with it
+        self.load[worker.index] = 0.0  # what it had in progress died with it
         if worker.process.pid is not None:
             _forget_live_gauges(worker.process.pid)
         for reload in list(self.reloads.values()):
@@ -331,7 +332,7 @@ def run_worker(
     conn: Connection,
     index: int,
     model_path: Path,
-    load: MutableSequence[int],
+    load: MutableSequence[float],
 ) -> None:
     """One worker process: a whole server on `sock` (see the module docstring)."""
     import uvicorn
@@ -352,13 +353,13 @@ class WorkerLink:
     """A worker's line to the supervisor and, through it, to its sibling workers."""
 
     def __init__(
-        self, conn: Connection, index: int, count: int, load: MutableSequence[int] | None = None
+        self, conn: Connection, index: int, count: int, load: MutableSequence[float] | None = None
     ) -> None:
         self.conn = conn
         self.index = index
         self.count = count
         # Each worker's requests in progress (its own slot is `index`).
-        self.load: MutableSequence[int] = load if load is not None else [0] * count
+        self.load: MutableSequence[float] = load if load is not None else [0.0] * (2 * count)
         self.states: dict[int, WorkerState] = {}
         self._ids = itertools.count()
         self._waiting: dict[int, asyncio.Future[dict[int, str]]] = {}
