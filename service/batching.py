@@ -108,11 +108,10 @@ class Runner:
         self.metrics.inflight.inc(delta)
 
     def _run(self, feeds: Feeds) -> Outputs:
-        lone = self.load.alone()
+        lone = self.predictor.lone_session is not None and self.load.alone()
         t0 = time.perf_counter()
         out = self.predictor.run(feeds, self._outputs, lone)
         rows = max(len(v) for v in feeds.values())  # context inputs may have one row
-        lone = lone and self.predictor.lone_session is not None
         self.metrics.observe_run(rows, time.perf_counter() - t0, lone)
         if self.monitor is not None:
             self.monitor.record(feeds, out)

@@ -130,6 +130,8 @@ class Predictor:
         self._shared = shared_initializers(self.path) if lone else {}
         self.session = self._session(providers, intra_op_threads)
         self.lone_session: ort.InferenceSession | None = None
+        # Threads of a call that is the server's only work; 0: no such session.
+        self.lone_threads = lone_threads if lone else 0
         if lone:
             self.lone_session = self._session(providers, lone_threads, spin=True)
             _return_freed_memory()  # reading the file for its weights took a copy or two
@@ -184,13 +186,6 @@ class Predictor:
     def _modes(self) -> list[bool]:
         """`lone` for each session: every check of the file runs on both."""
         return [False, True] if self.lone_session is not None else [False]
-
-    @property
-    def lone_threads(self) -> int:
-        """Threads of a call that is the server's only work; 0: no such session."""
-        if self.lone_session is None:
-            return 0
-        return int(self.lone_session.get_session_options().intra_op_num_threads)
 
     def _session(
         self, providers: list[str], intra_op_threads: int, spin: bool = False
