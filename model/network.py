@@ -200,9 +200,16 @@ class Gate(nn.Module):
         return F.softmax(h, dim=-1)
 
 
-def _mix(gate: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-    """gate [B, K], experts [K, B, H] -> [B, H]."""
-    return (gate.T.unsqueeze(-1) * experts).sum(0)
+def _mix(gate: torch.Tensor, experts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """gate [B, K], experts K x [B, H] -> [B, H]: the sum of gate[:, k] * experts[k].
+
+    A chain of K multiply-adds, not one [K, B, H] product summed over K: in onnxruntime that
+    product and its ReduceSum over the leading axis took about 8% of the EasyRec-sized run, and
+    the chain makes the whole run 5-7% faster (256 rows, 1 and 2 threads, paired rounds)."""
+    out = gate[:, :1] * experts[0]
+    for k in range(1, len(experts)):
+        out = out + gate[:, k : k + 1] * experts[k]
+    return out
 
 
 def tower(
@@ -306,7 +313,7 @@ class MMoE(nn.Module):
             if not gates:
                 h = experts[0]
             else:
-                h = _mix(gates[0] if len(gates) == 1 else gates[i], experts)
+                h = _mix(gates[0] if len(gates) == 1 else gates[i], experts.unbind(0))
             out[task.name] = head(h)
         return (out, self._task_gates(gates, experts.shape[1])) if with_gates else out
 
@@ -377,12 +384,13 @@ class CGCLayer(nn.Module):
     ) -> tuple[list[torch.Tensor], torch.Tensor | None, list[torch.Tensor]]:
         task_gates = gates[: len(specific)]
         task_out = [
-            _mix(gate, torch.cat([own, shared]))
+            _mix(gate, [*own.unbind(0), *shared.unbind(0)])
             for gate, own in zip(task_gates, specific, strict=True)
         ]
         if self.shared_gate is None:
             return task_out, None, task_gates
-        return task_out, _mix(gates[-1], torch.cat([*specific, shared])), task_gates
+        every = [e for group in (*specific, shared) for e in group.unbind(0)]
+        return task_out, _mix(gates[-1], every), task_gates
 
 
 class PLE(nn.Module):
