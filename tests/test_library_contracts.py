@@ -27,6 +27,11 @@ ROOT = Path(__file__).resolve().parents[1]
 BOUNDED = {
     "uvicorn": ("pyproject.toml", "serve", "service/protocol.py subclasses HttpToolsProtocol"),
     "msgspec": ("pyproject.toml", "serve", "service/payload.py parses ValidationError text"),
+    "prometheus-client": (
+        "pyproject.toml",
+        "serve",
+        "service/monitoring.py's observe_many uses a Histogram's buckets",
+    ),
     "schemathesis": ("pyproject.toml", "dev", "tests/service/test_fuzz_openapi.py (private API)"),
     "onnxruntime": (
         "training/pyproject.toml",
@@ -134,6 +139,30 @@ def test_the_payload_parser_reads_this_msgspec(
     if code is not None:
         assert got.code == code
     assert "`" not in got.reason and " - at " not in got.reason, got.reason
+
+
+# ---- prometheus-client: service/monitoring.py observes a batch of scores at once ---------------
+
+
+def test_prometheus_histograms_have_the_buckets_observe_many_uses() -> None:
+    from prometheus_client import CollectorRegistry, Histogram
+
+    h = Histogram("h", "h", buckets=(0.5, 1.0), registry=CollectorRegistry())
+    missing = [a for a in ("_upper_bounds", "_buckets", "_sum") if not hasattr(h, a)]
+    assert not missing, (
+        f"prometheus-client {version('prometheus-client')}: a Histogram has no {missing}, which "
+        "service/monitoring.py's observe_many increments directly"
+    )
+    assert list(h._upper_bounds) == [0.5, 1.0, float("inf")]
+    assert len(h._buckets) == 3 and all(hasattr(b, "inc") for b in h._buckets)
+    h._buckets[1].inc(2)
+    h._sum.inc(1.5)
+    samples = {(s.name, s.labels.get("le")): s.value for s in h.collect()[0].samples}
+    assert samples[("h_bucket", "1.0")] == 2 and samples[("h_bucket", "0.5")] == 0, (
+        f"prometheus-client {version('prometheus-client')}: a histogram's exported buckets are "
+        "no longer the per-bucket values observe_many increments (it would report wrong counts)"
+    )
+    assert samples[("h_sum", None)] == 1.5
 
 
 # ---- uvicorn: service/protocol.py subclasses its httptools protocol ----------------------------
