@@ -73,50 +73,66 @@ def _column(rng: random.Random, f: dict[str, Any], n: int) -> list[Any]:
     return _ids(rng, f["name"], n)
 
 
-def _columnar(rng: random.Random, features: list[dict[str, Any]], n: int) -> dict[str, Any]:
+def _columnar(
+    rng: random.Random, features: list[dict[str, Any]], n: int, split: bool = True
+) -> dict[str, Any]:
+    """A columnar body. With `split`, a random split of the features between `context` and
+    `candidates`: a feature the model declares context goes in `context` most of the time, any
+    other now and then (one value for every candidate); without, every feature is a column.
+    A feature with a default is sometimes left out."""
     body: dict[str, Any] = {"candidates": {}}
-    for i, f in enumerate(features):
-        if i == 0 and f["kind"] == "categorical":  # one shared feature, as a ranking call has
-            body["context"] = {f["name"]: _ids(rng, f["name"], 1)[0]}
-        elif f["required"] or rng.random() < 0.8:
+    context: dict[str, Any] = {}
+    for f in features:
+        if not f["required"] and rng.random() < 0.2:
+            continue
+        if split and rng.random() < (0.7 if f.get("context") else 0.1):
+            context[f["name"]] = _column(rng, f, 1)[0]
+        else:
             body["candidates"][f["name"]] = _column(rng, f, n)
+    if not body["candidates"] and context:  # a column says how many candidates there are
+        name = next(iter(context))
+        body["candidates"][name] = [context.pop(name)] * n
+    if context:
+        body["context"] = context
     return body
 
 
 def _kserve(rng: random.Random, features: list[dict[str, Any]], n: int) -> dict[str, Any]:
+    """A V2 infer body; each context input has one row or n, drawn on its own."""
     inputs = []
     for f in features:
+        rows = 1 if f.get("context") and rng.random() < 0.5 else n
         if f["kind"] == "numeric":
             inputs.append(
                 {
                     "name": f["name"],
-                    "shape": [n],
+                    "shape": [rows],
                     "datatype": "FP32",
-                    "data": [rng.uniform(0, 100) for _ in range(n)],
+                    "data": [rng.uniform(0, 100) for _ in range(rows)],
                 }
             )
         elif f["kind"] == "tags":
-            rows = [
+            cells = [
                 (_ids(rng, "t", rng.randrange(f["max_len"] + 1)) + [""] * f["max_len"])[
                     : f["max_len"]
                 ]
-                for _ in range(n)
+                for _ in range(rows)
             ]
             inputs.append(
                 {
                     "name": f["name"],
-                    "shape": [n, f["max_len"]],
+                    "shape": [rows, f["max_len"]],
                     "datatype": "BYTES",
-                    "data": [str(t) for row in rows for t in row],
+                    "data": [str(t) for row in cells for t in row],
                 }
             )
         else:
             inputs.append(
                 {
                     "name": f["name"],
-                    "shape": [n],
+                    "shape": [rows],
                     "datatype": "BYTES",
-                    "data": [str(v) for v in _ids(rng, f["name"], n)],
+                    "data": [str(v) for v in _ids(rng, f["name"], rows)],
                 }
             )
     return {"inputs": inputs}
@@ -159,11 +175,11 @@ def build_requests(meta: dict[str, Any], seed: int = 0) -> tuple[list[Request], 
 
     # Each invalid body is a valid one with one thing wrong.
     first = features[0]["name"]
-    cols = {first: _ids(rng, first, 8), **_columnar(rng, features, 8)["candidates"]}
+    cols = {first: _ids(rng, first, 8), **_columnar(rng, features, 8, split=False)["candidates"]}
     good = dumps({"candidates": cols})
     ragged = {k: (v[:-1] if i == 0 else v) for i, (k, v) in enumerate(cols.items())}
     numeric = next((f["name"] for f in features if f["kind"] == "numeric"), None)
-    too_many = _columnar(rng, [f for f in features if f["required"]], max_rows + 1)
+    too_many = _columnar(rng, [f for f in features if f["required"]], max_rows + 1, split=False)
     bad_shape = _kserve(rng, features, 4)
     bad_shape["inputs"][0]["shape"] = [5]
     invalid = [

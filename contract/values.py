@@ -104,6 +104,20 @@ def graph_inputs(
     return feeds
 
 
+def one_context_batch(
+    context: Sequence[str], feeds: dict[str, np.ndarray], n: int
+) -> dict[str, np.ndarray]:
+    """`feeds` for N rows as the graph takes them: the inputs named in `context` (the features
+    declared request context) all at batch 1, computed once for the request, or all at batch N.
+    A request may give some context features once and others per candidate (a per-item value of
+    a feature declared context); then the ones given once are repeated to the N rows, which
+    scores as the flat request does. `feeds` itself is not changed."""
+    once = [name for name in context if len(feeds[name]) == 1]
+    if n == 1 or len(once) in (0, len(context)):
+        return feeds
+    return {**feeds, **{name: np.repeat(feeds[name], n, axis=0) for name in once}}
+
+
 def _id_string(v: Any, default: Any, f: FeatureInfo, j: int) -> str:
     if v is None:
         if default is None:

@@ -13,19 +13,23 @@ Both answer 503 + Retry-After (ApiError) instead of letting latency grow without
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
+import uuid
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from mmoe.service.errors import ApiError
+from mmoe.service.errors import ApiError, InternalError
 from mmoe.service.metrics import ServiceMetrics
 from mmoe.service.monitoring import ModelMonitor
-from mmoe.service.observability import ServerLoad
+from mmoe.service.observability import REQUEST_ID, ServerLoad
 from mmoe.service.predictor import Predictor
 from mmoe.service.settings import Settings
+
+log = logging.getLogger("mmoe.service")
 
 Feeds = dict[str, np.ndarray]
 Outputs = dict[str, np.ndarray]
@@ -95,6 +99,19 @@ class Runner:
             self.metrics.shed.labels("timeout").inc()
             reason = f"not scored within {self.admission.timeout_ms} ms, retry later"
             raise self._refusal("timeout", reason) from None
+        except Exception:  # the runtime failed on arrays the decoder accepted: a bug
+            request_id = REQUEST_ID.get() or uuid.uuid4().hex
+            log.exception(
+                "scoring failed",
+                extra={
+                    "event": "internal_error",
+                    "request_id": request_id,
+                    "rows": n,
+                    # The request's shape, never its values.
+                    "inputs": {k: [*v.shape, str(v.dtype)] for k, v in feeds.items()},
+                },
+            )
+            raise InternalError(request_id) from None
 
     def _refusal(self, code: str, reason: str) -> ApiError:
         return ApiError(503, code, reason, None, {"Retry-After": str(self.admission.retry_after_s)})

@@ -40,6 +40,21 @@ class PayloadError(ApiError):
         super().__init__(status, code, reason, field)
 
 
+class InternalError(ApiError):
+    """Something failed that no request should make fail (a bug, or a runtime error): a JSON
+    500 that gives the request's id, under which the failure is logged."""
+
+    def __init__(self, request_id: str) -> None:
+        reason = f"unexpected server error, logged as request {request_id}"
+        super().__init__(500, "internal_error", reason)
+        self.request_id = request_id
+
+    def body(self) -> dict[str, dict[str, str | None]]:
+        body = super().body()
+        body["error"]["request_id"] = self.request_id
+        return body
+
+
 def error_response(err: ApiError) -> Response:
     return Response(
         orjson.dumps(err.body()),

@@ -9,7 +9,8 @@ protocol's other methods answer UNIMPLEMENTED.
 
 Errors carry the HTTP path's text ("<field>: <reason>"), with the status mapped to a gRPC code:
 bad input INVALID_ARGUMENT, no model yet or overload UNAVAILABLE (trailing metadata
-`retry-after`), unknown model NOT_FOUND, missing or wrong API key UNAUTHENTICATED. A request
+`retry-after`), unknown model NOT_FOUND, missing or wrong API key UNAUTHENTICATED, a failure
+no request should cause INTERNAL (logged under the request's id, which the message gives). A request
 message that is not a valid protobuf is INVALID_ARGUMENT too (the handlers take the raw bytes
 and parse them, where grpcio's own deserialisation would answer INTERNAL).
 """
@@ -31,8 +32,9 @@ from tritonclient.grpc import service_pb2 as pb
 
 from mmoe.service import kserve_v2
 from mmoe.service.auth import check_api_key
-from mmoe.service.errors import ApiError, PayloadError
+from mmoe.service.errors import ApiError, InternalError, PayloadError
 from mmoe.service.metrics import ServiceMetrics
+from mmoe.service.observability import REQUEST_ID
 from mmoe.service.settings import Settings
 from mmoe.service.state import ModelHolder
 
@@ -66,7 +68,9 @@ def status_code(err: ApiError) -> grpc.StatusCode:
         return grpc.StatusCode.PERMISSION_DENIED
     if err.status == 404:
         return grpc.StatusCode.NOT_FOUND
-    if err.status >= 500:  # the server's only 5xx are 503s: not ready, queue full, timeout
+    if err.status == 500:  # a failure no request should cause (InternalError)
+        return grpc.StatusCode.INTERNAL
+    if err.status >= 500:  # 503: not ready, queue full, timeout
         return grpc.StatusCode.UNAVAILABLE
     return grpc.StatusCode.INVALID_ARGUMENT
 
@@ -130,6 +134,7 @@ class InferenceService:
                 if isinstance(m.value, str)  # not the binary (-bin) entries
             }
             request_id = metadata.get("x-request-id", "")[:128] or uuid.uuid4().hex
+            REQUEST_ID.set(request_id)
             trailing: list[tuple[str, str]] = [("x-request-id", request_id)]
             code = grpc.StatusCode.UNKNOWN
             self.metrics.active.inc()
@@ -150,13 +155,11 @@ class InferenceService:
                     if "Retry-After" in err.headers:
                         trailing.append(("retry-after", err.headers["Retry-After"]))
                     await context.abort(code, str(err), tuple(trailing))
-                except Exception:  # a bug: logged, answered UNKNOWN (grpcio's default)
-                    service_log.exception("gRPC handler failed", extra={"event": "grpc_error"})
-                    await context.abort(
-                        grpc.StatusCode.UNKNOWN,
-                        "unexpected server error (logged)",
-                        tuple(trailing),
-                    )
+                except Exception:  # a bug: logged, answered INTERNAL with the request's id
+                    code = grpc.StatusCode.INTERNAL
+                    extra = {"event": "internal_error", "request_id": request_id, "method": method}
+                    service_log.exception("gRPC handler failed", extra=extra)
+                    await context.abort(code, InternalError(request_id).reason, tuple(trailing))
                 code = grpc.StatusCode.OK
                 context.set_trailing_metadata(tuple(trailing))
                 return response

@@ -5,7 +5,8 @@ they accept and refuse the same tensors, with the same field and reason.
 
 Inputs are named after the raw features (BYTES for ids and tags, FP32 for numbers; tags are
 [N, max_len], empty strings being padding). An input the model declares request context (model
-metadata: `parameters.context`) may be sent once, [1] ([1, max_len] for tags), or with N rows.
+metadata: `parameters.context`) may be sent once, [1] ([1, max_len] for tags), or with N rows,
+each context input on its own.
 Errors are ApiErrors; each transport renders them.
 """
 
@@ -19,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from mmoe.contract.metadata import FeatureInfo
+from mmoe.contract.values import one_context_batch
 from mmoe.service.errors import ApiError, PayloadError
 from mmoe.service.payload import MAX_ID_CHARS, column_array, default_array
 from mmoe.service.state import LoadedModel, ModelHolder
@@ -264,7 +266,8 @@ def feeds(
         # A NaN number is a missing value, as null is in /predict: the default, or an error.
         values = arr.astype(np.float64) if f.kind == "numeric" else arr
         out[name] = column_array(f, values.tolist(), field)
-    return n, out
+    context = [name for name, f in features.items() if f.context]
+    return n, one_context_batch(context, out, n)
 
 
 def _batch_size(given: dict[str, np.ndarray], context: set[str]) -> int:

@@ -1,5 +1,6 @@
 """Per request: an id (x-request-id, echoed or made up), latency and status metrics, a JSON
-access-log line, and the server's count of requests in progress (ServerLoad)."""
+access-log line, the server's count of requests in progress (ServerLoad), and a JSON 500 for
+an error nothing else answered."""
 
 from __future__ import annotations
 
@@ -7,12 +8,19 @@ import logging
 import time
 import uuid
 from collections.abc import MutableSequence
+from contextvars import ContextVar
 
+import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from mmoe.service.errors import InternalError
 from mmoe.service.metrics import ServiceMetrics
 
 log = logging.getLogger("mmoe.access")
+service_log = logging.getLogger("mmoe.service")
+
+# The id of the request being handled (HTTP or gRPC), for what logs a failure on its behalf.
+REQUEST_ID: ContextVar[str] = ContextVar("request_id", default="")
 _KNOWN_ROUTES = {"/predict", "/livez", "/readyz", "/metadata", "/metrics", "/admin/reload"}
 
 
@@ -59,6 +67,20 @@ class ServerLoad:
         return all(slots[i] == 0 and slots[n + i] <= quiet for i in range(n) if i != own)
 
 
+def _header(scope: Scope, name: bytes) -> str | None:
+    for k, v in scope["headers"]:
+        if k == name:
+            return v.decode("latin-1")
+    return None
+
+
+async def _send_error(send: Send, err: InternalError) -> None:
+    body = orjson.dumps(err.body())
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+    await send({"type": "http.response.start", "status": err.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
 class Observability:
     """Pure ASGI middleware around the whole app."""
 
@@ -75,12 +97,8 @@ class Observability:
             await self.app(scope, receive, send)
             return
         start = time.perf_counter()
-        request_id = ""
-        for k, v in scope["headers"]:
-            if k == b"x-request-id":
-                request_id = v.decode("latin-1")[:128]
-                break
-        request_id = request_id or uuid.uuid4().hex
+        request_id = (_header(scope, b"x-request-id") or "")[:128] or uuid.uuid4().hex
+        REQUEST_ID.set(request_id)
         status = 0
 
         async def send_wrapper(message: Message) -> None:
@@ -98,7 +116,22 @@ class Observability:
         self.load.enter()
         failed = True
         try:
-            await self.app(scope, receive, send_wrapper)
+            try:
+                await self.app(scope, receive, send_wrapper)
+            except Exception:
+                if status:  # the answer has begun: the server can only close the connection
+                    raise
+                service_log.exception(
+                    "request failed",
+                    extra={
+                        "event": "internal_error",
+                        "request_id": request_id,
+                        "method": scope["method"],
+                        "path": scope["path"],
+                        "content_length": _header(scope, b"content-length"),
+                    },
+                )
+                await _send_error(send_wrapper, InternalError(request_id))
             failed = False
         finally:
             self.load.leave()

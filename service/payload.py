@@ -8,8 +8,9 @@ request in OpenAPI. The request's shape (DESIGN.md section 3):
   scalars shared by all N rows. A feature the model declares context (its graph input takes
   one row per request) is passed once, as a [1] array ([1, max_len] for tags), whether given
   in `context` or left to its default; any other feature's context value is broadcast to the
-  N rows. A declared-context feature may also come as a candidates column (N values). Row
-  form: `instances`, a list of objects.
+  N rows. A declared-context feature may also come as a candidates column (N values); the
+  graph takes its context inputs all once or all per row, so then every context input is
+  given N rows (`one_context_batch`). Row form: `instances`, a list of objects.
 - categorical values are strings or integers; numeric values are numbers; tags are a list of ids
   or one string. What each value becomes (defaults, integer ids, tag splitting and padding) is
   the contract's rule, `contract/values.py`, shared with export and the warm-up.
@@ -32,7 +33,7 @@ import msgspec
 import numpy as np
 
 from mmoe.contract.metadata import FeatureInfo, ModelMetadata
-from mmoe.contract.values import InvalidValue, broadcast_input, column_input
+from mmoe.contract.values import InvalidValue, broadcast_input, column_input, one_context_batch
 from mmoe.service.errors import PayloadError
 
 # No real id is longer; a longer one is a client bug, refused rather than scored as unknown.
@@ -161,6 +162,7 @@ class RequestDecoder:
     ) -> None:
         self.meta = meta
         self.features = list(meta.features)
+        self.context = [f.name for f in self.features if f.context]
         self.max_rows = max_rows
         forbid = unknown_features == "error"
         column_type = partial(_column_type, max_rows=max_rows)
@@ -284,7 +286,7 @@ class RequestDecoder:
                 feeds[f.name] = broadcast_array(f, scalar, rows, f"context.{f.name}")
             else:
                 feeds[f.name] = default_array(f, rows, f"candidates.{f.name}")
-        return n, feeds
+        return n, one_context_batch(self.context, feeds, n)
 
     def _from_rows(self, rows: list[Any]) -> tuple[int, dict[str, np.ndarray]]:
         n = len(rows)

@@ -19,3 +19,36 @@ def edit_weights(src: Path, dst: Path, factor: float = 1.1) -> str:
     target.CopyFrom(numpy_helper.from_array(edited.astype(np.float32), target.name))
     onnx.save(model, str(dst))
     return target.name
+
+
+def fail_past_rows(src: Path, dst: Path, rows: int) -> str:
+    """A copy of `src` whose first output ([batch]-shaped, a task's scores) fails in
+    onnxruntime for a call of more than `rows` rows (zeros taken from a `rows`-long table are
+    added to it), and is unchanged otherwise: a runtime error the file's warm-up and golden
+    rows do not meet. Returns that output's name."""
+    from onnx import helper
+
+    model = onnx.load(str(src))
+    graph = model.graph
+    output = graph.output[0].name
+    inner = f"{output}__before_fault"
+    for node in graph.node:
+        node.output[:] = [inner if o == output else o for o in node.output]
+    graph.initializer.extend(
+        [
+            numpy_helper.from_array(np.zeros(rows, np.float32), "fault_table"),
+            numpy_helper.from_array(np.array(0, np.int64), "fault_zero"),
+            numpy_helper.from_array(np.array(1, np.int64), "fault_one"),
+        ]
+    )
+    graph.node.extend(
+        [
+            helper.make_node("Shape", [inner], ["fault_shape"], start=0, end=1),
+            helper.make_node("Squeeze", ["fault_shape"], ["fault_n"]),
+            helper.make_node("Range", ["fault_zero", "fault_n", "fault_one"], ["fault_rows"]),
+            helper.make_node("Gather", ["fault_table", "fault_rows"], ["fault_zeros"]),
+            helper.make_node("Add", [inner, "fault_zeros"], [output]),
+        ]
+    )
+    onnx.save(model, str(dst))
+    return output

@@ -12,9 +12,13 @@ import pytest
 from mmoe.bench.soak import main
 
 
-def test_soak_runs_mixed_traffic_and_reports(tiny_onnx: Path, tmp_path: Path) -> None:
+def test_soak_runs_mixed_traffic_and_reports(tiny_context_onnx: Path, tmp_path: Path) -> None:
+    """On a model with request context declared, as the demo's: the soak splits the features
+        between `context` and `candidates` at random, and any answer but the expected one (a 5xx
+    among them), other than a shed, is an error."""
     out = tmp_path / "soak.json"
-    argv = [sys.executable, "-m", "mmoe.bench.soak", "--model", str(tiny_onnx), "--duration", "3"]
+    model = str(tiny_context_onnx)
+    argv = [sys.executable, "-m", "mmoe.bench.soak", "--model", model, "--duration", "3"]
     argv += ["--max-requests", "400", "--concurrency", "8", "--sample", "1", "--json", str(out)]
     argv += ["--server-env", "MMOE_MAX_QUEUE=1"]  # some requests may be shed: not errors
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=120)

@@ -17,6 +17,7 @@ from mmoe.contract.values import (
     column_input,
     graph_inputs,
     json_value,
+    one_context_batch,
     tag_tokens,
 )
 
@@ -81,6 +82,18 @@ def test_broadcast_and_defaults_for_absent_features() -> None:
     with pytest.raises(InvalidValue, match="no default") as err:
         graph_inputs([USER], {}, 2)
     assert err.value.row is None
+
+
+def test_context_inputs_reach_the_graph_all_once_or_all_per_row() -> None:
+    once = {"user": np.array(["u1"], object), "tags": np.array([["a", "", ""]], object)}
+    per_row = {"item": np.array(["i1", "i2", "i3"], object)}
+    feeds = {**once, **per_row}
+    assert one_context_batch(["user", "tags"], feeds, 3) is feeds  # all once: as given
+    mixed = {**feeds, "tags": np.array([["a", "", ""], ["b", "", ""], ["", "", ""]], object)}
+    out = one_context_batch(["user", "tags"], mixed, 3)
+    assert out["user"].tolist() == ["u1"] * 3 and out["tags"] is mixed["tags"]
+    assert out["item"] is mixed["item"] and mixed["user"].shape == (1,)  # the input unchanged
+    assert one_context_batch([], per_row, 3) is per_row
 
 
 def test_json_value_turns_missing_numbers_into_null() -> None:

@@ -1,7 +1,7 @@
 """Serving a model with request context: /predict passes the context once ([1]-shaped), KServe V2
-takes context inputs of shape [1] or [N], dynamic batching merges requests with different
-contexts, and every way of sending a request gives the scores of the same request sent flat,
-and PyTorch's."""
+takes context inputs of shape [1] or [N], each on its own, dynamic batching merges requests with
+different contexts, and every way of sending a request (any split of the features between
+`context` and `candidates`) gives the scores of the same request sent flat, and PyTorch's."""
 
 from __future__ import annotations
 
@@ -13,10 +13,13 @@ import httpx
 import numpy as np
 import pytest
 import tritonclient.http as triton
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from tritonclient.utils import InferenceServerException
 
 from mmoe.contract.metadata import read_metadata
 from mmoe.service.payload import RequestDecoder
+from mmoe.service.predictor import Predictor
 from tests.conftest import TINY_CONTEXT
 from tests.server import ServerProcess
 from tests.service.test_batching import post_together, runtime_calls
@@ -79,6 +82,82 @@ def test_declared_context_may_come_as_a_column_or_in_rows(tiny_context_onnx: Pat
         np.testing.assert_array_equal(instances.feeds[name], arr)
 
 
+def test_context_features_split_between_context_and_candidates_are_all_per_row(
+    tiny_context_onnx: Path,
+) -> None:
+    """The graph takes its context inputs all once or all per row: when one comes per
+    candidate, the ones given once are repeated to the N rows."""
+    decoder = RequestDecoder(metadata(tiny_context_onnx), max_rows=100)
+    context = {"user_id": "u12", "hour": 9.5}  # age_level per candidate, tags left out
+    candidates = {**CANDIDATES, "age_level": [3, 3, 4, 1, 3]}
+    decoded = decoder.decode(
+        httpx.Request("POST", "/", json={"context": context, "candidates": candidates}).content
+    )
+    assert {k: v.shape[0] for k, v in decoded.feeds.items()} == {k: N for k in decoded.feeds}
+    assert decoded.feeds["user_id"].tolist() == ["u12"] * N
+    assert decoded.feeds["tag_brand_list"].shape == (N, MAX_TAGS)
+    assert decoded.feeds["age_level"].tolist() == ["3", "3", "4", "1", "3"]
+
+
+# Values each feature may take in a drawn request (None where the feature has a default).
+POOL: dict[str, list[Any]] = {
+    "user_id": ["u12", "u3", "never-seen", 7],
+    "item_id": ["i1", "i2", "", 42, None],
+    "category": ["c1", "c7", "c-unknown"],
+    "age_level": [3, "1", "9", None],
+    "price": [12.5, 0.0, 1e6, -3.0, None],
+    "hour": [9.5, 0.0, 23.0, None],
+    "tag_brand_list": ["b1|b3", [], ["b2", "b9", "b1", "b4", "b5"], [7], None],
+}
+
+
+@pytest.fixture(scope="module")
+def scorer(tiny_context_onnx: Path) -> tuple[RequestDecoder, Predictor]:
+    predictor = Predictor(tiny_context_onnx, provider="cpu")
+    return RequestDecoder(predictor.meta, max_rows=100), predictor
+
+
+def scores(scorer: tuple[RequestDecoder, Predictor], body: dict[str, Any]) -> dict[str, Any]:
+    decoder, predictor = scorer
+    decoded = decoder.decode(httpx.Request("POST", "/", json=body).content)
+    return predictor.run(decoded.feeds)
+
+
+@settings(max_examples=80, deadline=None)
+@given(data=st.data())
+def test_any_split_between_context_and_candidates_scores_as_the_flat_request(
+    scorer: tuple[RequestDecoder, Predictor], data: st.DataObject
+) -> None:
+    """Each feature drawn into `context` (one value: declared context or not), a column, or
+    left out (if it has a default): the scores are those of the flat request, in columns and
+    in rows."""
+    decoder, _ = scorer
+    n = data.draw(st.integers(1, 6), label="n")
+    context: dict[str, Any] = {}
+    columns: dict[str, list[Any]] = {}
+    for f in decoder.features:
+        pool = [v for v in POOL[f.name] if v is not None or not f.required]
+        where = data.draw(
+            st.sampled_from(["context", "column"] + ([] if f.required else ["left out"])),
+            label=f.name,
+        )
+        if where == "context":
+            context[f.name] = data.draw(st.sampled_from(pool))
+        elif where == "column":
+            columns[f.name] = data.draw(st.lists(st.sampled_from(pool), min_size=n, max_size=n))
+    if not columns:  # a request has one column at least
+        name = next(iter(context))
+        columns[name] = [context.pop(name)] * n
+    flat = {**columns, **{k: [v] * n for k, v in context.items()}}
+    got = scores(scorer, {"context": context, "candidates": columns})
+    want = scores(scorer, {"candidates": flat})
+    rows = scores(scorer, {"instances": [{k: v[i] for k, v in flat.items()} for i in range(n)]})
+    for name, value in want.items():
+        assert got[name].shape == value.shape == (n,)
+        np.testing.assert_allclose(got[name], value, atol=1e-5)
+        np.testing.assert_allclose(rows[name], value, atol=1e-5)
+
+
 def test_a_model_without_context_gets_every_input_broadcast(tiny_onnx: Path) -> None:
     decoder = RequestDecoder(metadata(tiny_onnx), max_rows=100)
     body = {"context": CONTEXT, "candidates": CANDIDATES}
@@ -136,6 +215,31 @@ def test_predict_with_context_scores_as_flat_and_as_pytorch(
         np.testing.assert_allclose(scores, expected[task], atol=1e-5)
 
 
+@pytest.mark.slow
+def test_every_split_of_the_context_features_scores_as_flat(server: ServerProcess) -> None:
+    """Each of the 2^4 ways of sending the four context features, some in `context` and the
+    others as candidate columns, over a real server: 200 and the flat request's scores."""
+    want = predict(server, {"candidates": flat(CONTEXT, CANDIDATES)})
+    names = list(CONTEXT)
+    for mask in range(2 ** len(names)):
+        once = {k: CONTEXT[k] for i, k in enumerate(names) if mask >> i & 1}
+        per_row = {k: v for k, v in CONTEXT.items() if k not in once}
+        got = predict(server, {"context": once, "candidates": flat(per_row, CANDIDATES)})
+        for task, value in want.items():
+            np.testing.assert_allclose(got[task], value, atol=1e-5, err_msg=f"once: {once}")
+
+
+@pytest.mark.slow
+def test_a_feature_in_both_context_and_candidates_is_refused_by_name(
+    server: ServerProcess,
+) -> None:
+    body = {"context": {"user_id": "u1"}, "candidates": {**CANDIDATES, "user_id": ["u2"] * N}}
+    r = httpx.post(f"{server.url}/predict", json=body)
+    assert r.status_code == 422, r.text
+    assert r.json()["error"]["field"] == "context.user_id"
+    assert "give a feature once" in r.json()["error"]["reason"]
+
+
 @pytest.fixture
 def client(server: ServerProcess) -> Iterator[triton.InferenceServerClient]:
     c = triton.InferenceServerClient(server.url.removeprefix("http://"))
@@ -164,13 +268,16 @@ def triton_inputs(rows: dict[str, list[Any]], binary: bool) -> list[triton.Infer
 
 @pytest.mark.slow
 @pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
-@pytest.mark.parametrize("context_rows", [1, N])
+@pytest.mark.parametrize("context_rows", ["once", "per row", "mixed"])
 def test_kserve_takes_context_inputs_once_or_per_row(
-    server: ServerProcess, client: triton.InferenceServerClient, binary: bool, context_rows: int
+    server: ServerProcess, client: triton.InferenceServerClient, binary: bool, context_rows: str
 ) -> None:
     candidates = {**CANDIDATES, "price": [12.5, 1.0, 0.0, 1e6, 3.0]}  # JSON has no NaN
     expected = predict(server, {"context": CONTEXT, "candidates": candidates})
-    rows = {**candidates, **{k: [v] * context_rows for k, v in CONTEXT.items()}}
+    rows = {**candidates}
+    for i, (k, v) in enumerate(CONTEXT.items()):
+        once = context_rows == "once" or (context_rows == "mixed" and i % 2 == 0)
+        rows[k] = [v] if once else [v] * N
     result = client.infer("tiny", triton_inputs(rows, binary))
     for task, scores in expected.items():
         got = result.as_numpy(f"probs_{task}")

@@ -635,6 +635,13 @@ def test_context_inputs_sent_once_score_as_predict(tiny_context_onnx: Path, tmp_
             result = client.infer("tiny", triton_inputs({**candidates, **once}))
         for task, scores in want.items():
             np.testing.assert_allclose(result.as_numpy(f"probs_{task}"), scores, atol=1e-6)
+        # Some context inputs once, the others per row: the same scores.
+        n = len(candidates["item_id"])
+        mixed = {k: [v] if i % 2 else [v] * n for i, (k, v) in enumerate(context.items())}
+        with server.client() as client:
+            result = client.infer("tiny", triton_inputs({**candidates, **mixed}))
+        for task, scores in want.items():
+            np.testing.assert_allclose(result.as_numpy(f"probs_{task}"), scores, atol=1e-5)
         # A per-row input sent with one row is refused by name.
         one_row = {**candidates, "item_id": ["i1"], **once}
         err = grpc_error(lambda: stub_call(server, "ModelInfer", typed_request(one_row)))
