@@ -15,8 +15,8 @@ ARG CUDA_IMAGE=nvidia/cuda:13.0.2-cudnn-runtime-ubuntu24.04
 
 # ---- build: the project's two wheels (the project alone; dependencies come from the index) -
 # mmoe_ranking: the command, the contract and the server; mmoe_ranking_train (training/): the
-# training code, export and bench. mmoe/ and training/mmoe/ link to the stage folders
-# (mmoe.model -> model/, ...): the wheels install them there.
+# training code, export and bench. Each pyproject.toml maps its stage folders into the mmoe
+# namespace (model/ -> mmoe.model, ...): the wheels install them there.
 FROM python:3.11-slim AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore
 WORKDIR /src

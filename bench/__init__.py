@@ -1,6 +1,5 @@
-# Installed as mmoe.bench. From a checkout `import bench` works too, as the same package
-# (mmoe/_checkout.py).
-if __name__ == "bench":
-    from mmoe._checkout import alias
-
-    alias(__name__)
+# Imported as mmoe.bench only: the packaging maps this folder to that name (pyproject.toml's
+# package-dir). Imported by its folder name (from a checkout's root, say) it would be a second
+# copy of every module beside the first, with classes and registries of its own: refuse that.
+if __name__ != "mmoe.bench":
+    raise ImportError(f"import mmoe.bench, not {__name__} (the folder is installed under mmoe)")

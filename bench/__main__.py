@@ -1,4 +1,4 @@
-"""`python -m bench ...`: the same as `mmoe bench ...`."""
+"""`python -m mmoe.bench ...`: the same as `mmoe bench ...`."""
 
 import sys
 

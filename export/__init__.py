@@ -1,6 +1,5 @@
-# Installed as mmoe.export. From a checkout `import export` works too, as the same package
-# (mmoe/_checkout.py).
-if __name__ == "export":
-    from mmoe._checkout import alias
-
-    alias(__name__)
+# Imported as mmoe.export only: the packaging maps this folder to that name (pyproject.toml's
+# package-dir). Imported by its folder name (from a checkout's root, say) it would be a second
+# copy of every module beside the first, with classes and registries of its own: refuse that.
+if __name__ != "mmoe.export":
+    raise ImportError(f"import mmoe.export, not {__name__} (the folder is installed under mmoe)")

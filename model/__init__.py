@@ -1,6 +1,5 @@
-# Installed as mmoe.model. From a checkout `import model` works too, as the same package
-# (mmoe/_checkout.py).
-if __name__ == "model":
-    from mmoe._checkout import alias
-
-    alias(__name__)
+# Imported as mmoe.model only: the packaging maps this folder to that name (pyproject.toml's
+# package-dir). Imported by its folder name (from a checkout's root, say) it would be a second
+# copy of every module beside the first, with classes and registries of its own: refuse that.
+if __name__ != "mmoe.model":
+    raise ImportError(f"import mmoe.model, not {__name__} (the folder is installed under mmoe)")

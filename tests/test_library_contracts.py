@@ -157,7 +157,7 @@ def test_prometheus_histograms_have_the_buckets_observe_many_uses() -> None:
     assert len(h._buckets) == 3 and all(hasattr(b, "inc") for b in h._buckets)
     h._buckets[1].inc(2)
     h._sum.inc(1.5)
-    samples = {(s.name, s.labels.get("le")): s.value for s in h.collect()[0].samples}
+    samples = {(s.name, s.labels.get("le")): s.value for s in next(iter(h.collect())).samples}
     assert samples[("h_bucket", "1.0")] == 2 and samples[("h_bucket", "0.5")] == 0, (
         f"prometheus-client {version('prometheus-client')}: a histogram's exported buckets are "
         "no longer the per-bucket values observe_many increments (it would report wrong counts)"

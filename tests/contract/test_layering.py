@@ -34,4 +34,4 @@ def test_contract_needs_only_pydantic_and_numpy() -> None:
         for name in imported(path):
             assert name.split(".")[0] in allowed, f"{path}: {name}"
             if name.startswith("mmoe."):
-                assert name.startswith(("mmoe.contract", "mmoe._checkout")), f"{path}: {name}"
+                assert name.startswith("mmoe.contract"), f"{path}: {name}"

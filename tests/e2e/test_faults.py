@@ -37,7 +37,8 @@ def wait_until(check: Callable[[], bool], timeout: float = 30) -> None:
 
 class Load:
     """Threads sending /predict in a closed loop, a new connection per request (as a client
-    behind a load balancer would), counting what comes back: a status, or the exception."""
+    behind a load balancer would), counting what comes back (a status, or the exception) under
+    the phase in which it was sent."""
 
     def __init__(self, url: str, threads: int = 4) -> None:
         self.url = url
@@ -49,6 +50,7 @@ class Load:
 
     def _run(self) -> None:
         while not self._stop.is_set():
+            phase = self.phase  # when the request was sent, not when its answer came
             try:
                 r = httpx.post(self.url + "/predict", json=BODY, timeout=30)
                 outcome = str(r.status_code)
@@ -58,7 +60,7 @@ class Load:
                 outcome = type(err).__name__
                 time.sleep(0.01)
             with self._lock:
-                self.outcomes[f"{self.phase}:{outcome}"] += 1
+                self.outcomes[f"{phase}:{outcome}"] += 1
 
     def count(self, phase: str, outcome: str) -> int:
         with self._lock:
@@ -241,9 +243,9 @@ def test_reload_never_reads_outside_the_model_directory(
         "%2e%2e/outside/model.onnx": (422, "model_rejected"),  # a literal name, not decoded
         "": (422, "model_rejected"),  # the directory itself
     }
-    for path, (status, code) in refused.items():
-        r = httpx.post(server.url + "/admin/reload", json={"path": path})
-        assert (r.status_code, r.json()["error"]["code"]) == (status, code), (path, r.text)
+    for name, (status, code) in refused.items():
+        r = httpx.post(server.url + "/admin/reload", json={"path": name})
+        assert (r.status_code, r.json()["error"]["code"]) == (status, code), (name, r.text)
         assert served_path(server) == original
     for raw, (status, code) in {
         b'{"path": "\xff.onnx"}': (400, "malformed_json"),

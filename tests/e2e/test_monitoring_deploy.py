@@ -226,7 +226,7 @@ def exported_series(text: str) -> set[str]:
         "histogram": ["_bucket", "_sum", "_count", "_created"],
         "gauge": [""],
     }
-    names = set()
+    names: set[str] = set()
     for family in text_string_to_metric_families(text):
         names.update(family.name + s for s in suffixes.get(family.type, [""]))
         names.update(s.name for s in family.samples)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -32,7 +33,7 @@ def test_cli_path_serves_pytorch_scores(tmp_path: Path) -> None:
     assert "parity" in mmoe("export", str(tmp_path / "run"), "--out", str(onnx_path))
 
     context = {"user_id": "u12", "age_level": 3}
-    candidates = {
+    candidates: dict[str, list[Any]] = {
         "item_id": ["i1", "i2", "never-seen", "", "i5"],
         "category": ["c1", "c7", "c-unknown", "c3", "c1"],
         "price": [12.5, None, 0.0, 1e6, -3.0],
@@ -52,7 +53,7 @@ def test_cli_path_serves_pytorch_scores(tmp_path: Path) -> None:
     assert body["n"] == 5 and body["model"] == {"name": "tiny", "version": "7"}
 
     run = load_run(tmp_path / "run")
-    rows: dict[str, list[object]] = {k: list(v) for k, v in candidates.items()}
+    rows: dict[str, list[Any]] = {k: list(v) for k, v in candidates.items()}
     rows["user_id"] = ["u12"] * 5
     rows["age_level"] = ["3"] * 5
     rows["tag_brand_list"] = [

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -76,7 +77,7 @@ CONFIG = {
     "model": {"experts": 2, "expert_units": [8]},
     "train": {"batch_size": 256, "epochs": 1, "lr": 0.01, "seed": 1, "progress": False},
 }
-CANDIDATES = {
+CANDIDATES: dict[str, list[Any]] = {
     "cat": ["c1", "c2", "c-new"],
     "input": ["u1", "u1", "u9"],
     "output": ["i1", "", "i3"],

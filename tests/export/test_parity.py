@@ -6,6 +6,7 @@ something else is refused."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -135,7 +136,12 @@ def test_tags_sent_as_one_string_are_split_as_training_splits_them(tiny_run: Pat
     """A separated string and the same tags as a list are one input, on both sides (parity once
     turned a string into no tags at all)."""
     run = load_run(tiny_run)
-    row = {"user_id": ["u1"] * 3, "category": ["c1"] * 3, "price": [3.0] * 3, "hour": [9.0] * 3}
+    row: dict[str, list[Any]] = {
+        "user_id": ["u1"] * 3,
+        "category": ["c1"] * 3,
+        "price": [3.0] * 3,
+        "hour": [9.0] * 3,
+    }
     cols = row | {"tag_brand_list": ["b1|b2||b3", ["b1", "b2", "b3"], []]}
     feeds = to_onnx_inputs(run.schema, cols)
     assert feeds["tag_brand_list"][0].tolist() == ["b1", "b2", "b3", ""]

@@ -5,6 +5,7 @@ probs_ctr / probs_cvr, served scores equal PyTorch's."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -61,7 +62,7 @@ def test_easyrec_config_trains_exports_and_serves(pipeline: Path, tmp_path: Path
 
     rows = table.slice(0, 16).to_pylist()
     features = [f.name for f in load_run(run).schema.features]
-    candidates: dict[str, list[object]] = {
+    candidates: dict[str, list[Any]] = {
         name: [r[name] for r in rows] for name in features if name != "user_id"
     }
     for tags in ("tag_category_list", "tag_brand_list"):

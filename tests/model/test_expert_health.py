@@ -28,8 +28,9 @@ def rows(tiny_run: Path, data: Path) -> tuple[Any, Any]:
 def force_gates(net: MMoE, bias: list[float]) -> None:
     with torch.no_grad():
         for gate in net.gates:
-            gate.out.weight.zero_()
-            gate.out.bias.copy_(torch.tensor(bias))
+            out: Any = gate.out
+            out.weight.zero_()
+            out.bias.copy_(torch.tensor(bias))
 
 
 def test_statistics_are_per_task_and_expert(tiny_run: Path, tiny_data: Path) -> None:

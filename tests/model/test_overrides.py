@@ -41,7 +41,8 @@ def test_values_are_yaml_and_missing_sections_are_created(tiny_dict: dict[str, A
     config = parse_config(out)
     assert config.model.experts == 8 and config.model.expert_units == [32, 16]
     assert config.tasks[1].weight == 0.5 and config.train.shuffle is False
-    assert config.features[0].vocab is not None and config.features[0].vocab.min_count == 3
+    first: Any = config.features[0]
+    assert first.vocab is not None and first.vocab.min_count == 3
     assert config.name == "two words"
 
 

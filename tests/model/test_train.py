@@ -460,7 +460,7 @@ def test_network_options_train(
     first, second = (e["train_loss"]["total"] for e in metrics["epochs"])
     assert second < first
     loaded = load_run(tmp_path / "run")
-    net = loaded.model.net
+    net: Any = loaded.model.net
     experts = metrics["gate_experts"]
     if model.get("kind") == "ple":
         assert experts == ["ctr.0", "cvr.0", "shared.0", "shared.1"] and len(net.layers) == 2

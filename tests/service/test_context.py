@@ -327,7 +327,7 @@ def test_dynamic_batching_merges_requests_with_different_contexts(
     env = {"MMOE_BATCH_MAX_ROWS": "64", "MMOE_BATCH_WAIT_MS": "200"}
     server = start_server(tiny_context_onnx, env=env)
     sizes = [1, 7, 3, 12, 5, 9]
-    bodies = [
+    bodies: list[dict[str, Any]] = [
         {
             "context": {
                 "user_id": f"u{i}",

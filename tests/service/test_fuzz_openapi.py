@@ -61,7 +61,7 @@ def _fuzz(server: ServerProcess, mode: GenerationMode, fixed: dict[str, str]) ->
     )
     failures = []
     for result in schema.get_all_operations():
-        operation = result.ok()
+        operation = result.ok()  # type: ignore[union-attr]
         params = {k: v for k, v in fixed.items() if f"{{{k}}}" in operation.path}
         if fixed and not params:
             continue

@@ -535,6 +535,7 @@ def test_a_grpc_port_in_use_stops_the_start(tiny_onnx: Path, tmp_path: Path) -> 
         with pytest.raises(RuntimeError, match="exited"):
             server.start()
     # The whole log: every worker logs the failure, with its traceback, before the server stops.
+    assert server.log_path is not None
     assert f"cannot serve gRPC: 127.0.0.1:{port} cannot be bound" in server.log_path.read_text()
 
 
@@ -610,7 +611,11 @@ def test_the_docs_example_runs(server: GrpcServer, capsys: pytest.CaptureFixture
     exec(example.replace('infer("demo"', 'infer("tiny"'), {})
     printed = capsys.readouterr().out
     scores = np.array(printed.strip(" []\n").split(), dtype=np.float32)
-    expected = {"user_id": ["u93", "u93"], "item_id": ["i1", "i2"], "category": ["c1", "c2"]}
+    expected: dict[str, list[Any]] = {
+        "user_id": ["u93", "u93"],
+        "item_id": ["i1", "i2"],
+        "category": ["c1", "c2"],
+    }
     expected["price"] = [12.5, 3.0]
     np.testing.assert_allclose(scores, predict_scores(server, expected)["ctr"], atol=1e-6)
 

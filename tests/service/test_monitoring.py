@@ -257,9 +257,9 @@ def test_references_are_the_validation_rows_and_live_series_reproduce_them(
     after = scrape(server)
     values = delta(before, after, "mmoe_feature_values_total", "feature", "outcome")
     for name, rates in reference["features"].items():
-        total = sum(v for (feature, _), v in values.items() if feature == name)
+        seen = sum(v for (feature, *_), v in values.items() if feature == name)
         for outcome, rate in rates.items():
-            live = values.get((name, outcome), 0.0) / total
+            live = values.get((name, outcome), 0.0) / seen
             assert live == pytest.approx(rate or 0.0, abs=1e-12), (name, outcome)
     for task, (mean,) in reference["scores"].items():
         assert float(np.mean(scores[task])) == pytest.approx(mean, abs=1e-5), task
@@ -394,7 +394,7 @@ def test_a_context_value_given_once_counts_once_per_row() -> None:
         "user": np.array(["u1"], dtype=object),  # context: one value for the 3 rows
         "price": np.array([1.0, np.nan, 2.0], dtype=np.float32),
     }
-    outputs = {
+    outputs: dict[str, np.ndarray] = {
         "monitor/feature_values": np.array([[0, 1, 0], [2, 0, 1]], dtype=np.int64),
         "probs_ctr": np.array([0.1, 0.2, 0.3], dtype=np.float32),
     }
