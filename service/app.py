@@ -18,6 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mmoe.service import grpc_v2, openapi
+from mmoe.service.cpu_share import CpuShare
 from mmoe.service.errors import (
     ApiError,
     api_error_handler,
@@ -26,7 +27,7 @@ from mmoe.service.errors import (
 )
 from mmoe.service.metrics import ServiceMetrics
 from mmoe.service.monitoring import Watched
-from mmoe.service.observability import Observability, ServerLoad
+from mmoe.service.observability import Observability
 from mmoe.service.predictor import ModelLoadError, ProviderError, choose_providers
 from mmoe.service.protocol import bounded_http_protocol
 from mmoe.service.routes import admin, health, kserve, predict
@@ -41,15 +42,19 @@ def create_app(
     settings: Settings | None = None,
     *,
     link: WorkerLink | None = None,
+    share: CpuShare | None = None,
     model_path: Path | None = None,
 ) -> FastAPI:
-    """The app. In a worker of a multi-process server, `link` connects it to its siblings and
-    `model_path` is the file they serve (else the configured one)."""
+    """The app. In a worker of a multi-process server, `link` connects it to its siblings,
+    `share` is its view of their requests in progress and `model_path` is the file they serve
+    (else the configured one); without them, the app is the whole server."""
     settings = settings or Settings()
     metrics = ServiceMetrics(
         Watched(settings.monitor_features, settings.monitor_gates, settings.monitor_scores)
     )
-    load = ServerLoad(link.load, link.index) if link is not None else ServerLoad()
+    if (link is None) != (share is None):
+        raise ValueError("a worker's app takes both its link and its CpuShare")
+    share = share or CpuShare.single_process()
 
     def cannot_serve(reason: str, event: str) -> None:
         service_log.critical(f"cannot serve: {reason}", extra={"event": event})
@@ -73,10 +78,10 @@ def create_app(
             cannot_serve(str(err), "provider_unavailable")
             raise
         executor = ThreadPoolExecutor(settings.inference_workers, thread_name_prefix="onnxruntime")
-        holder = ModelHolder(settings, metrics, executor, link, load)
+        holder = ModelHolder(settings, metrics, executor, share, link)
         holder.on_swap.append(lambda _: setattr(app, "openapi_schema", None))
         app.state.holder = holder
-        grpc_server = await grpc_v2.start(settings, holder, metrics)  # None unless configured
+        grpc_server = await grpc_v2.start(settings, holder, metrics, share)  # None unless set
         if link is not None:
             link.attach(holder.load_for_sibling)
         loader = asyncio.create_task(holder.keep_loading(model_path or settings.model_path))
@@ -131,7 +136,7 @@ def create_app(
         return app.openapi_schema
 
     app.openapi = document  # type: ignore[method-assign]
-    app.add_middleware(Observability, metrics=metrics, access_log=settings.access_log, load=load)
+    app.add_middleware(Observability, metrics=metrics, access_log=settings.access_log, share=share)
     return app
 
 

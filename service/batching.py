@@ -22,10 +22,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from mmoe.service.cpu_share import CpuShare
 from mmoe.service.errors import ApiError, InternalError
 from mmoe.service.metrics import ServiceMetrics
 from mmoe.service.monitoring import ModelMonitor
-from mmoe.service.observability import REQUEST_ID, ServerLoad
+from mmoe.service.observability import REQUEST_ID
 from mmoe.service.predictor import Predictor
 from mmoe.service.settings import Settings
 
@@ -64,13 +65,11 @@ class Runner:
         workers: int,
         admission: Admission,
         metrics: ServiceMetrics,
+        share: CpuShare,
         monitor: ModelMonitor | None = None,
-        load: ServerLoad | None = None,
     ) -> None:
         self.predictor = predictor
-        # A call made while no other request is in progress anywhere on the server may use
-        # every core (Predictor.lone_session).
-        self.load = load or ServerLoad()
+        self.share = share  # whether a call has the server's cores to itself
         self.monitor = monitor  # counts what each runtime call saw (service/monitoring.py)
         self._outputs = predictor.outputs + (monitor.outputs if monitor else [])
         self.executor = executor
@@ -125,7 +124,7 @@ class Runner:
         self.metrics.inflight.inc(delta)
 
     def _run(self, feeds: Feeds) -> Outputs:
-        lone = self.predictor.lone_session is not None and self.load.alone()
+        lone = self.predictor.runs_alone(self.share)
         t0 = time.perf_counter()
         out = self.predictor.run(feeds, self._outputs, lone)
         rows = max(len(v) for v in feeds.values())  # context inputs may have one row

@@ -32,6 +32,7 @@ from tritonclient.grpc import service_pb2 as pb
 
 from mmoe.service import kserve_v2
 from mmoe.service.auth import check_api_key
+from mmoe.service.cpu_share import CpuShare
 from mmoe.service.errors import ApiError, InternalError, PayloadError
 from mmoe.service.metrics import ServiceMetrics
 from mmoe.service.observability import REQUEST_ID
@@ -84,10 +85,13 @@ class InferenceService:
     count and latency per method (route label `grpc:<Method>`, status the gRPC code name), an
     access-log line, and a place among the requests in progress."""
 
-    def __init__(self, settings: Settings, holder: ModelHolder, metrics: ServiceMetrics) -> None:
+    def __init__(
+        self, settings: Settings, holder: ModelHolder, metrics: ServiceMetrics, share: CpuShare
+    ) -> None:
         self.settings = settings
         self.holder = holder
         self.metrics = metrics
+        self.share = share
 
     def handlers(self) -> grpc.GenericRpcHandler:
         methods: dict[str, tuple[type[Message], type[Message], Handler, bool]] = {
@@ -138,28 +142,24 @@ class InferenceService:
             trailing: list[tuple[str, str]] = [("x-request-id", request_id)]
             code = grpc.StatusCode.UNKNOWN
             self.metrics.active.inc()
-            self.holder.server_load.enter()
             try:
-                try:
-                    if needs_key:
-                        check_api_key(self.settings, Headers(metadata))
+                with self.share.request():
                     try:
-                        request = request_type.FromString(body)
-                    except DecodeError as err:
-                        raise PayloadError(
-                            None, f"not a valid {request_type.__name__} message: {err}"
-                        ) from None
-                    response = await handler(request, context)
-                except ApiError as err:
-                    code = status_code(err)
-                    if "Retry-After" in err.headers:
-                        trailing.append(("retry-after", err.headers["Retry-After"]))
-                    await context.abort(code, str(err), tuple(trailing))
-                except Exception:  # a bug: logged, answered INTERNAL with the request's id
-                    code = grpc.StatusCode.INTERNAL
-                    extra = {"event": "internal_error", "request_id": request_id, "method": method}
-                    service_log.exception("gRPC handler failed", extra=extra)
-                    await context.abort(code, InternalError(request_id).reason, tuple(trailing))
+                        response = await self._handle(
+                            request_type, handler, needs_key, metadata, body, context
+                        )
+                    except ApiError as err:
+                        code = status_code(err)
+                        if "Retry-After" in err.headers:
+                            trailing.append(("retry-after", err.headers["Retry-After"]))
+                        await context.abort(code, str(err), tuple(trailing))
+                    except Exception:  # a bug: logged, answered INTERNAL with the request's id
+                        code = grpc.StatusCode.INTERNAL
+                        extra = {"event": "internal_error", "request_id": request_id}
+                        service_log.exception(
+                            "gRPC handler failed", extra=extra | {"method": method}
+                        )
+                        await context.abort(code, InternalError(request_id).reason, tuple(trailing))
                 code = grpc.StatusCode.OK
                 context.set_trailing_metadata(tuple(trailing))
                 return response
@@ -167,7 +167,6 @@ class InferenceService:
                 code = grpc.StatusCode.CANCELLED
                 raise
             finally:
-                self.holder.server_load.leave()
                 self.metrics.active.dec()
                 elapsed = time.perf_counter() - start
                 self.metrics.requests.labels(route, code.name).inc()
@@ -186,6 +185,26 @@ class InferenceService:
                     )
 
         return call
+
+    async def _handle(
+        self,
+        request_type: type[Message],
+        handler: Handler,
+        needs_key: bool,
+        metadata: dict[str, str],
+        body: bytes,
+        context: grpc.aio.ServicerContext,
+    ) -> Message:
+        """The handler's answer to the raw request `body`, or an ApiError."""
+        if needs_key:
+            check_api_key(self.settings, Headers(metadata))
+        try:
+            request = request_type.FromString(body)
+        except DecodeError as err:
+            raise PayloadError(
+                None, f"not a valid {request_type.__name__} message: {err}"
+            ) from None
+        return await handler(request, context)
 
     # ------------------------------------------------------------------------- handlers
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
+from mmoe.service.cpu_share import CpuShare
 from mmoe.service.metrics import ServiceMetrics
 from mmoe.service.settings import Settings
 from mmoe.service.state import ModelHolder
@@ -28,7 +29,7 @@ def _address(host: str, port: int) -> str:
 
 
 async def start(
-    settings: Settings, holder: ModelHolder, metrics: ServiceMetrics
+    settings: Settings, holder: ModelHolder, metrics: ServiceMetrics, share: CpuShare
 ) -> grpc.aio.Server | None:
     """Serve KServe V2 over gRPC on settings.host:settings.grpc_port (None when unset).
     Raises RuntimeError if the port cannot be bound."""
@@ -48,7 +49,8 @@ async def start(
             ("grpc.so_reuseport", 1),
         ]
     )
-    server.add_generic_rpc_handlers((InferenceService(settings, holder, metrics).handlers(),))
+    service = InferenceService(settings, holder, metrics, share)
+    server.add_generic_rpc_handlers((service.handlers(),))
     address = _address(settings.host, settings.grpc_port)
     try:
         server.add_insecure_port(address)

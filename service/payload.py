@@ -2,7 +2,7 @@
 
 The body types are generated from the model's metadata as msgspec Structs, so decoding and type
 checking happen in one C pass (no per-item pydantic objects), and their JSON Schema documents the
-request in OpenAPI. The request's shape (DESIGN.md section 3):
+request in OpenAPI. The request's shape (docs/api.md):
 
 - columnar: `candidates` holds one list per feature, all of the same length N; `context` holds
   scalars shared by all N rows. A feature the model declares context (its graph input takes

@@ -22,6 +22,7 @@ from mmoe.contract.metadata import (
     read_metadata,
 )
 from mmoe.contract.values import graph_inputs
+from mmoe.service.cpu_share import CpuShare
 from mmoe.service.errors import PayloadError
 from mmoe.service.payload import RequestDecoder
 from mmoe.service.weights import large_initializers
@@ -181,6 +182,11 @@ class Predictor:
                 "warmup_s": round(self.warmup_seconds, 3),
             },
         )
+
+    def runs_alone(self, share: CpuShare) -> bool:
+        """Whether a call made now takes the lone-request session: the file has one, and the
+        call would be the only work on the whole server (`share`)."""
+        return self.lone_session is not None and share.alone()
 
     @property
     def _modes(self) -> list[bool]:

@@ -58,7 +58,7 @@ class Settings(BaseSettings):
     )
     # Processes rather than threads: one runtime call per core, each in its own process with
     # its own session, scored 1.2-1.5x the requests per second of one process whose threads
-    # share the cores (docs/serving.md).
+    # share the cores (docs/workers.md).
     workers: int = Field(
         0,
         ge=0,

@@ -22,9 +22,9 @@ from pathlib import Path
 from fastapi import Request
 
 from mmoe.service.batching import Admission, DirectRunner, MicroBatcher, Runner
+from mmoe.service.cpu_share import CpuShare
 from mmoe.service.errors import ApiError
 from mmoe.service.metrics import ServiceMetrics
-from mmoe.service.observability import ServerLoad
 from mmoe.service.payload import RequestDecoder
 from mmoe.service.predictor import ModelLoadError, Predictor, ProviderError
 from mmoe.service.settings import Settings
@@ -55,17 +55,16 @@ class ModelHolder:
         settings: Settings,
         metrics: ServiceMetrics,
         executor: ThreadPoolExecutor,
+        share: CpuShare,
         link: WorkerLink | None = None,
-        load: ServerLoad | None = None,
     ):
         self.settings = settings
         self.metrics = metrics
         self.executor = executor
+        self.share = share  # handed to each model's runner
         self.link = link
         self.current: LoadedModel | None = None
         self.not_ready_reason = "model not loaded yet"
-        # The requests in progress, this worker's and (with workers) its siblings'.
-        self.server_load = load or ServerLoad()
         self._lock = asyncio.Lock()
         # Called with each newly swapped-in model, e.g. to refresh the OpenAPI schema.
         self.on_swap: list[Callable[[LoadedModel], object]] = []
@@ -169,7 +168,7 @@ class ModelHolder:
                 admission=Admission.of(s),
                 metrics=self.metrics,
                 monitor=monitor if monitor.active else None,
-                load=self.server_load,
+                share=self.share,
             )
             if s.batch_max_rows > 0:
                 runner = MicroBatcher(

@@ -15,9 +15,8 @@ restarts a worker that dies, and relays what concerns all workers:
 - each worker's state (ready or why not, and the model it serves), sent to every worker, so
   that whichever worker answers /readyz or /metrics speaks for the whole server.
 
-One thing is shared in memory: an array with each worker's count of requests in progress
-(service/observability.py's `ServerLoad`), so that a request alone on the whole server may run
-on every core.
+One thing is shared in memory: each worker's count of requests in progress
+(service/cpu_share.py), so that a request alone on the whole server may run on every core.
 
 Prometheus counters, histograms and gauges are summed over the workers by prometheus_client's
 multiprocess mode, in a directory made for this start and removed at exit.
@@ -43,6 +42,7 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
+from mmoe.service.cpu_share import CpuShare
 from mmoe.service.settings import Settings
 
 log = logging.getLogger("mmoe.service")
@@ -149,9 +149,7 @@ class Supervisor:
         s = self.settings
         self.listeners = _Listeners(s.host, s.port, s.workers)
         context = multiprocessing.get_context("spawn")  # no inherited threads or locks
-        # Each worker's requests in progress, then since when each has had none (the layout of
-        # service/observability.py's ServerLoad), each written by its worker alone.
-        self.load = context.RawArray("d", 2 * s.workers)
+        self.share = CpuShare.for_supervisor(s.workers, context)
         wake_r, wake_w = socket.socketpair()
         wake_r.setblocking(False)
         wake_w.setblocking(False)
@@ -208,7 +206,7 @@ class Supervisor:
                 child_end,
                 index,
                 self.serving,
-                self.load,
+                self.share.slots,
             ),
             name=f"mmoe-worker-{index}",
         )
@@ -292,7 +290,7 @@ class Supervisor:
         del self.workers[worker.index]
         worker.conn.close()
         self.states.pop(worker.index, None)
-        self.load[worker.index] = 0.0  # what it had in progress died with it
+        self.share.forget(worker.index)
         if worker.process.pid is not None:
             _forget_live_gauges(worker.process.pid)
         for reload in list(self.reloads.values()):
@@ -332,17 +330,19 @@ def run_worker(
     conn: Connection,
     index: int,
     model_path: Path,
-    load: MutableSequence[float],
+    slots: MutableSequence[float],
 ) -> None:
-    """One worker process: a whole server on `sock` (see the module docstring)."""
+    """One worker process: a whole server on `sock` (see the module docstring); `slots` is the
+    supervisor's CpuShare array."""
     import uvicorn
 
     from mmoe.service.app import create_app, uvicorn_config
     from mmoe.service.logs import configure_logging
 
     configure_logging(settings.log_level, worker=index)
-    link = WorkerLink(conn, index, settings.workers, load)
-    app = create_app(settings, link=link, model_path=model_path)
+    link = WorkerLink(conn, index, settings.workers)
+    share = CpuShare.for_worker(slots, index)
+    app = create_app(settings, link=link, share=share, model_path=model_path)
     server = uvicorn.Server(uvicorn_config(app, settings))
     server.run(sockets=[sock])
     if not server.started:  # its start failed (and it told the supervisor why)
@@ -352,14 +352,10 @@ def run_worker(
 class WorkerLink:
     """A worker's line to the supervisor and, through it, to its sibling workers."""
 
-    def __init__(
-        self, conn: Connection, index: int, count: int, load: MutableSequence[float] | None = None
-    ) -> None:
+    def __init__(self, conn: Connection, index: int, count: int) -> None:
         self.conn = conn
         self.index = index
         self.count = count
-        # Each worker's requests in progress (its own slot is `index`).
-        self.load: MutableSequence[float] = load if load is not None else [0.0] * (2 * count)
         self.states: dict[int, WorkerState] = {}
         self._ids = itertools.count()
         self._waiting: dict[int, asyncio.Future[dict[int, str]]] = {}

@@ -3,7 +3,7 @@ profile) agree with each other and with what the service exports: the rules pass
 check and their unit tests, every alert is tested, the dashboard is a well-formed Grafana
 dashboard whose queries parse and name only series that exist (exported by a real server, or
 recorded by the rules), and compose wires Prometheus to every replica and Grafana to
-Prometheus. Needs promtool (Debian's `prometheus` package; .ci/run installs it)."""
+Prometheus. Needs promtool (Debian's `prometheus` package; `make test` installs it)."""
 
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ def promtool() -> str:
     if path is None:
         pytest.fail(
             "promtool not found: the alert rules cannot be checked. Install it "
-            "(apt-get install prometheus; .ci/run does) or set PROMTOOL=/path/to/promtool"
+            "(apt-get install prometheus; `make test` does) or set PROMTOOL=/path/to/promtool"
         )
     return path
 

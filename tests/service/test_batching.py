@@ -18,6 +18,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from mmoe.service.batching import INLINE_MAX_ROWS, Admission, DirectRunner
+from mmoe.service.cpu_share import CpuShare
 from mmoe.service.errors import ApiError
 from mmoe.service.metrics import ServiceMetrics
 from mmoe.service.predictor import Predictor, warmup_feeds
@@ -174,7 +175,8 @@ class ThreadRecordingPredictor(Predictor):
 
 
 def runner_for(predictor: Predictor, pool: ThreadPoolExecutor, timeout_ms: int) -> DirectRunner:
-    return DirectRunner(predictor, pool, 1, Admission(8, timeout_ms, 1), ServiceMetrics())
+    admission = Admission(8, timeout_ms, 1)
+    return DirectRunner(predictor, pool, 1, admission, ServiceMetrics(), CpuShare.single_process())
 
 
 def test_a_small_request_runs_on_the_event_loop_thread(tiny_onnx: Path) -> None:
