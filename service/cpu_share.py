@@ -75,6 +75,10 @@ class CpuShare:
         quiet = time.monotonic() - QUIET_S
         return all(slots[i] == 0 and slots[n + i] <= quiet for i in range(n) if i != own)
 
+    def in_progress(self) -> int:
+        """The requests in progress on the whole server, this worker's included."""
+        return int(sum(self.slots[: self.workers]))
+
     def forget(self, index: int) -> None:
         """Worker `index` died: what it had in progress died with it (the supervisor's call)."""
         self.slots[index] = 0.0

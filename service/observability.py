@@ -1,6 +1,7 @@
-"""Per request: an id (x-request-id, echoed or made up), latency and status metrics, a JSON
-access-log line, a place among the server's requests in progress (CpuShare), and a JSON 500 for
-an error nothing else answered."""
+"""Per request: an id (x-request-id, echoed or made up), the model that answered (x-model-name
+and x-model-version, and the `model`, `version` labels of its metrics), latency and status
+metrics, a JSON access-log line, a place among the server's requests in progress (CpuShare),
+and a JSON 500 for an error nothing else answered."""
 
 from __future__ import annotations
 
@@ -21,6 +22,9 @@ service_log = logging.getLogger("mmoe.service")
 
 # The id of the request being handled (HTTP or gRPC), for what logs a failure on its behalf.
 REQUEST_ID: ContextVar[str] = ContextVar("request_id", default="")
+# The scope key under which a route puts the model that answers the request (anything with
+# `name` and `version`), once routing has chosen it.
+SERVED = "mmoe.served"
 _KNOWN_ROUTES = {"/predict", "/livez", "/readyz", "/metadata", "/metrics", "/admin/reload"}
 
 
@@ -62,11 +66,15 @@ class Observability:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message.setdefault("headers", [])
-                message["headers"] = [
-                    *message["headers"],
+                headers = [
+                    *message.get("headers", []),
                     (b"x-request-id", request_id.encode("latin-1")),
                 ]
+                served = scope.get(SERVED)
+                if served is not None:
+                    headers.append((b"x-model-name", served.name.encode()))
+                    headers.append((b"x-model-version", served.version.encode()))
+                message["headers"] = headers
             await send(message)
 
         self.metrics.active.inc()
@@ -98,8 +106,10 @@ class Observability:
             path = scope["path"]
             route = scope.get("route")
             label = getattr(route, "path", None) or (path if path in _KNOWN_ROUTES else "other")
-            self.metrics.requests.labels(label, str(status)).inc()
-            self.metrics.latency.labels(label).observe(elapsed)
+            served = scope.get(SERVED)
+            model = (served.name, served.version) if served is not None else ("", "")
+            self.metrics.requests.labels(label, str(status), *model).inc()
+            self.metrics.latency.labels(label, *model).observe(elapsed)
             if self.access_log and path not in ("/livez", "/readyz", "/metrics"):
                 log.info(
                     "request",

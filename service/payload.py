@@ -14,6 +14,8 @@ request in OpenAPI. The request's shape (docs/api.md):
 - categorical values are strings or integers; numeric values are numbers; tags are a list of ids
   or one string. What each value becomes (defaults, integer ids, tag splitting and padding) is
   the contract's rule, `contract/values.py`, shared with export and the warm-up.
+- `model` and `version` (optional) name the model that scores the request; the registry reads
+  them, and the routing key, with a `RequestHead` before the model's own decoder runs.
 - null, or leaving a feature out, means "use the default"; features without one are required.
 - unknown categorical values are fine (the out-of-vocabulary bucket); anything else wrong is a
   PayloadError naming the field. That includes a key given twice in one object (JSON parsers
@@ -142,7 +144,9 @@ def _each_key_once(req: Any, body: bytes) -> bool:
     each key once. False means "not known": the body gets the exact check."""
     if req.instances is not None:
         return False
-    filled = sum(v is not None for v in (req.candidates, req.context, req.tasks))
+    filled = sum(
+        v is not None for v in (req.candidates, req.context, req.tasks, req.model, req.version)
+    )
     for part in (req.candidates, req.context):
         if part is not None:
             filled += sum(
@@ -185,6 +189,9 @@ class RequestDecoder:
                     None,
                 ),
                 ("tasks", list[Literal[task_names]] | None, None),  # type: ignore[valid-type]
+                # Read by the registry (RequestHead) to pick the model; documented here.
+                ("model", str | None, None),
+                ("version", str | int | None, None),
             ],
             forbid_unknown_fields=True,
         )
@@ -194,6 +201,8 @@ class RequestDecoder:
             "context",
             "instances",
             "tasks",
+            "model",
+            "version",
             *(f.name for f in self.features),
         ]
 
@@ -304,6 +313,64 @@ class RequestDecoder:
                 values = [None if v is msgspec.UNSET else v for v in values]
             feeds[f.name] = _rows_array(f, values)
         return n, feeds
+
+
+# ----------------------------------------------------------------------------- the head
+
+
+@dataclass(frozen=True)
+class Head:
+    """What routing needs of a /predict body: the model and version it names (or None), and
+    the value it gives each routing key feature (in `context`, else the first candidate's)."""
+
+    model: str | None
+    version: str | None
+    keys: dict[str, str]
+
+
+class RequestHead:
+    """Reads a Head from a /predict body, skipping everything else (the candidates' columns
+    are scanned, not built)."""
+
+    def __init__(self, key_features: Sequence[str]) -> None:
+        self.features = sorted(set(key_features))
+        one = _struct("Keys", self._infos(), lambda f: Any, forbid=False)
+        column = _struct("KeyColumns", self._infos(), lambda f: list[Any], forbid=False)
+        self._type = msgspec.defstruct(
+            "Head",
+            [
+                ("model", str | None, None),
+                ("version", str | int | None, None),
+                ("context", one | None, None),
+                ("candidates", column | None, None),
+                ("instances", list[one] | None, None),  # type: ignore[valid-type]
+            ],
+        )
+        self._decoder = msgspec.json.Decoder(self._type)
+
+    def _infos(self) -> list[FeatureInfo]:
+        return [FeatureInfo(name=f, kind="categorical", dtype="string") for f in self.features]
+
+    def decode(self, body: bytes) -> Head:
+        try:
+            head: Any = self._decoder.decode(body)
+        except msgspec.ValidationError as err:
+            raise _msgspec_error(err) from None
+        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as err:
+            raise PayloadError(None, f"malformed JSON: {err}", 400, "malformed_json") from None
+        keys: dict[str, str] = {}
+        for i, name in enumerate(self.features):
+            attr = f"f{i}"
+            value = getattr(head.context, attr, msgspec.UNSET) if head.context else msgspec.UNSET
+            if value is msgspec.UNSET and head.candidates is not None:
+                column = getattr(head.candidates, attr)
+                value = column[0] if column is not msgspec.UNSET and column else msgspec.UNSET
+            if value is msgspec.UNSET and head.instances:
+                value = getattr(head.instances[0], attr)
+            if value is not msgspec.UNSET and value is not None:
+                keys[name] = str(value)
+        version = None if head.version is None else str(head.version)
+        return Head(head.model, version, keys)
 
 
 # ------------------------------------------------------------------------ values -> arrays

@@ -36,6 +36,10 @@ class ModelLoadError(RuntimeError):
     """The file cannot be served: missing, not ONNX, not ours, or failing its warm-up."""
 
 
+class GoldenMismatchError(ModelLoadError):
+    """The file loads but does not compute what was exported (its golden rows)."""
+
+
 class ProviderError(ModelLoadError):
     """The configured execution provider cannot be used: a setting to change, not a file to
     wait for, so the server stops instead of retrying."""
@@ -71,7 +75,7 @@ def shared_initializers(path: Path) -> dict[str, ort.OrtValue]:
     }
 
 
-def _return_freed_memory() -> None:
+def return_freed_memory() -> None:
     """Hand the heap's free pages back to the system (glibc keeps them by default, so the
     transient copies of a large file would stay in the process's RSS)."""
     with contextlib.suppress(OSError, AttributeError):  # not glibc
@@ -135,7 +139,7 @@ class Predictor:
         self.lone_threads = lone_threads if lone else 0
         if lone:
             self.lone_session = self._session(providers, lone_threads, spin=True)
-            _return_freed_memory()  # reading the file for its weights took a copy or two
+            return_freed_memory()  # reading the file for its weights took a copy or two
         self.provider = self.session.get_providers()[0]
         if self.provider != providers[0]:  # onnxruntime falls back silently; say so
             reason = (
@@ -286,7 +290,7 @@ class Predictor:
         if found:
             shown = "; ".join(map(str, found[:3]))
             more = f"; and {len(found) - 3} more values" if len(found) > 3 else ""
-            raise ModelLoadError(
+            raise GoldenMismatchError(
                 f"{self.path}: not served, the file does not compute what was exported "
                 f"(edited, corrupted, or a runtime that computes differently): {shown}{more}"
             )

@@ -41,6 +41,14 @@ class Settings(BaseSettings):
     # The file `make demo` builds, so that a plain `mmoe serve` after it serves something; a
     # deployment names its own (the images set /models/model.onnx).
     model_path: Path = Field(Path("models/demo.onnx"), description="the model.onnx to serve")
+    # Several models and versions side by side, laid out as Triton's (service/repository.py);
+    # when set, model_path is not used.
+    model_repository: Path | None = Field(
+        None, description="a repository DIR/<name>/<version>/model.onnx to serve instead"
+    )
+    repository_poll_s: float = Field(
+        0, ge=0, description="read the repository again every this many seconds; 0: only on reload"
+    )
     # A request can never make the server read a file outside it.
     model_dir: Path | None = Field(
         None, description="directory /admin/reload may load from; unset: the model's"
