@@ -1,13 +1,13 @@
 """`mmoe items push`: an item table file into Redis, in the layout RedisItemStore reads
-(service/items.py, docs/items.md): a hash per item, each field the JSON of the value a request
-would send, then the manifest.
+(service/items.py, docs/items.md): a string per item, the JSON object a request would send as
+its row, then the manifest.
 
 With `--model` the file first goes through every check a server makes of a table file (so a
 table the model cannot serve never reaches the store); without it, `--key` names the key column
 and the columns need only be of a type some feature kind takes. Items are written in chunks of
-`--chunk-rows`, each one MULTI/EXEC (an item's old fields are replaced, never mixed with its new
-ones). Items of an earlier push that are not in this file stay, unless `--prune` deletes them.
-The manifest is written last, once the items are there.
+`--chunk-rows`, one MSET each (atomic: a reader sees an item's old row or its new one). Items of
+an earlier push that are not in this file stay, unless `--prune` deletes them. The manifest is
+written last, once the items are there.
 """
 
 from __future__ import annotations
@@ -98,17 +98,14 @@ def push_table(
         for offset in range(0, table.num_rows, chunk_rows):
             chunk = table.slice(offset, chunk_rows)
             keys = id_strings(chunk.column(key), key).to_pylist()
-            columns = {name: chunk.column(name).to_pylist() for name in chunk.column_names}
-            pipe = client.pipeline(transaction=True)
-            for j, item in enumerate(keys):
-                fields = {}
-                for name, values in columns.items():
-                    v = json_value(values[j])
-                    if v is not None:
-                        fields[name] = json.dumps(v, default=float)  # default: decimals
-                pipe.delete(item_key(ns, item))
-                pipe.hset(item_key(ns, item), mapping=fields)  # never empty: it has the key
-            pipe.execute()
+            names = chunk.column_names
+            rows = zip(*(chunk.column(n).to_pylist() for n in names), strict=True)
+            items = {}
+            for item, row in zip(keys, rows, strict=True):
+                values = zip(names, map(json_value, row), strict=True)
+                present = {n: v for n, v in values if v is not None}
+                items[item_key(ns, item)] = json.dumps(present, default=float)  # float: decimals
+            client.mset(items)
             pushed.update(keys)
         if prune:
             pruned = _prune(client, ns, pushed)
@@ -158,9 +155,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="key prefix: items under NAMESPACE:item:<id> (default: the URL's ?namespace=, or "
         "mmoe)",
     )
-    p.add_argument(
-        "--chunk-rows", type=int, default=1000, help="items per MULTI/EXEC (default 1000)"
-    )
+    p.add_argument("--chunk-rows", type=int, default=1000, help="items per MSET (default 1000)")
     p.add_argument(
         "--prune", action="store_true", help="delete the items of earlier pushes not in this file"
     )

@@ -8,19 +8,19 @@ input for those ids, ready to feed.
   model's features and converted at load, by the contract's rules (contract/values.py), into
   small integer codes per row, so a lookup costs one hash search per id and one `take` per
   column.
-- RedisItemStore: one Redis hash per item (the layout below, written by `mmoe items push`),
-  read in one pipelined round trip per request for the ids not in a bounded in-process LRU
-  cache. A Redis outage degrades to the cache, then to the features' defaults; lookups never
-  raise.
+- RedisItemStore: one Redis string per item (the layout below, written by `mmoe items push`),
+  read with one MGET per request for the ids not in a bounded in-process LRU cache. A Redis
+  outage degrades to the cache, then to the features' defaults; lookups never raise.
 
 An id missing from the source is no error: its features take the value a request leaving them
 out would (the default; for a feature without one, what the graph reads as unknown: "" for
 ids, no tags, NaN for numbers). Every id gets an outcome (OUTCOMES), for counting.
 
 Redis layout (namespace `mmoe` by default, `NS` below):
-- `NS:item:<id>`: a hash per item, one field per feature, each holding the JSON of the value a
-  request would send for it (`"c3"`, `12.5`, `["b1", "b2"]`); a field left out or null is the
-  feature's default. The hash also holds the key feature itself.
+- `NS:item:<id>`: a string per item, the JSON object a request would send as the item's row
+  (`{"item_id": "i3", "category": "c3", "price": 12.5, "tags": ["b1", "b2"]}`, the
+  `instances` form); a feature left out or null takes its default. One MGET reads the items of
+  a request, one MSET writes a chunk of them, and an item is replaced whole.
 - `NS:items`: the manifest, a hash: `key` (the key feature), `columns` (JSON object: column ->
   type: string, integer, float, list<string>, ...), `rows`, `source` (the file pushed),
   `pushed_at` (ISO 8601 UTC). The server checks it against the model as it checks a file.
@@ -38,6 +38,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from itertools import chain
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -530,7 +531,7 @@ def _check_unique(keys: list[str], hashes: np.ndarray, order: np.ndarray, name: 
 
 
 def item_key(namespace: str, item: str) -> str:
-    """The Redis key of an item's hash."""
+    """The Redis key of an item's row."""
     return f"{namespace}:item:{item}"
 
 
@@ -559,42 +560,80 @@ def split_namespace(url: str) -> tuple[str, str | None]:
     return urlunsplit(parts._replace(query=rest)), namespace
 
 
-def _json_value(f: FeatureInfo, text: str | None) -> Any:
-    """A field's text -> the value a request would send, or None (null; a value of the wrong
-    type, which is logged, counts as null too)."""
+def _item(text: str | None) -> dict[str, Any] | None:
+    """An item's stored text -> its row (None: no such item). Text that is not a JSON object
+    is logged and read as a row of nulls."""
     if text is None:
         return None
     try:
-        v = json.loads(text)
+        row = json.loads(text)
     except ValueError:
-        return _invalid(f, text)
+        row = None
+    if isinstance(row, dict):
+        return row
+    _invalid("", text)
+    return {}
+
+
+def _checked(f: FeatureInfo, v: Any) -> Any:
+    """A stored value as a request would send it, or None (null; a value of the wrong type,
+    which is logged, counts as null too)."""
     if v is None:
         return None
     if f.kind == "numeric":
         if isinstance(v, bool) or not isinstance(v, int | float):
-            return _invalid(f, text)
+            return _invalid(f.name, v)
         if isinstance(v, float) and math.isnan(v):
             return None
-        return v if _fits_float32(v) else _invalid(f, text)
+        return v if _fits_float32(v) else _invalid(f.name, v)
     if f.kind == "tags":
         if isinstance(v, str):
             return v
         if not isinstance(v, list):
-            return _invalid(f, text)
+            return _invalid(f.name, v)
         tokens = [_id(t) for t in v if t is not None]
-        return tokens if all(t is not None for t in tokens) else _invalid(f, text)
+        return tokens if all(t is not None for t in tokens) else _invalid(f.name, v)
     out = _id(v)
-    return out if out is not None else _invalid(f, text)
+    return out if out is not None else _invalid(f.name, v)
+
+
+# The smallest magnitude float32 rounds to infinity: the contract refuses a number from here on.
+_FLOAT32_OVERFLOW = 3.4028235677973366e38
 
 
 def _fits_float32(v: float) -> bool:
-    """Whether float32 holds the number (the contract refuses what it cannot)."""
     try:
-        x = float(v)
+        return abs(float(v)) < _FLOAT32_OVERFLOW
     except OverflowError:  # an integer past any float
         return False
-    with np.errstate(over="ignore"):
-        return bool(np.isfinite(np.float32(x)))
+
+
+# Values of the types a request sends for each kind, which need no check of their own (the
+# tokens of tag lists apart).
+_PLAIN: dict[str, set[type]] = {
+    "categorical": {str, int, type(None)},
+    "numeric": {int, float, type(None)},
+    "tags": {str, list, type(None)},
+}
+
+
+def _checked_column(f: FeatureInfo, raw: list[Any]) -> list[Any]:
+    """_checked for each value; the common case in bulk."""
+    if set(map(type, raw)) <= _PLAIN[f.kind]:
+        if f.kind == "categorical":
+            return raw
+        if f.kind == "tags":
+            lists = (v for v in raw if v.__class__ is list)
+            if set(map(type, chain.from_iterable(lists))) <= {str, int}:
+                return raw
+        else:
+            try:
+                x = np.array(raw, dtype=np.float64)
+            except OverflowError:  # an integer past any float
+                x = None
+            if x is not None and not (np.abs(x) >= _FLOAT32_OVERFLOW).any():
+                return raw
+    return [_checked(f, v) for v in raw]
 
 
 def _id(v: Any) -> str | int | None:
@@ -608,15 +647,15 @@ def _id(v: Any) -> str | int | None:
 _warned: set[str] = set()
 
 
-def _invalid(f: FeatureInfo, text: str) -> None:
-    if f.name not in _warned:  # once per feature: the store is wrong, not each request
-        _warned.add(f.name)
+def _invalid(feature: str, value: Any) -> None:
+    if feature not in _warned:  # once per feature: the store is wrong, not each request
+        _warned.add(feature)
+        what = f"{feature} holds" if feature else "an item is"
         log.warning(
-            "item store: %s holds %.80s, not a %s value: read as null",
-            f.name,
-            text,
-            f.kind,
-            extra={"event": "item_value_invalid", "feature": f.name},
+            "item store: %s %.80r, not what a request may send: read as null",
+            what,
+            value,
+            extra={"event": "item_value_invalid", "feature": feature},
         )
     return None
 
@@ -625,7 +664,7 @@ class RedisItemStore:
     """Item features in Redis (the layout at the top of this module), behind an LRU cache.
 
     A lookup answers the ids cached less than `ttl_s` ago from the cache and fetches the
-    others in one pipelined round trip (HGETALL per id), bounded by `timeout_s`. When Redis
+    others with one MGET, bounded by `timeout_s`. When Redis
     fails, ids with an older cache entry are answered from it (outcome stale), the others get
     defaults (error), and Redis is left alone for `retry_s` before the next try; the client
     reconnects by itself once it answers again. Misses are cached as misses. The cache holds
@@ -781,16 +820,16 @@ class RedisItemStore:
         self._store(need, values, hit, time.monotonic())
         return ItemRows(columns, found, outcome)
 
-    async def _fetch(self, ids: list[str]) -> list[dict[str, str]] | None:
+    async def _fetch(self, ids: list[str]) -> list[str | None] | None:
+        """The stored text of each id (None where there is no such item); None when Redis
+        failed."""
         from redis.exceptions import RedisError
 
         self.calls += 1
+        prefix = self._prefix
         try:
             async with asyncio.timeout(self.timeout_s):
-                async with self._client.pipeline(transaction=False) as pipe:
-                    for i in ids:
-                        pipe.hgetall(self._prefix + i)
-                    result: list[dict[str, str]] = await pipe.execute()
+                texts: Any = await self._client.mget([prefix + i for i in ids])  # str: decoded
         except (RedisError, OSError, TimeoutError) as err:
             self.failures += 1
             self._retry_at = time.monotonic() + self.retry_s
@@ -802,15 +841,17 @@ class RedisItemStore:
                 extra={"event": "item_store_unavailable", "source": self.source},
             )
             return None
-        return result
+        return texts
 
-    def _convert(self, fetched: list[dict[str, str]]) -> tuple[dict[str, np.ndarray], np.ndarray]:
-        """Fetched hashes -> each held feature's graph inputs (contract rules) and which ids
+    def _convert(self, fetched: list[str | None]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """Fetched items -> each held feature's graph inputs (contract rules) and which ids
         exist."""
-        hit = np.fromiter(map(bool, fetched), dtype=bool, count=len(fetched))
+        rows = [_item(text) for text in fetched]
+        hit = np.fromiter((r is not None for r in rows), dtype=bool, count=len(rows))
+        found = [r or {} for r in rows]
         values = {}
         for f in self.features:
-            raw = [_json_value(f, h.get(f.name)) for h in fetched]
+            raw = _checked_column(f, [r.get(f.name) for r in found])
             values[f.name] = column_input(unknown_value(f), raw)
         return values, hit
 

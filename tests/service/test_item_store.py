@@ -5,6 +5,7 @@ answered from the cache and then with defaults, counted and never raised, and th
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -76,8 +77,8 @@ def test_integer_ids_and_a_namespace_in_the_url(redis_server: RedisServer, tmp_p
     url = redis_server.url + "?namespace=shop7"
     push_table(path, url, features=FEATURES)
     client = redis.Redis.from_url(redis_server.url, decode_responses=True)
-    assert client.hgetall("shop7:item:20") == {"item_id": "20"}
-    assert client.hgetall("shop7:item:10") == {"item_id": "10", "price": "1.5"}
+    assert client.get("shop7:item:20") == '{"item_id": 20}'
+    assert client.get("shop7:item:10") == '{"item_id": 10, "price": 1.5}'
     assert client.hget("shop7:items", "key") == "item_id"
     client.close()
 
@@ -98,11 +99,11 @@ def test_a_hot_id_costs_one_redis_call_per_ttl(redis_server: RedisServer, tmp_pa
 
     async def run() -> tuple[RedisItemStore, int]:
         store = await RedisItemStore.connect(redis_server.url, FEATURES, ttl_s=0.5)
-        before = redis_server.calls("hgetall")  # the manifest read
+        before = redis_server.calls("mget")
         for _ in range(20):  # "a" exists, "zz" does not: a miss is cached too
             rows = await store.alookup(ids("a", "zz", "a"))
             assert rows.outcome.tolist() == [HIT, MISS, HIT]
-        assert store.calls == 1 and redis_server.calls("hgetall") - before == 2
+        assert store.calls == 1 and redis_server.calls("mget") - before == 1
         await asyncio.sleep(0.6)
         for _ in range(20):
             await store.alookup(ids("a", "zz"))
@@ -110,7 +111,7 @@ def test_a_hot_id_costs_one_redis_call_per_ttl(redis_server: RedisServer, tmp_pa
         return store, before
 
     store, before = asyncio.run(run())
-    assert store.calls == 2 and redis_server.calls("hgetall") - before == 4
+    assert store.calls == 2 and redis_server.calls("mget") - before == 2
 
 
 def test_the_cache_holds_at_most_cache_items_the_least_recently_used_go_first(
@@ -213,27 +214,30 @@ def test_open_checks_the_manifest_as_a_file_is_checked(
 def test_a_value_of_the_wrong_type_reads_as_null(redis_server: RedisServer, tmp_path: Path) -> None:
     push_table(write(tmp_path / "items.parquet", RAW), redis_server.url, features=FEATURES)
     client = redis.Redis.from_url(redis_server.url, decode_responses=True)
-    bad: dict[Any, Any] = {
-        "price": '"12"',
-        "category": "[1]",
-        "tags": "5",
-        "brands": "not json",
-        "shop": "3.0",
+    bad = {
+        "price": "12",
+        "category": [1],
+        "tags": 5,
+        "brands": {"b": 1},
+        "shop": 3.0,
+        "stock": 1e39,
     }
-    client.hset("mmoe:item:a", mapping=bad)
+    client.set("mmoe:item:a", json.dumps(bad))
+    client.set("mmoe:item:b", "not json")
+    client.hset("mmoe:item:zz", "price", "1")  # not a string: MGET reads it as no item
     client.close()
 
     async def lookup() -> ItemRows:
         store = await RedisItemStore.connect(redis_server.url, FEATURES)
         try:
-            return await store.alookup(ids("a"))
+            return await store.alookup(ids("a", "b", "zz"))
         finally:
             await store.aclose()
 
     rows = asyncio.run(lookup())
-    assert rows.outcome.tolist() == [HIT]
+    assert rows.outcome.tolist() == [HIT, HIT, MISS]
     # An integral number is an id, as in a table file; the rest read as null.
-    assert_rows(rows, HELD, {**raw_rows(["missing"]), "shop": [3], "stock": [3.0]})
+    assert_rows(rows, HELD, {**raw_rows(["missing"] * 3), "shop": [3, None, None]})
 
 
 def test_push_replaces_an_items_fields_and_prune_drops_the_items_not_pushed(
@@ -244,7 +248,7 @@ def test_push_replaces_an_items_fields_and_prune_drops_the_items_not_pushed(
     report = push_table(newer, redis_server.url, features=FEATURES, prune=True)
     assert (report.items, report.pruned) == (2, 3)
     client = redis.Redis.from_url(redis_server.url, decode_responses=True)
-    assert client.hgetall("mmoe:item:a") == {"item_id": '"a"', "price": "9.0"}
+    assert client.get("mmoe:item:a") == '{"item_id": "a", "price": 9.0}'
     assert sorted(client.scan_iter(match="mmoe:item:*")) == ["mmoe:item:a", "mmoe:item:e"]
     assert client.hget("mmoe:items", "columns") == '{"item_id": "string", "price": "float"}'
     client.close()
