@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from itertools import chain
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import numpy as np
@@ -85,6 +85,7 @@ class ItemRows:
         return dict(zip(OUTCOMES, counted.tolist(), strict=True))
 
 
+@runtime_checkable
 class ItemSource(Protocol):
     """What the request decoder needs of an item source."""
 

@@ -145,3 +145,19 @@ def test_the_command_reads_the_features_of_a_training_run(
     assert built(out) == {"item_id": ["a", "b"], "price": [2.0, 3.0]}
     assert main([*args[:-1], str(tmp_path)]) == 2
     assert "schema.json: not a training run's fitted schema" in capsys.readouterr().err
+
+
+def test_the_documented_item_commands_parse() -> None:
+    from mmoe.cli import build_parser
+    from tests.docs import ROOT, bash_commands
+
+    commands = [
+        argv[1:]
+        for argv in bash_commands((ROOT / "docs" / "items.md").read_text())
+        if argv[:2] == ["mmoe", "items"]
+    ]
+    assert len(commands) >= 3
+    parser = build_parser()
+    for argv in commands:
+        args = parser.parse_args(argv)
+        assert args.func is not None, argv

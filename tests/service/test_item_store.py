@@ -21,6 +21,7 @@ from mmoe.service.items import (
     MISS,
     STALE,
     ItemRows,
+    ItemSource,
     ItemStoreUnavailable,
     ItemTable,
     ItemTableError,
@@ -60,6 +61,7 @@ def test_push_then_lookup_equals_the_file_tables_lookup(
 
     async def lookups() -> tuple[ItemRows, ItemRows]:
         store = await RedisItemStore.connect(redis_server.url, FEATURES)
+        assert isinstance(store, ItemSource)
         assert store.key == "item_id" and store.features == HELD and store.rows == 4
         cold = await store.alookup(ids(*IDS))
         warm = await store.alookup(ids(*IDS))
@@ -67,6 +69,7 @@ def test_push_then_lookup_equals_the_file_tables_lookup(
         return cold, warm
 
     cold, warm = asyncio.run(lookups())
+    assert isinstance(table, ItemSource)  # the interface the decoder calls
     assert_same(cold, table.lookup(ids(*IDS)))
     assert_same(warm, table.lookup(ids(*IDS)))
     assert_rows(warm, HELD, raw_rows(IDS))
