@@ -66,6 +66,7 @@ def push_table(
         read_table,
         redacted,
         split_namespace,
+        table_columns,
         type_class,
     )
 
@@ -75,6 +76,7 @@ def push_table(
     if key is None:
         raise ItemTableError("name the key column (--key), or give the model (--model)")
     table = read_table(data)
+    table = table.select(table_columns(table.schema))
     types = {name: type_class(table.schema.field(name).type) for name in table.column_names}
     if key not in types:
         raise ItemTableError(f"no key column {key!r} in {data} (its columns: {', '.join(types)})")

@@ -33,6 +33,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
@@ -314,6 +315,15 @@ def _tags(f: FeatureInfo, col: pa.ChunkedArray) -> _Codes:
     return _Codes(codes, values)
 
 
+# The index pandas writes as a column (DataFrame.to_parquet): not the table's.
+_PANDAS_INDEX = re.compile(r"__index_level_\d+__")
+
+
+def table_columns(schema: pa.Schema) -> list[str]:
+    """A table file's columns, but for an index pandas wrote as one."""
+    return [name for name in schema.names if not _PANDAS_INDEX.fullmatch(name)]
+
+
 def _read(path: Path) -> tuple[pa.Schema, Callable[[], pa.Table]]:
     """The file's schema, and a function that reads it whole. Arrow IPC (Feather v2) files are
     memory-mapped: the table's buffers are the file's pages, copied only by the conversion.
@@ -400,10 +410,10 @@ class ItemTable:
             raise ItemTableError(f"{path}: no such file")
         signature = file_signature(path)
         schema, read = _read(path)
-        types = {name: type_class(schema.field(name).type) for name in schema.names}
         if len(set(schema.names)) != len(schema.names):
             twice = next(n for n in schema.names if schema.names.count(n) > 1)
             raise ItemTableError(f"{path}: column {twice!r} is there twice")
+        types = {name: type_class(schema.field(name).type) for name in table_columns(schema)}
         key, held = check_columns(types, features, key)
         table = _read_all(path, read)
         if key is None:
@@ -490,8 +500,8 @@ def _find_key(table: pa.Table, types: Mapping[str, str], by_name: dict[str, Feat
     unique values."""
     ids = [
         name
-        for name in table.column_names
-        if by_name[name].kind == "categorical" and types[name] in ("string", "integer")
+        for name, typ in types.items()
+        if by_name[name].kind == "categorical" and typ in ("string", "integer")
     ]
     if len(ids) == 1:
         return ids[0]

@@ -324,3 +324,19 @@ def test_any_column_converts_as_the_contract_converts_it(
     np.testing.assert_array_equal(
         as_text.columns["tags"], expected(TAGS, [joined[j] for j in back])
     )
+
+
+def test_a_pandas_index_column_is_not_part_of_the_table(tmp_path: Path) -> None:
+    table = pa.table({"item_id": ["a", "b"], "__index_level_0__": [7, 9], "price": [1.0, 2.0]})
+    pq.write_table(table, tmp_path / "items.parquet")
+    loaded = ItemTable.load(tmp_path / "items.parquet", FEATURES)
+    assert loaded.key == "item_id" and [f.name for f in loaded.features] == ["price"]
+
+
+def test_a_column_given_twice_is_refused(tmp_path: Path) -> None:
+    table = pa.table(
+        [pa.array(["a"]), pa.array([1.0]), pa.array([2.0])], ["item_id", "price", "price"]
+    )
+    pq.write_table(table, tmp_path / "items.parquet")
+    with pytest.raises(ItemTableError, match="column 'price' is there twice"):
+        ItemTable.load(tmp_path / "items.parquet", FEATURES)
