@@ -725,7 +725,7 @@ class RedisItemStore:
         self.calls = 0  # round trips to Redis for items
         self.failures = 0  # of those, failed
         self._retry_at = 0.0
-        self._reset_cache()
+        self._cache = _Cache([], cache_items)
 
     @classmethod
     async def connect(
@@ -760,6 +760,10 @@ class RedisItemStore:
             columns = json.loads(manifest["columns"])
             key = manifest["key"]
             rows = int(manifest.get("rows", 0))
+            if not isinstance(columns, dict) or not all(
+                isinstance(t, str) for t in columns.values()
+            ):
+                raise ValueError("`columns` is not an object of column types")
         except (KeyError, ValueError) as err:
             raise ItemTableError(f"{self.source}: malformed manifest {name}: {err}") from None
         found, held = check_columns(columns, self.model_features, key)
@@ -767,7 +771,7 @@ class RedisItemStore:
         self.key, self.features, self.rows = found, held, rows
         self.pushed_at = manifest.get("pushed_at", "")
         self.loaded_at = datetime.now(UTC)
-        self._reset_cache()
+        self._cache = _Cache(held, self.cache_items)
 
     async def aclose(self) -> None:
         await self._client.aclose()
@@ -784,36 +788,20 @@ class RedisItemStore:
             "ttl_s": self.ttl_s,
         }
 
-    def _reset_cache(self) -> None:
-        cap = self.cache_items
-        self._slots: OrderedDict[str, int] = OrderedDict()  # id -> slot, least recent first
-        self._free = list(range(cap - 1, -1, -1))
-        self._fetched = np.zeros(cap + 1)  # monotonic time each slot was fetched
-        self._found = np.zeros(cap + 1, dtype=bool)
-        # Per feature, the cached graph inputs; slot `cap` is the null row (what a miss gets).
-        self._cache: dict[str, np.ndarray] = {}
-        for f in self.features:
-            null = _null_input(f)
-            self._cache[f.name] = np.repeat(null, cap + 1, axis=0)
-
     async def alookup(self, ids: np.ndarray) -> ItemRows:
         """The held features for `ids` (strings); never raises (see the class)."""
         listed = ids.tolist()
-        n = len(listed)
-        cap = self.cache_items
         now = time.monotonic()
-        slots = self._slots
         # Everything the cache answers is read before the one await: another lookup may
-        # change the cache meanwhile.
-        at = np.fromiter((slots.get(i, cap) for i in listed), dtype=np.intp, count=n)
-        cached = at < cap
-        columns = {name: values[at] for name, values in self._cache.items()}
-        found = self._found[at]
+        # change the cache meanwhile, and open() replace it.
+        cache = self._cache
+        at = cache.slots_of(listed)
+        cached = at < cache.size
+        columns = {name: values[at] for name, values in cache.columns.items()}
+        found = cache.found[at]
         outcome = np.where(found, HIT, MISS).astype(np.int8)
-        move = slots.move_to_end
-        for j in np.flatnonzero(cached).tolist():
-            move(listed[j])
-        expired = np.flatnonzero(~cached | (now - self._fetched[at] >= self.ttl_s))
+        cache.touch(listed, cached)
+        expired = np.flatnonzero(~cached | (now - cache.fetched[at] >= self.ttl_s))
         if not len(expired):
             return ItemRows(columns, found, outcome)
         need = list(dict.fromkeys([listed[j] for j in expired.tolist()]))
@@ -821,14 +809,14 @@ class RedisItemStore:
         if fetched is None:  # Redis failed: older entries answer, the rest get defaults
             outcome[expired] = np.where(cached[expired], STALE, ERROR)
             return ItemRows(columns, found, outcome)
-        values, hit = self._convert(fetched)
+        values, hit = _convert(cache.features, fetched)
         index = {i: k for k, i in enumerate(need)}
         k = np.fromiter((index[listed[j]] for j in expired.tolist()), np.intp, len(expired))
         for name, v in values.items():
             columns[name][expired] = v[k]
         found[expired] = hit[k]
         outcome[expired] = np.where(hit[k], HIT, MISS)
-        self._store(need, values, hit, time.monotonic())
+        cache.store(need, values, hit, time.monotonic())
         return ItemRows(columns, found, outcome)
 
     async def _fetch(self, ids: list[str]) -> list[str | None] | None:
@@ -854,35 +842,63 @@ class RedisItemStore:
             return None
         return texts
 
-    def _convert(self, fetched: list[str | None]) -> tuple[dict[str, np.ndarray], np.ndarray]:
-        """Fetched items -> each held feature's graph inputs (contract rules) and which ids
-        exist."""
-        rows = [_item(text) for text in fetched]
-        hit = np.fromiter((r is not None for r in rows), dtype=bool, count=len(rows))
-        found = [r or {} for r in rows]
-        values = {}
-        for f in self.features:
-            raw = _checked_column(f, [r.get(f.name) for r in found])
-            values[f.name] = column_input(unknown_value(f), raw)
-        return values, hit
 
-    def _store(
+def _convert(
+    features: list[FeatureInfo], fetched: list[str | None]
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Fetched items -> each feature's graph inputs (contract rules) and which ids exist."""
+    rows = [_item(text) for text in fetched]
+    hit = np.fromiter((r is not None for r in rows), dtype=bool, count=len(rows))
+    found = [r or {} for r in rows]
+    values = {}
+    for f in features:
+        raw = _checked_column(f, [r.get(f.name) for r in found])
+        values[f.name] = column_input(unknown_value(f), raw)
+    return values, hit
+
+
+class _Cache:
+    """Items read from Redis: at most `size`, the least recently used out first. Each item has
+    a slot: its row in one array of graph inputs per feature; slot `size` is the null row (what
+    an id without an item gets)."""
+
+    def __init__(self, features: list[FeatureInfo], size: int) -> None:
+        self.features = features
+        self.size = size
+        self.slots: OrderedDict[str, int] = OrderedDict()  # id -> slot, least recent first
+        self.free = list(range(size - 1, -1, -1))
+        self.fetched = np.zeros(size + 1)  # when each slot was read (time.monotonic)
+        self.found = np.zeros(size + 1, dtype=bool)
+        self.columns = {f.name: np.repeat(_null_input(f), size + 1, axis=0) for f in features}
+
+    def slots_of(self, ids: list[str]) -> np.ndarray:
+        """Each id's slot; `size` for one not cached."""
+        get, size = self.slots.get, self.size
+        return np.fromiter((get(i, size) for i in ids), dtype=np.intp, count=len(ids))
+
+    def touch(self, ids: list[str], cached: np.ndarray) -> None:
+        """Marks the cached ones of `ids` used now."""
+        move = self.slots.move_to_end
+        for j in np.flatnonzero(cached).tolist():
+            move(ids[j])
+
+    def store(
         self, ids: list[str], values: dict[str, np.ndarray], hit: np.ndarray, now: float
     ) -> None:
-        """Puts fetched ids in the cache, evicting the least recently used where it is full."""
-        slots = self._slots
-        keep = ids[-self.cache_items :]  # more ids than the cache holds: the last ones
+        """Puts items read at `now` in the cache, evicting the least recently used when full."""
+        slots = self.slots
+        keep = ids[-self.size :]  # more ids than the cache holds: the last ones
         start = len(ids) - len(keep)
         at = np.empty(len(keep), dtype=np.intp)
         for j, i in enumerate(keep):
             s = slots.get(i)
             if s is None:
-                s = self._free.pop() if self._free else slots.popitem(last=False)[1]
+                s = self.free.pop() if self.free else slots.popitem(last=False)[1]
                 slots[i] = s
             else:
                 slots.move_to_end(i)
             at[j] = s
-        self._fetched[at] = now
-        self._found[at] = hit[start:]
+        self.fetched[at] = now
+        self.found[at] = hit[start:]
         for name, v in values.items():
-            self._cache[name][at] = v[start:]
+            self.columns[name][at] = v[start:]

@@ -195,6 +195,20 @@ def test_concurrent_lookups_agree_with_the_table(redis_server: RedisServer, tmp_
     for batch, rows in zip(batches, asyncio.run(run()), strict=True):
         assert_same(rows, table.lookup(ids(*batch)))
 
+    async def reopened() -> list[Any]:
+        """open() again (a refresh) while lookups wait on Redis: each still answers."""
+        store = await RedisItemStore.connect(redis_server.url, FEATURES, cache_items=3)
+        try:
+            lookups = [store.alookup(ids(*b)) for b in batches]
+            return list(await asyncio.gather(*lookups[:10], store.open(), *lookups[10:]))
+        finally:
+            await store.aclose()
+
+    answers = asyncio.run(reopened())
+    del answers[10]  # open()'s
+    for batch, rows in zip(batches, answers, strict=True):
+        assert_same(rows, table.lookup(ids(*batch)))
+
 
 def test_open_checks_the_manifest_as_a_file_is_checked(
     redis_server: RedisServer, tmp_path: Path
@@ -208,6 +222,11 @@ def test_open_checks_the_manifest_as_a_file_is_checked(
     without_price = [f for f in FEATURES if f.name != "price"]
     with pytest.raises(ItemTableError, match="column 'price': the model has no feature"):
         asyncio.run(connect(redis_server.url, without_price))
+    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    client.hset("mmoe:items", "columns", "[1]")
+    client.close()
+    with pytest.raises(ItemTableError, match="malformed manifest mmoe:items"):
+        asyncio.run(connect(redis_server.url))
     t0 = time.monotonic()
     with pytest.raises(ItemStoreUnavailable, match="cannot read the item manifest"):
         asyncio.run(connect(f"redis://:secret@127.0.0.1:{free_port()}/0"))
