@@ -364,6 +364,70 @@ def read_table(path: str | os.PathLike[str]) -> pa.Table:
     return _read_all(path, _read(path)[1])
 
 
+class _HashIndex:
+    """Row of each key, by the key's 64-bit hash, in an open-addressing table (linear probing,
+    at most half full): a lookup reads an id's home cell, and the few after it for the ids
+    whose home cell another key holds, whatever the table's size. Equal hashes are not
+    indexed twice (`clashes`: the table sorts them out). A probe runs on past the last cell
+    into spare ones rather than wrapping around."""
+
+    WINDOW = 8  # cells read at once past the home cell: nearly every probe ends within them
+    FREE = -1  # the hash of a free cell: Python never hashes a string to -1
+
+    def __init__(self, hashes: np.ndarray) -> None:
+        n = len(hashes)
+        size = 1 << max(1, (2 * n - 1).bit_length())
+        self.mask = size - 1
+        self.hashes = np.full(size + 4 * self.WINDOW, self.FREE, dtype=np.int64)
+        self.rows = np.zeros(len(self.hashes), dtype=np.int32 if n < 2**31 else np.int64)
+        # (row, the row holding its hash) for each hash already held.
+        self.clashes: list[tuple[int, int]] = []
+        pending = np.arange(n)
+        cell = hashes & self.mask
+        while len(pending):
+            at = cell[pending]
+            if at.max() + self.WINDOW >= len(self.hashes):  # spare cells for a lookup to read
+                self._extend(len(self.hashes))
+            held = self.hashes[at]
+            free = held == self.FREE
+            clash = held == hashes[pending]
+            self.clashes += zip(pending[clash].tolist(), self.rows[at[clash]].tolist(), strict=True)
+            # The first of the rows wanting one free cell takes it; the others try it again.
+            taken, first = np.unique(at[free], return_index=True)
+            winners = pending[free][first]
+            self.hashes[taken] = hashes[winners]
+            self.rows[taken] = winners
+            placed = np.zeros(n, dtype=bool)
+            placed[winners] = True
+            on = ~free & ~clash
+            cell[pending[on]] = at[on] + 1
+            pending = pending[~placed[pending] & ~clash]
+
+    def _extend(self, by: int) -> None:
+        self.hashes = np.concatenate([self.hashes, np.full(by, self.FREE, dtype=np.int64)])
+        self.rows = np.concatenate([self.rows, np.zeros(by, dtype=self.rows.dtype)])
+
+    def find(self, h: np.ndarray) -> np.ndarray:
+        """The row of each hash, -1 where no key has it."""
+        out = np.full(len(h), -1, dtype=np.int64)
+        home = h & self.mask
+        held = self.hashes[home]
+        hit = held == h
+        out[hit] = self.rows[home[hit]]
+        active = np.flatnonzero(~hit & (held != self.FREE))  # another key's home: read on
+        start = home[active] + 1
+        window = np.arange(self.WINDOW)
+        while len(active):
+            cells = start[:, None] + window
+            held = self.hashes[cells]
+            match = held == h[active, None]
+            found = match.any(axis=1)
+            out[active[found]] = self.rows[cells[found, match[found].argmax(axis=1)]]
+            on = ~found & ~(held == self.FREE).any(axis=1)  # neither found nor ended
+            active, start = active[on], start[on] + self.WINDOW
+        return out
+
+
 class ItemTable:
     """Item features from a file, loaded once (docs/items.md). Build it with `load`."""
 
@@ -371,8 +435,7 @@ class ItemTable:
         self,
         key: str,
         features: list[FeatureInfo],
-        keys: pa.Array,
-        hashes: np.ndarray,
+        keys: list[str],
         columns: dict[str, _Codes | np.ndarray],
         signature: FileSignature,
     ) -> None:
@@ -383,13 +446,26 @@ class ItemTable:
         self.loaded_at = datetime.now(UTC)
         self.load_seconds = 0.0
         self._signature = signature
-        self._keys = keys  # string [rows], in the order of their hashes
-        self._hashes = hashes  # int64 [rows], ascending
-        self._columns = columns  # the rows in the same order, the null row last
-        # Keys whose hash another key has too (about one table in 10^7 of a million rows):
-        # found by the slow path.
-        dup = np.flatnonzero(hashes[1:] == hashes[:-1]) + 1
-        self._collided = {keys[int(i)].as_py(): int(i) for i in dup}
+        self._columns = columns  # each feature's rows, then the null row (a missing id's)
+        # Ids are matched by their 64-bit hash (Python's, keyed per process): an id not in
+        # the table takes a row's features with a chance of rows / 2**64, far below the
+        # model's own hash buckets. Keys that share a hash (about one table in 10**7 of a
+        # million rows) are matched exactly.
+        hashes = np.fromiter(map(hash, keys), np.int64, len(keys))
+        self._index = _HashIndex(hashes)
+        self._shared: dict[str, int] = {}  # keys of a shared hash -> row
+        sharing: dict[int, list[int]] = {}  # the row in the index -> the rows of its hash
+        for row, earlier in sorted(self._index.clashes):
+            sharing.setdefault(earlier, [earlier]).append(row)
+        for rows in sharing.values():
+            for row in rows:
+                earlier = self._shared.setdefault(keys[row], row)
+                if earlier != row:
+                    raise ItemTableError(
+                        f"key column {key!r}: duplicate key {keys[row]!r} (rows {earlier} and "
+                        f"{row}): one row per item"
+                    )
+        self._shared_hashes = np.array([hash(k) for k in self._shared], dtype=np.int64)
 
     @classmethod
     def load(
@@ -423,23 +499,15 @@ class ItemTable:
         if keys.null_count:
             row = int(np.argmax(keys.is_null().to_numpy(zero_copy_only=False)))
             raise ItemTableError(f"key column {key!r}, row {row}: null (every item needs an id)")
-        listed = keys.to_pylist()
-        hashes = np.fromiter(map(hash, listed), dtype=np.int64, count=len(keys))
-        order = np.argsort(hashes, kind="stable")
-        _check_unique(listed, hashes, order, key)
-        del listed
-        rows = np.append(order, len(keys))  # the null row stays last
         columns: dict[str, _Codes | np.ndarray] = {}
         for f in held:
             col = table.column(f.name)
             if f.kind == "numeric":
-                columns[f.name] = _numeric(f, col)[rows]
+                columns[f.name] = _numeric(f, col)
             else:
-                c = _tags(f, col) if f.kind == "tags" else _categorical(f, col)
-                c.codes = c.codes[rows]
-                columns[f.name] = c
+                columns[f.name] = _tags(f, col) if f.kind == "tags" else _categorical(f, col)
         del table
-        out = cls(key, held, keys.take(pa.array(order)), hashes[order], columns, signature)
+        out = cls(key, held, keys.to_pylist(), columns, signature)
         out.load_seconds = time.perf_counter() - t0
         return out
 
@@ -457,7 +525,7 @@ class ItemTable:
         }
 
     def lookup(self, ids: np.ndarray) -> ItemRows:
-        """The held features for `ids` (strings): one hash search per id, one take per column."""
+        """The held features for `ids` (strings): a hash lookup per id, a take per column."""
         rows, found = self._rows(ids)
         columns = {
             name: c.take(rows) if isinstance(c, _Codes) else c[rows]
@@ -471,28 +539,14 @@ class ItemTable:
 
     def _rows(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Each id's row (the null row where absent) and whether it was found."""
-        n = len(ids)
         listed = ids.tolist()
-        found = np.zeros(n, dtype=bool)
-        rows = np.full(n, self.rows, dtype=np.intp)
-        if self.rows == 0 or n == 0:
-            return rows, found
-        h = np.fromiter(map(hash, listed), dtype=np.int64, count=n)
-        pos = np.minimum(np.searchsorted(self._hashes, h), self.rows - 1)
-        same = np.flatnonzero(self._hashes[pos] == h)
-        # A 64-bit hash matched: the key itself must too.
-        keys = self._keys.take(pa.array(pos[same])).to_numpy(zero_copy_only=False)
-        equal = keys == ids[same]
-        hit = same[equal]
-        found[hit] = True
-        rows[hit] = pos[hit]
-        if self._collided:
-            for j in same[~equal].tolist():
-                row = self._collided.get(listed[j])
-                if row is not None:
-                    found[j] = True
-                    rows[j] = row
-        return rows, found
+        h = np.fromiter(map(hash, listed), np.int64, len(listed))
+        rows = self._index.find(h)
+        if len(self._shared_hashes):
+            for j in np.flatnonzero(np.isin(h, self._shared_hashes)).tolist():
+                rows[j] = self._shared.get(listed[j], -1)
+        found = rows >= 0
+        return np.where(found, rows, self.rows), found
 
 
 def _find_key(table: pa.Table, types: Mapping[str, str], by_name: dict[str, FeatureInfo]) -> str:
@@ -521,21 +575,6 @@ def _find_key(table: pa.Table, types: Mapping[str, str], by_name: dict[str, Feat
     raise ItemTableError(
         f"several columns could be the key ({', '.join(unique)}): name the key column"
     )
-
-
-def _check_unique(keys: list[str], hashes: np.ndarray, order: np.ndarray, name: str) -> None:
-    """ItemTableError naming a key given twice; only keys of equal hashes are compared."""
-    sorted_hashes = hashes[order]
-    for i in np.flatnonzero(sorted_hashes[1:] == sorted_hashes[:-1]).tolist():
-        same = order[i : i + 2 + int(np.argmin(sorted_hashes[i + 1 :] == sorted_hashes[i]))]
-        rows = sorted(same.tolist())
-        for a, r in enumerate(rows):
-            twice = next((s for s in rows[a + 1 :] if keys[s] == keys[r]), None)
-            if twice is not None:
-                raise ItemTableError(
-                    f"key column {name!r}: duplicate key {keys[r]!r} (rows {r} and {twice}): "
-                    "one row per item"
-                )
 
 
 # ------------------------------------------------------------------------ Redis

@@ -340,3 +340,47 @@ def test_a_column_given_twice_is_refused(tmp_path: Path) -> None:
     pq.write_table(table, tmp_path / "items.parquet")
     with pytest.raises(ItemTableError, match="column 'price' is there twice"):
         ItemTable.load(tmp_path / "items.parquet", FEATURES)
+
+
+def test_keys_of_equal_hashes_are_told_apart_by_the_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a hash that collides all the time (a key's length), the keys still decide."""
+    import mmoe.service.items as items
+
+    monkeypatch.setattr(items, "hash", len, raising=False)
+    keys = ["a", "b", "cc", "dd", "e", "fff"]
+    path = write(tmp_path / "items.parquet", {"item_id": keys, "price": [1, 2, 3, 4, 5, 6]})
+    table = ItemTable.load(path, FEATURES)
+    rows = table.lookup(np.array(["e", "b", "x", "dd", "a", "cc", "yy", "fff"], dtype=object))
+    assert rows.found.tolist() == [True, True, False, True, True, True, False, True]
+    want = np.array([5, 2, np.nan, 4, 1, 3, np.nan, 6], dtype=np.float32)
+    np.testing.assert_array_equal(rows.columns["price"], want)
+    dup = write(tmp_path / "dup.parquet", {"item_id": ["a", "b", "c", "d", "b"]})
+    with pytest.raises(ItemTableError, match="duplicate key 'b' \\(rows 1 and 4\\)"):
+        ItemTable.load(dup, FEATURES)
+
+
+def test_the_hash_index_finds_every_hash_it_holds() -> None:
+    from mmoe.service.items import _HashIndex
+
+    rng = np.random.default_rng(5)
+    for n in (1, 2, 7, 100, 5000):
+        hashes = rng.integers(0, 2**63 - 1, n, dtype=np.int64) * rng.choice([-1, 1], n)
+        hashes[n // 2 :] &= 0xF  # crowd the low cells: long probe runs, equal hashes
+        index = _HashIndex(hashes)
+        clashed = {row for row, _ in index.clashes}
+        rows = index.find(hashes)
+        for row, (h, got) in enumerate(zip(hashes.tolist(), rows.tolist(), strict=True)):
+            assert hashes[got] == h and (got == row or row in clashed)
+        absent = np.setdiff1d(np.arange(-40, 40, dtype=np.int64), [*hashes, -1])  # -1: no hash
+        assert (index.find(absent) == -1).all()
+    # Seven distinct hashes that all start at the last of 16 cells: the probes run on into
+    # the spare cells, and a lookup reads past its first window.
+    last = -17 - 16 * np.arange(7, dtype=np.int64)
+    index = _HashIndex(last)
+    assert index.mask == 15 and not index.clashes
+    assert np.flatnonzero(index.hashes != index.FREE).tolist() == list(range(15, 22))
+    assert index.find(last).tolist() == list(range(7))
+    crowded = _HashIndex(np.full(20, 3, dtype=np.int64) + 64 * np.arange(20))
+    assert crowded.find(3 + 64 * np.arange(21)).tolist() == [*range(20), -1]
