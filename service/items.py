@@ -435,7 +435,7 @@ class ItemTable:
         self,
         key: str,
         features: list[FeatureInfo],
-        keys: list[str],
+        keys: pa.Array,
         columns: dict[str, _Codes | np.ndarray],
         signature: FileSignature,
     ) -> None:
@@ -451,7 +451,10 @@ class ItemTable:
         # the table takes a row's features with a chance of rows / 2**64, far below the
         # model's own hash buckets. Keys that share a hash (about one table in 10**7 of a
         # million rows) are matched exactly.
-        hashes = np.fromiter(map(hash, keys), np.int64, len(keys))
+        hashes = np.empty(len(keys), dtype=np.int64)
+        for start in range(0, len(keys), 1 << 16):  # a few Python strings at a time
+            chunk = keys.slice(start, 1 << 16).to_pylist()
+            hashes[start : start + len(chunk)] = np.fromiter(map(hash, chunk), np.int64)
         self._index = _HashIndex(hashes)
         self._shared: dict[str, int] = {}  # keys of a shared hash -> row
         sharing: dict[int, list[int]] = {}  # the row in the index -> the rows of its hash
@@ -459,10 +462,11 @@ class ItemTable:
             sharing.setdefault(earlier, [earlier]).append(row)
         for rows in sharing.values():
             for row in rows:
-                earlier = self._shared.setdefault(keys[row], row)
+                name = keys[row].as_py()
+                earlier = self._shared.setdefault(name, row)
                 if earlier != row:
                     raise ItemTableError(
-                        f"key column {key!r}: duplicate key {keys[row]!r} (rows {earlier} and "
+                        f"key column {key!r}: duplicate key {name!r} (rows {earlier} and "
                         f"{row}): one row per item"
                     )
         self._shared_hashes = np.array([hash(k) for k in self._shared], dtype=np.int64)
@@ -507,7 +511,7 @@ class ItemTable:
             else:
                 columns[f.name] = _tags(f, col) if f.kind == "tags" else _categorical(f, col)
         del table
-        out = cls(key, held, keys.to_pylist(), columns, signature)
+        out = cls(key, held, keys, columns, signature)
         out.load_seconds = time.perf_counter() - t0
         return out
 
