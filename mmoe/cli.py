@@ -60,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
         for name in TRAINING_COMMANDS[:-1]:
             sub.add_parser(name, help=f"(not installed: {TRAINING_INSTALL})", add_help=False)
     service_cli.register(sub)
+    _register_items(sub)
     bench = sub.add_parser(
         "bench",
         help="benchmark the service against onnxruntime alone and a PyTorch baseline",
@@ -67,6 +68,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.set_defaults(func=_bench)
     return parser
+
+
+def _register_items(sub: argparse._SubParsersAction) -> None:
+    """`mmoe items build|push` (service/item_build.py, service/item_push.py)."""
+    from mmoe.service import item_build, item_push
+
+    items = sub.add_parser(
+        "items", help="item features the server holds: build a table, push it to Redis"
+    )
+    commands = items.add_subparsers(dest="items_command", required=True, metavar="COMMAND")
+    item_build.register(commands)
+    item_push.register(commands)
 
 
 def _bench(args: argparse.Namespace, rest: list[str]) -> int:
