@@ -28,13 +28,13 @@ from mmoe.service.errors import (
 from mmoe.service.metrics import ServiceMetrics
 from mmoe.service.monitoring import Watched
 from mmoe.service.observability import Observability
-from mmoe.service.predictor import ModelLoadError, ProviderError, choose_providers
+from mmoe.service.predictor import ProviderError, choose_providers
 from mmoe.service.protocol import bounded_http_protocol
 from mmoe.service.registry import ModelRegistry
 from mmoe.service.routes import admin, health, kserve, predict
 from mmoe.service.settings import Settings
 from mmoe.service.shadow import ShadowScorer
-from mmoe.service.workers import WorkerLink
+from mmoe.service.workers import Action, WorkerLink
 
 service_log = logging.getLogger("mmoe.service")
 
@@ -99,11 +99,9 @@ def create_app(
         def on_sighup() -> None:
             async def reload() -> None:
                 service_log.info("SIGHUP: reloading", extra={"event": "sighup"})
-                if settings.model_repository is not None:
-                    await registry.sync()
-                else:
-                    with contextlib.suppress(ModelLoadError):
-                        await registry.load_file(settings.model_path)
+                # Each worker gets the signal: the change is made here only.
+                kind = "sync" if settings.model_repository is not None else "file"
+                await registry.apply(Action(kind, str(settings.model_path)))
 
             reloads.add(task := loop.create_task(reload()))
             task.add_done_callback(reloads.discard)

@@ -290,9 +290,11 @@ class InferenceService:
         features = {f.name: f for f in model.predictor.meta.features}
         given = _given(features, request)
         max_rows = self.settings.max_batch_rows
-        n, feeds = kserve_v2.feeds(features, given, max_rows)
+        decoded = kserve_v2.feeds(features, given, max_rows, model.item_fields)
+        await model.fill_items(decoded)
+        feeds = decoded.feeds
         names = kserve_v2.output_names(model, [o.name for o in request.outputs])
-        outputs = await model.runner.infer(feeds, n)
+        outputs = await model.runner.infer(feeds, decoded.n)
         response = pb.ModelInferResponse(
             model_name=model.name, model_version=model.version, id=request.id
         )

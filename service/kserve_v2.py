@@ -22,7 +22,13 @@ import numpy as np
 from mmoe.contract.metadata import FeatureInfo
 from mmoe.contract.values import one_context_batch
 from mmoe.service.errors import PayloadError
-from mmoe.service.payload import MAX_ID_CHARS, column_array, default_array
+from mmoe.service.payload import (
+    MAX_ID_CHARS,
+    Decoded,
+    ItemFields,
+    column_array,
+    default_array,
+)
 from mmoe.service.registry import LoadedModel
 
 SERVER_NAME = "mmoe-ranking"
@@ -64,7 +70,7 @@ def shadow_feeds(
         if shadow.decoder.features == primary.decoder.features:
             return ours
         theirs = {f.name: f for f in shadow.predictor.meta.features}
-        return feeds(theirs, {k: v for k, v in given.items() if k in theirs}, max_rows)[1]
+        return feeds(theirs, {k: v for k, v in given.items() if k in theirs}, max_rows).feeds
 
     return feeds_for
 
@@ -232,11 +238,15 @@ def _packed_tags(f: FeatureInfo, arr: np.ndarray) -> np.ndarray | None:
 
 
 def feeds(
-    features: dict[str, FeatureInfo], given: dict[str, np.ndarray], max_rows: int
-) -> tuple[int, dict[str, np.ndarray]]:
+    features: dict[str, FeatureInfo],
+    given: dict[str, np.ndarray],
+    max_rows: int,
+    items: ItemFields | None = None,
+) -> Decoded:
     """The graph's feeds from the input tensors a call gave (by name): one batch size for all,
     within `max_rows` (413), each tensor the shape and kind its feature takes; features left
-    out take their default."""
+    out take their default, or, with `items` and the key given, the item source's values
+    (Decoded.fill)."""
     if not given:
         raise PayloadError("inputs", "no inputs given")
     n = _batch_size(given, {name for name, f in features.items() if f.context})
@@ -247,10 +257,15 @@ def feeds(
             "inputs", f"{n} rows is more than the limit of {max_rows}", 413, "too_many_rows"
         )
     out: dict[str, np.ndarray] = {}
+    held = items.features if items is not None and items.key in given else frozenset()
+    fill: dict[str, np.ndarray | None] = {}
     for name, f in features.items():
         field = f"inputs[{name}]"
         if name not in given:
-            out[name] = default_array(f, 1 if f.context else n, field)
+            if name in held:
+                fill[name] = None
+            else:
+                out[name] = default_array(f, 1 if f.context else n, field)
             continue
         arr = given[name]
         if f.kind != "numeric" and arr.dtype.kind == "f":  # 1.0 would be scored as id "1.0"
@@ -278,7 +293,8 @@ def feeds(
         values = arr.astype(np.float64) if f.kind == "numeric" else arr
         out[name] = column_array(f, values.tolist(), field)
     context = [name for name, f in features.items() if f.context]
-    return n, one_context_batch(context, out, n)
+    ids = out[items.key] if fill and items is not None else None
+    return Decoded(n, one_context_batch(context, out, n), [], ids, fill)
 
 
 def _batch_size(given: dict[str, np.ndarray], context: set[str]) -> int:

@@ -70,6 +70,13 @@ class ModelMetrics:
         self.inflight = metrics.inflight
         for result in GOLDEN_RESULTS:
             metrics.golden_checks.labels(name, version, result)
+        self._items = {o: metrics.item_lookups.labels(o, name, version) for o in ITEM_OUTCOMES}
+
+    def count_items(self, counts: dict[str, int]) -> None:
+        """Candidates looked up in the item source, by outcome."""
+        for outcome, n in counts.items():
+            if n:
+                self._items[outcome].inc(n)
 
     def observe_run(self, rows: int, seconds: float, lone: bool = False) -> None:
         self.batch_rows.observe(rows)
@@ -79,6 +86,7 @@ class ModelMetrics:
 
 
 SHED_REASONS = ("queue_full", "timeout")
+ITEM_OUTCOMES = ("hit", "miss", "stale", "error")  # service/items.py's OUTCOMES
 GOLDEN_RESULTS = ("ok", "mismatch", "missing")
 
 
@@ -168,6 +176,20 @@ class ServiceMetrics:
             [*MODEL_LABELS, "result"],
             registry=r,
         )
+        self.item_lookups = Counter(
+            "mmoe_item_lookups",
+            "candidates whose item features came from the item source, by outcome: hit, miss "
+            "(no such item: defaults), stale (Redis down, an expired cache entry), error (Redis "
+            "down, nothing cached: defaults)",
+            ["outcome", *MODEL_LABELS],
+            registry=r,
+        )
+        self.item_reloads = Counter(
+            "mmoe_item_reloads",
+            "item sources read again because they changed, by result",
+            ["result"],
+            registry=r,
+        )
         # Every known label value at 0 from the start: a series that exists only after its first
         # event has no rate() until then (and a worker's multiprocess files hold only what it
         # touched), so alerts and dashboards would read "no data" where the answer is 0. The
@@ -176,6 +198,7 @@ class ServiceMetrics:
             self.shed.labels(reason, "", "")
         for result in ("ok", "failed"):
             self.reloads.labels(result, "", "")
+            self.item_reloads.labels(result)
         self._models: Callable[[], list[dict[str, str]]] = list
         # What a scrape reads: this registry, or every worker's multiprocess files.
         self._scraped = r

@@ -28,13 +28,14 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mmoe.service.batching import Admission, DirectRunner, MicroBatcher, Runner
 from mmoe.service.cpu_share import CpuShare
 from mmoe.service.errors import ApiError
+from mmoe.service.held_items import HeldItems, ItemSourceError, features_key
 from mmoe.service.metrics import ModelMetrics, ServiceMetrics
-from mmoe.service.payload import RequestDecoder, RequestHead
+from mmoe.service.payload import Decoded, ItemFields, RequestDecoder, RequestHead
 from mmoe.service.predictor import (
     GoldenMismatchError,
     ModelLoadError,
@@ -54,6 +55,9 @@ from mmoe.service.routing import Router, RoutingConfig, parse_routing, version_o
 from mmoe.service.settings import Settings
 from mmoe.service.workers import Action, WorkerLink, WorkerState
 
+if TYPE_CHECKING:
+    from mmoe.service.items import ItemSource
+
 log = logging.getLogger("mmoe.service")
 
 Key = tuple[str, str]  # (model name, version)
@@ -72,10 +76,34 @@ class LoadedModel:
     metrics: ModelMetrics
     loaded_at: float
     stamp: FileStamp | None = None  # the repository file it was loaded from, as it was
+    items: ItemSource | None = None  # the item features held for it (MMOE_ITEMS)
+    item_fields: ItemFields | None = None  # what `items` fills in, for the decoders
+
+    def __post_init__(self) -> None:
+        self.attach_items(self.items)
+
+    def attach_items(self, items: ItemSource | None) -> None:
+        """Serve `items` from now on (a request takes them once: `fill_items`)."""
+        self.item_fields = (
+            None
+            if items is None
+            else ItemFields(items.key, frozenset(f.name for f in items.features))
+        )
+        self.items = items
 
     @property
     def key(self) -> Key:
         return (self.name, self.version)
+
+    async def fill_items(self, decoded: Decoded) -> None:
+        """Complete `decoded`'s feeds with the item features it left out (a lookup of its
+        ids), counting the lookups by outcome."""
+        items = self.items
+        if not decoded.fill or items is None or decoded.ids is None:
+            return
+        rows = await items.alookup(decoded.ids)
+        decoded.fill_items(rows.columns)
+        self.metrics.count_items(rows.counts())
 
     @property
     def path(self) -> Path:
@@ -136,6 +164,7 @@ class ModelRegistry:
         self.link = link
         self.repository = settings.model_repository
         self.serving = Serving({}, Router(RoutingConfig(), {}))
+        self.items = HeldItems(settings)
         self.failures: dict[Key, Failure] = {}
         self.routing_error: str | None = None
         self.listing: Listing | None = None
@@ -347,6 +376,11 @@ class ModelRegistry:
             raise
         name = name or predictor.meta.name
         version = version or predictor.meta.version
+        try:
+            items = await self.items.source_for(predictor.meta.features)
+        except ItemSourceError as err:
+            self._count_load("failed", name, version, None)
+            raise ModelLoadError(f"{path}: {err}") from None
         s = self.settings
         metrics = self.metrics.for_model(name, version)
         monitor = self.metrics.monitoring.monitor(predictor.meta, name, version)
@@ -370,7 +404,9 @@ class ModelRegistry:
             runner = DirectRunner(predictor, self.executor, **common)
         rows = predictor.meta.golden.rows if predictor.meta.golden is not None else []
         self._count_load("ok", name, version, "ok" if rows else "missing")
-        return LoadedModel(name, version, predictor, decoder, runner, metrics, time.time())
+        return LoadedModel(
+            name, version, predictor, decoder, runner, metrics, time.time(), items=items
+        )
 
     def _count_load(self, result: str, name: str, version: str, golden: str | None) -> None:
         self.metrics.reloads.labels(result, name, version).inc()
@@ -390,6 +426,7 @@ class ModelRegistry:
         self._report()
         for callback in self.on_swap:
             callback(self.serving)
+        self.items.forget_unused({features_key(m.predictor.meta.features) for m in models.values()})
         gone = [m for key, m in old.models.items() if models.get(key) is not m]
         for model in gone:
             await model.runner.close()
@@ -526,13 +563,16 @@ class ModelRegistry:
         return await self.sync(only=name)
 
     async def apply(self, action: Action) -> str | None:
-        """Make a change another worker made (its Action) here: None, or why it failed."""
+        """Make a change (an Action: asked of this worker, or made by another) here: None, or
+        why it failed. A reload ("file", "sync") reads the item features again too (a refused
+        item source is kept in `items.error`, not a failure of the reload)."""
         try:
-            if action.kind == "file":
-                await self.load_file(Path(action.arg))
-            elif action.kind == "sync":
-                report = await self.sync()
-                return _failed(report)
+            if action.kind in ("file", "sync"):
+                await self.refresh_items()
+                if action.kind == "file":
+                    await self.load_file(Path(action.arg))
+                    return None
+                return _failed(await self.sync())
             elif action.kind == "load":
                 return _failed(await self.load_model(action.arg))
             elif action.kind == "unload":
@@ -590,13 +630,52 @@ class ModelRegistry:
                     },
                 )
             await asyncio.sleep(self.settings.load_retry_s)
-        poll = self.settings.repository_poll_s
-        while self.repository is not None and poll > 0:
-            await asyncio.sleep(poll)
+        await self.poll()
+
+    async def poll(self) -> None:
+        """Read the repository every MMOE_REPOSITORY_POLL_S seconds, and the item features
+        every MMOE_ITEMS_POLL_S, where set (an unexpected failure of one reading is logged,
+        and the next one comes)."""
+        s = self.settings
+        every = {
+            "repository": s.repository_poll_s if self.repository is not None else 0,
+            "items": s.items_poll_s if s.items is not None else 0,
+        }
+        due = {what: time.monotonic() + t for what, t in every.items() if t > 0}
+        while due:
+            what, at = min(due.items(), key=lambda item: item[1])
+            await asyncio.sleep(max(0.0, at - time.monotonic()))
+            due[what] = time.monotonic() + every[what]
             try:
-                await self.sync()
+                if what == "repository":
+                    await self.sync()
+                else:
+                    await self.refresh_items()
             except Exception:  # a bug: the server keeps serving what it has
-                log.exception("repository poll failed", extra={"event": "poll_failed"})
+                log.exception("poll failed", extra={"event": "poll_failed", "what": what})
+
+    async def refresh_items(self) -> str | None:
+        """Item features read again where they changed (see HeldItems), each new source
+        swapped into the models that use it; None, or why the new ones were refused (the old
+        ones keep serving)."""
+        if self.items.spec is None:
+            return None
+        try:
+            fresh = await self.items.refresh()
+        except ItemSourceError as err:
+            self.metrics.item_reloads.labels("failed").inc()
+            log.error(
+                "item features refused; the old ones keep serving",
+                extra={"event": "items_refused", "reason": str(err)},
+            )
+            return str(err)
+        if fresh:
+            self.metrics.item_reloads.labels("ok").inc()
+            for model in self.serving.models.values():
+                source = self.items.current(model.predictor.meta.features)
+                if source is not None:
+                    model.attach_items(source)
+        return None
 
     def resolve_file(self, path: str | None) -> Path:
         """The file /admin/reload loads: the configured one, or a path inside the model
@@ -616,6 +695,7 @@ class ModelRegistry:
     async def close(self) -> None:
         for model in self.serving.models.values():
             await model.runner.close()
+        await self.items.close()
 
 
 def _where(failed: dict[int, str]) -> str | None:

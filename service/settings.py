@@ -49,6 +49,18 @@ class Settings(BaseSettings):
     repository_poll_s: float = Field(
         0, ge=0, description="read the repository again every this many seconds; 0: only on reload"
     )
+    # Item features held by the server (service/items.py, docs/items.md).
+    items: str | None = Field(
+        None, description="item features: a Parquet/Arrow file, or redis://host:port/db"
+    )
+    items_key: str | None = Field(
+        None, description="the item file's key column; unset: the one id column of unique values"
+    )
+    items_poll_s: float = Field(
+        0, ge=0, description="look for a new item file (or manifest) every this many seconds"
+    )
+    items_cache: int = Field(100_000, ge=1, description="items cached in each worker (Redis)")
+    items_ttl_s: float = Field(60.0, gt=0, description="seconds a cached item is fresh (Redis)")
     # A request can never make the server read a file outside it.
     model_dir: Path | None = Field(
         None, description="directory /admin/reload may load from; unset: the model's"

@@ -61,8 +61,10 @@ async def reload(request: Request) -> dict[str, Any]:
             "failed": failed,
             "models": [{"name": n, "version": v} for n, v in sorted(registry.serving.models)],
             "routing_error": registry.routing_error,
+            "items_error": registry.items.error,
         }
     path = registry.resolve_file(req.path)
+    await registry.refresh_items()
     try:
         model = await registry.load_file(path)
     except ModelLoadError as err:
@@ -77,4 +79,12 @@ async def reload(request: Request) -> dict[str, Any]:
             f"{failed}; those workers still serve the previous model",
             "path",
         )
-    return {"status": "reloaded", "model": model.name, "version": model.version, "path": str(path)}
+    answer: dict[str, Any] = {
+        "status": "reloaded",
+        "model": model.name,
+        "version": model.version,
+        "path": str(path),
+    }
+    if registry.items.spec is not None:
+        answer["items_error"] = registry.items.error
+    return answer

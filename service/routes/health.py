@@ -85,6 +85,14 @@ async def metadata(
             "max_batch_rows": settings.max_batch_rows,
             "request_timeout_ms": settings.request_timeout_ms,
         },
+        # The item features held for it (MMOE_ITEMS; docs/items.md): file or Redis, rows, when
+        # loaded, and why the last refresh was refused, if it was.
+        "items": None
+        if registry.items.spec is None
+        else {
+            **(served.items.describe() if served.items is not None else {}),
+            "error": registry.items.error,
+        },
         "models": [
             {"name": m.name, "version": m.version, "path": str(m.path), "loaded_at": m.loaded_at}
             for m in sorted(registry.serving.models.values(), key=lambda m: m.key)

@@ -175,9 +175,13 @@ async def infer(
         request.scope[SERVED] = model
         features = {f.name: f for f in model.predictor.meta.features}
         given = _given(features, req, binary)
-        n, feeds = kserve_v2.feeds(features, given, get_settings(request).max_batch_rows)
+        decoded = kserve_v2.feeds(
+            features, given, get_settings(request).max_batch_rows, model.item_fields
+        )
+        await model.fill_items(decoded)
+        feeds = decoded.feeds
         wanted = _wanted_outputs(model, req)
-        outputs = await model.runner.infer(feeds, n)
+        outputs = await model.runner.infer(feeds, decoded.n)
     except V2Error:
         raise
     except ApiError as err:

@@ -44,7 +44,8 @@ class PredictEndpoint:
         body = await read_body(headers, receive, settings.max_body_bytes, settings.client_timeout_s)
         model, shadow = registry.for_predict(body)
         scope[SERVED] = model
-        decoded = model.decoder.decode(body)
+        decoded = model.decoder.decode(body, model.item_fields)
+        await model.fill_items(decoded)
         outputs = await model.runner.infer(decoded.feeds, decoded.n)
         task_out = model.predictor.task_outputs
         payload = {

@@ -384,3 +384,10 @@ def test_the_hash_index_finds_every_hash_it_holds() -> None:
     assert index.find(last).tolist() == list(range(7))
     crowded = _HashIndex(np.full(20, 3, dtype=np.int64) + 64 * np.arange(20))
     assert crowded.find(3 + 64 * np.arange(21)).tolist() == [*range(20), -1]
+
+
+def test_the_metrics_count_every_outcome_a_lookup_gives() -> None:
+    from mmoe.service.items import OUTCOMES
+    from mmoe.service.metrics import ITEM_OUTCOMES
+
+    assert ITEM_OUTCOMES == OUTCOMES
