@@ -385,6 +385,11 @@ class RunConfig(_Strict):
             for key in ("task_experts", "ple_layers"):
                 if getattr(m, key) != 1:
                     raise ValueError(f"model.{key}: only for kind: ple")
+        if m.batch_norm and self.train.batch_size < 2:
+            raise ValueError(
+                "model.batch_norm: batch norm trains on batches of 2 rows or more; "
+                "train.batch_size is 1"
+            )
         self._check_products()
         lw = self.train.loss_weighting
         if lw.kind != "gradnorm" and lw.alpha is not None:
