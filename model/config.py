@@ -168,7 +168,8 @@ class TaskConfig(_Strict):
     only_where: dict[str, float] = Field(default_factory=dict)
     # ESMM on the entire space (Ma et al., SIGIR 2018): `multiply: ctr` makes this tower's
     # output pCVR and trains pCTCVR = pCTR x pCVR against this task's label over all rows;
-    # the product is also served, as `probs_<product>` (default `<multiply>_<name>`).
+    # the product is also served, as `probs_<product>` (default `ctcvr` for cvr x ctr, else
+    # `<multiply>_<name>`).
     multiply: Name | None = None
     product: Name | None = None
 
@@ -198,10 +199,15 @@ class TaskConfig(_Strict):
 
     @property
     def product_name(self) -> str | None:
-        """The served product's name (`ctcvr` for `product: ctcvr`), or None."""
+        """The served product's name, or None: `product`, else `ctcvr` for `cvr` x `ctr` (the
+        name EasyRec and DeepCTR give it), else `<multiply>_<name>`."""
         if self.multiply is None:
             return None
-        return self.product or f"{self.multiply}_{self.name}"
+        if self.product:
+            return self.product
+        if (self.multiply, self.name) == ("ctr", "cvr"):
+            return "ctcvr"
+        return f"{self.multiply}_{self.name}"
 
     @property
     def default_metrics(self) -> list[str]:
