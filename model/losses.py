@@ -17,6 +17,49 @@ def task_loss(
     w: torch.Tensor,
     multiplier: torch.Tensor | None = None,
 ) -> torch.Tensor:
+    """The task's loss: its pointwise loss, or the weighted sum of its `losses` terms."""
+    if not task.losses:
+        return pointwise_loss(task, logits, y, w, multiplier)
+    total = torch.zeros(())
+    for term in task.losses:
+        if term.kind == "pointwise":
+            part = pointwise_loss(task, logits, y, w, multiplier)
+        else:
+            part = pairwise_loss(logits[:, 0], y, w > 0, term.margin)
+        total = total + term.weight * part
+    return total
+
+
+# Rows per block of the pairwise loss: pairs are formed within blocks, as within training
+# batches, so that a whole validation set needs no [n, n] matrix.
+PAIRWISE_BLOCK = 4096
+
+
+def pairwise_loss(
+    z: torch.Tensor, y: torch.Tensor, rows: torch.Tensor, margin: float = 0.0
+) -> torch.Tensor:
+    """mean softplus(margin - (z_i - z_j)) over the pairs of `rows` (blocks of PAIRWISE_BLOCK)
+    with y_i > y_j: a logistic loss on each pair being ranked the way its labels are; 0 without
+    such a pair."""
+    total, pairs = torch.zeros(()), 0
+    for start in range(0, len(z), PAIRWISE_BLOCK):
+        keep = rows[start : start + PAIRWISE_BLOCK]
+        zb, yb = z[start : start + PAIRWISE_BLOCK][keep], y[start : start + PAIRWISE_BLOCK][keep]
+        higher = yb.unsqueeze(1) > yb.unsqueeze(0)  # [i, j]: y_i > y_j
+        if higher.any():
+            gaps = (zb.unsqueeze(1) - zb.unsqueeze(0))[higher]
+            total = total + F.softplus(margin - gaps).sum()
+            pairs += int(higher.sum())
+    return total / max(pairs, 1)
+
+
+def pointwise_loss(
+    task: TaskConfig,
+    logits: torch.Tensor,
+    y: torch.Tensor,
+    w: torch.Tensor,
+    multiplier: torch.Tensor | None = None,
+) -> torch.Tensor:
     """sum(w * loss) / count(w > 0): the mean over the rows that count for this task, each
     scaled by its sample weight (TensorFlow's SUM_BY_NONZERO_WEIGHTS, as in EasyRec).
 

@@ -412,16 +412,22 @@ class PLE(nn.Module):
         activation: str = "relu",
         dropout: float = 0.0,
         batch_norm: bool = False,
+        layer_units: Sequence[Sequence[int]] | None = None,
     ) -> None:
+        """`layer_units`: each layer's expert units, when they differ (default: expert_units
+        in every layer)."""
         super().__init__()
         self.tasks = list(tasks)
+        units = [list(u) for u in layer_units] if layer_units else [list(expert_units)] * num_layers
+        if len(units) != num_layers:
+            raise ValueError(f"layer_units has {len(units)} layers, num_layers is {num_layers}")
         self.layers = nn.ModuleList(
             CGCLayer(
-                input_dim if i == 0 else expert_units[-1],
+                input_dim if i == 0 else units[i - 1][-1],
                 len(self.tasks),
                 num_shared_experts,
                 num_task_experts,
-                expert_units,
+                units[i],
                 gate_units,
                 i == num_layers - 1,
                 activation,
@@ -431,7 +437,7 @@ class PLE(nn.Module):
             for i in range(num_layers)
         )
         self.towers = nn.ModuleList(
-            tower(expert_units[-1], t, activation, dropout, batch_norm) for t in self.tasks
+            tower(units[-1][-1], t, activation, dropout, batch_norm) for t in self.tasks
         )
         self.num_shared = num_shared_experts
         self.num_specific = num_task_experts
