@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -78,6 +80,30 @@ def pointwise_loss(
     else:
         per_row = F.cross_entropy(logits, y.long(), reduction="none")
     return (per_row * w).sum() / (w > 0).sum().clamp(min=1)
+
+
+def fit_label_scales(
+    model: nn.Module, tasks: list[TaskConfig], labels: dict[str, torch.Tensor]
+) -> None:
+    """Sets each regression tower's LabelScale to its labels' mean and standard deviation in
+    `labels` (the first training batch; the mean over DDP processes, so that every process
+    has the same model)."""
+    from mmoe.model.network import LabelScale
+
+    towers = cast(nn.ModuleList, cast(nn.Module, model.net).towers)
+    for task, tower in zip(tasks, towers, strict=True):
+        scale = cast(nn.Sequential, tower)[-1]
+        if not isinstance(scale, LabelScale):
+            continue
+        y = labels[task.name]
+        y = y[~torch.isnan(y)].double()
+        if len(y) == 0:
+            continue
+        moments = _mean_over_processes(torch.stack([y.mean(), (y * y).mean()]))
+        std = float((moments[1] - moments[0] ** 2).clamp(min=0).sqrt())
+        with torch.no_grad():
+            scale.shift.fill_(float(moments[0]))
+            scale.scale.fill_(std if std > 0 else 1.0)
 
 
 def dense_l2(model: nn.Module) -> torch.Tensor:

@@ -212,14 +212,37 @@ def _mix(gate: torch.Tensor, experts: Sequence[torch.Tensor]) -> torch.Tensor:
     return out
 
 
+class LabelScale(nn.Module):
+    """y = shift + scale * z: a regression tower's output in its label's units, from a z of
+    order 1. Fixed buffers (saved with the weights), set once from the training labels' mean
+    and standard deviation (`losses.fit_label_scales`): a label in the thousands then needs no
+    weights in the thousands, which Adam's steps of about `lr` would take tens of thousands of
+    steps to grow, and the task trains at any scale whatever weight the balancer gives it."""
+
+    scale: torch.Tensor
+    shift: torch.Tensor
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("scale", torch.ones(1))
+        self.register_buffer("shift", torch.zeros(1))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return z * self.scale + self.shift
+
+
 def tower(
     in_dim: int, task: TaskHead, activation: str, dropout: float, batch_norm: bool
 ) -> nn.Sequential:
-    """A task's tower MLP and its output layer (task.out_dim logits)."""
-    return nn.Sequential(
+    """A task's tower MLP and its output layer (task.out_dim logits; for a regression task, in
+    the label's units through a LabelScale)."""
+    layers: list[nn.Module] = [
         mlp(in_dim, task.tower, activation, dropout, batch_norm),
         nn.Linear(task.tower[-1] if task.tower else in_dim, task.out_dim),
-    )
+    ]
+    if task.kind == "regression":
+        layers.append(LabelScale())
+    return nn.Sequential(*layers)
 
 
 class MMoE(nn.Module):

@@ -42,6 +42,7 @@ from mmoe.model.losses import (
     TaskBalancer,
     UncertaintyWeighting,
     dense_l2,
+    fit_label_scales,
     task_balancer,
     task_loss,
 )
@@ -360,6 +361,8 @@ class Trainer:
         for batch in self.batches.epoch(schema, epoch, n_rows):
             if scheduler.last_epoch == cfg.train.num_steps:  # the run's last step is done
                 break
+            if scheduler.last_epoch == 0:  # regression outputs in their labels' units
+                fit_label_scales(model, cfg.tasks, batch.labels)
             logits, emb_sq = ddp(batch.inputs, with_embedding_l2=True)
             per_task = [
                 task_loss(
