@@ -62,6 +62,7 @@ class Setting:
     batch_norm: bool = True
     models: tuple[str, ...] = tuple(MODELS)
     rows: int | None = None  # only the first rows of each split (a smoke run)
+    train_fraction: float = 1.0  # train on this share of the training rows (valid, test alike)
 
 
 QUICK = Setting(seeds=1, epochs=2, models=("MMoE", "Shared-Bottom"), rows=3000)
@@ -136,6 +137,8 @@ class Result:
     auc: dict[str, list[float]] = field(default_factory=dict)  # task -> test AUC per seed
     epoch_seconds: list[float] = field(default_factory=list)  # mean training s/epoch per seed
     epochs: list[int] = field(default_factory=list)  # epochs run per seed
+    # per seed: each task's mean gate weight per expert on the validation rows (MMoE, OMoE)
+    gates: list[dict[str, list[float]]] = field(default_factory=list)
 
 
 def onnx_auc(onnx_path: Path, run_dir: Path, test: pa.Table) -> dict[str, float]:
@@ -167,6 +170,10 @@ def run(setting: Setting, data: Path, train_file: Path | None, log: bool = True)
     tables = splits(data, train_file)
     if setting.rows:
         tables = {k: v.slice(0, setting.rows) for k, v in tables.items()}
+    if setting.train_fraction < 1:
+        tables["train"] = tables["train"].slice(
+            0, round(tables["train"].num_rows * setting.train_fraction)
+        )
     results = {m: Result(m, {t: [] for t in MODELS[m][2]}) for m in setting.models}
     input_dim = len(CATEGORICAL) * setting.embedding_dim + len(NUMERIC)
     with tempfile.TemporaryDirectory(prefix="mmoe-census-") as tmp:
@@ -191,6 +198,8 @@ def run(setting: Setting, data: Path, train_file: Path | None, log: bool = True)
                 per_epoch = [e["train_seconds"] for e in history.epochs]
                 result.epoch_seconds.append(statistics.fmean(per_epoch))
                 result.epochs.append(len(history.epochs))
+                if history.gates is not None and len(history.gates.get(TASKS[0], [])) > 1:
+                    result.gates.append(history.gates)
                 if log:
                     scores = " ".join(f"{t} {v:.4f}" for t, v in auc.items())
                     print(
@@ -223,6 +232,16 @@ def table(results: list[Result]) -> str:
             f"| {r.model} | {_stat(r.auc.get('income', []))} | "
             f"{_stat(r.auc.get('marital', []))} | {seconds:.2f} | {epochs} |"
         )
+    for r in results:
+        if r.gates:
+            # how differently the tasks weigh the experts: half the L1 distance between their mean
+            # gates (0: the same mixture for every task, as Shared-Bottom; 1: disjoint experts)
+            apart = [
+                0.5 * sum(abs(a - b) for a, b in zip(*g.values(), strict=True)) for g in r.gates
+            ]
+            lines.append(
+                f"| {r.model}: tasks' gates apart (0-1) | {statistics.fmean(apart):.3f} | | | |"
+            )
     for model, auc in PAPER.items():
         (ib, im), (mb, mm) = auc["income"], auc["marital"]
         lines.append(
@@ -242,11 +261,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, help="runs per model (default 3)")
     p.add_argument("--models", help="comma-separated, of: " + ", ".join(MODELS))
     p.add_argument("--epochs", type=int, help="most epochs per run (default 30)")
+    p.add_argument(
+        "--train-fraction", type=float, help="train on this share of the training rows (0-1]"
+    )
     p.add_argument("--quick", action="store_true", help="3000 rows, 1 seed, 2 epochs, 2 models")
     p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args(argv)
     setting = QUICK if args.quick else Setting()
-    changes: dict[str, Any] = {"seeds": args.seeds, "epochs": args.epochs}
+    changes: dict[str, Any] = {
+        "seeds": args.seeds,
+        "epochs": args.epochs,
+        "train_fraction": args.train_fraction,
+    }
     if args.models:
         models = tuple(m.strip() for m in args.models.split(","))
         unknown = [m for m in models if m not in MODELS]
