@@ -2,14 +2,17 @@
 
 `mmoe train --config pipeline.config` and `mmoe convert-config` read a pipeline.config with
 protobuf's `text_format` against the subset of EasyRec's messages in `model/easyrec_proto.py`,
-and translate it into the YAML form (`model/config.py`, the one internal form). Two model forms
-are read: the built-in `model_class: "MMoE"` (`mmoe { expert_dnn, num_expert, task_towers }`,
-optionally behind a backbone of input_layer -> SENet), and the component form
-`model_class: "MultiTaskModel"` (backbone blocks input_layer -> [SENet] -> MMoE,
-`model_params.task_towers`). A field this project does not read fails with its line; a value it
-cannot honour (a second feature group, per-layer dropout ratios, ...) fails with the field's
-path and line. What the translation had to decide is returned as notes. docs/easyrec.md has the
-whole mapping.
+and translate it into the YAML form (`model/config.py`, the one internal form). The models read:
+the built-in `model_class: "MMoE"` (`mmoe { expert_dnn, num_expert, task_towers }`, or the
+deprecated `experts { }`, optionally behind a backbone of input_layer -> SENet), the component
+form `model_class: "MultiTaskModel"` (backbone blocks input_layer -> [SENet] -> MMoE,
+`model_params.task_towers`), `ESMM` and `PLE`. A model that needs what no network here has
+(DBMTL's task relations, AITM's transfer between towers, towers that share nothing) is refused
+in one line naming it, before the fields are parsed (`missing_part`). A field this project does
+not read fails with its line; a value it cannot honour (a second feature group outside ESMM,
+per-layer dropout ratios, ...) fails with the field's path and line. Where EasyRec reads its rows
+(paths, Hive/Kafka/DataHub blocks, input types) is a note: the rows come from `--data`. What the
+translation had to decide is returned as notes. docs/easyrec.md has the whole mapping.
 """
 
 from __future__ import annotations
