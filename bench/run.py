@@ -373,6 +373,10 @@ def bench_model(
 
 
 def main(argv: list[str]) -> int:
+    if argv[:1] == ["paper-census"]:  # the MMoE paper's census-income experiment
+        from mmoe.bench.paper_census import main as paper_census
+
+        return paper_census(argv[1:])
     args = build_parser().parse_args(argv)
     if args.seconds is None:
         args.seconds = 0.5 if args.quick else 5.0

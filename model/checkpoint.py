@@ -61,6 +61,7 @@ def build_model(config: RunConfig, schema: FeatureSchema) -> RankingModel:
             num_shared_experts=m.experts,
             num_task_experts=m.task_experts,
             num_layers=m.ple_layers,
+            layer_units=m.ple_expert_units,
             **common,
         )
     else:

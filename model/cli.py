@@ -97,10 +97,6 @@ def register(sub: Any) -> None:
     convert.add_argument("config", help="EasyRec pipeline.config (protobuf text format)")
     convert.add_argument("--out", required=True, help="config.yaml to write")
     convert.add_argument(
-        "--data", help="the training data: turns train_config.num_steps into epochs over it"
-    )
-    convert.add_argument("--valid", help="validation data, if training will have one")
-    convert.add_argument(
         "overrides",
         nargs="*",
         metavar="KEY=VALUE",
@@ -144,7 +140,7 @@ def _resolve_config(args: argparse.Namespace) -> tuple[Any, dict[str, Any], list
     from mmoe.model.easyrec import is_easyrec_config, load_pipeline_config
 
     if is_easyrec_config(args.config):
-        return load_pipeline_config(args.config, args.overrides, data=args.data, valid=args.valid)
+        return load_pipeline_config(args.config, args.overrides)
     config = load_config(args.config, args.overrides)
     return config, config.model_dump(mode="json", exclude_none=True), []
 

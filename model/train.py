@@ -42,11 +42,18 @@ from mmoe.model.losses import (
     TaskBalancer,
     UncertaintyWeighting,
     dense_l2,
+    fit_label_scales,
     task_balancer,
     task_loss,
 )
 from mmoe.model.network import PLE, MMoE, RankingModel
 from mmoe.model.schema import FeatureSchema, SchemaFitter
+
+OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
+    "adam": torch.optim.Adam,
+    "adamw": torch.optim.AdamW,
+    "adagrad": torch.optim.Adagrad,
+}
 
 
 @dataclass
@@ -149,7 +156,7 @@ class Trainer:
         model = build_model(cfg, schema)
         torch.manual_seed(cfg.train.seed + self.rank)  # dropout differs between processes
         ddp: nn.Module = nn.parallel.DistributedDataParallel(model) if self.world > 1 else model
-        opt_cls = torch.optim.AdamW if cfg.train.optimizer == "adamw" else torch.optim.Adam
+        opt_cls = OPTIMIZERS[cfg.train.optimizer]
         balancer = task_balancer(cfg)
         groups: list[dict[str, Any]] = [{"params": list(model.parameters())}]
         if balancer.network_parameters():
@@ -164,9 +171,8 @@ class Trainer:
                 f"{self.world} processes need train.batch_size and the training rows ({n_rows}) "
                 f"to be at least {self.world}"
             )
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, self._lr_lambda(steps * cfg.train.epochs, steps)
-        )
+        total = min(steps * cfg.train.epochs, cfg.train.num_steps or steps * cfg.train.epochs)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_lambda(total, steps))
         valid = valid_table = None
         if self.rank == 0:
             valid_table = self.batches.valid_table()
@@ -229,7 +235,10 @@ class Trainer:
                     history.best = dict(record.get("valid", {}))
                     save_weights(model, self.out_dir)
                 es = cfg.train.early_stopping
-                if es is not None and stale >= es.patience and epoch < cfg.train.epochs:
+                if scheduler.last_epoch == total and epoch < cfg.train.epochs:
+                    self.log(f"stopping: train.num_steps {total} steps done")
+                    stop = True
+                elif es is not None and stale >= es.patience and epoch < cfg.train.epochs:
                     self.log(f"early stopping: no better {name} for {stale} epochs")
                     stop = history.stopped_early = True
             if self.world > 1:
@@ -350,6 +359,10 @@ class Trainer:
             dynamic_ncols=True,
         )
         for batch in self.batches.epoch(schema, epoch, n_rows):
+            if scheduler.last_epoch == cfg.train.num_steps:  # the run's last step is done
+                break
+            if scheduler.last_epoch == 0:  # regression outputs in their labels' units
+                fit_label_scales(model, cfg.tasks, batch.labels)
             logits, emb_sq = ddp(batch.inputs, with_embedding_l2=True)
             per_task = [
                 task_loss(
