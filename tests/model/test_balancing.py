@@ -4,6 +4,7 @@ the way the methods say on a problem whose two losses differ by orders of magnit
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any, cast
 
@@ -213,3 +214,18 @@ def test_a_regression_tower_outputs_in_its_labels_units(
     dwell = pq.read_table(two_scales).column("dwell").to_numpy()
     assert float(scale.shift) == pytest.approx(dwell.mean(), rel=0.1)
     assert float(scale.scale) == pytest.approx(dwell.std(), rel=0.2)
+
+    # A run saved before towers ended in a LabelScale has none: it loads with the identity;
+    # any other missing or unexpected weight is still refused.
+    older = tmp_path / "older"
+    shutil.copytree(tmp_path / "run", older)
+    state = torch.load(older / "weights.pt", weights_only=True)
+    old = {k: v for k, v in state.items() if not k.endswith((".scale", ".shift"))}
+    assert len(old) < len(state)
+    torch.save(old, older / "weights.pt")
+    scales = [m for m in load_run(older).model.modules() if isinstance(m, LabelScale)]
+    assert scales and all(float(m.scale) == 1.0 and float(m.shift) == 0.0 for m in scales)
+    old.pop(next(iter(old)))
+    torch.save(old, older / "weights.pt")
+    with pytest.raises(RuntimeError, match="does not fit its config"):
+        load_run(older)
