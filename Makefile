@@ -1,8 +1,8 @@
 # The two set-up commands: `make serve` (build the demo model if missing, then serve it) and
 # `make test` (lint, types, tests). Both create .venv and install what they need.
 #
-# `make serve` passes no settings of its own: `mmoe serve` reads every MMOE_* variable from the
-# environment, as in a container.
+# `make serve` passes no settings of its own (but the demo's item table, when it serves the demo):
+# `mmoe serve` reads every MMOE_* variable from the environment, as in a container.
 #   MMOE_PORT=8011 make serve
 #   MMOE_HOST=0.0.0.0 MMOE_MODEL_PATH=models/other.onnx make serve
 PYTHON ?= python3
@@ -10,6 +10,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # What `mmoe serve` serves when MMOE_MODEL_PATH is unset (service/settings.py's default).
 DEMO_MODEL := models/demo.onnx
+# The demo's item features (docs/items.md), served with it: requests may send item ids alone.
+DEMO_ITEMS := models/items.parquet
 PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 
 .PHONY: serve demo test lint clean system-tools
@@ -33,17 +35,27 @@ $(VENV)/.dev-installed: pyproject.toml $(VENV)/.train-installed
 	$(PIP) install -e ".[serve,dev]"
 	touch $@
 
-demo: $(DEMO_MODEL)
+demo: $(DEMO_MODEL) $(DEMO_ITEMS)
 
 $(DEMO_MODEL): configs/demo.yaml | $(VENV)/.train-installed
 	$(BIN)/mmoe data synthetic-ranking --rows 200000 --seed 7 --out data/demo.parquet
 	$(BIN)/mmoe train --config configs/demo.yaml --data data/demo.parquet --out runs/demo --overwrite
 	$(BIN)/mmoe export runs/demo --out $@
 
+# Each item's category, price and brands (the hour is the request's, not the item's).
+$(DEMO_ITEMS): $(DEMO_MODEL)
+	$(BIN)/mmoe items build --data data/demo.parquet --key item_id --model $(DEMO_MODEL) \
+	  --features category,price,tag_brand_list --out $@
+
 # The demo is built only when it is what will be served.
 SERVED_MODEL := $(or $(MMOE_MODEL_PATH),$(DEMO_MODEL))
-serve: $(VENV)/.serve-installed $(if $(filter $(DEMO_MODEL) ./$(DEMO_MODEL),$(SERVED_MODEL)),$(DEMO_MODEL))
+SERVES_DEMO := $(filter $(DEMO_MODEL) ./$(DEMO_MODEL),$(SERVED_MODEL))
+serve: $(VENV)/.serve-installed $(if $(SERVES_DEMO),$(DEMO_MODEL) $(DEMO_ITEMS))
 	$(BIN)/mmoe serve
+# The demo comes with its item table, unless MMOE_ITEMS says otherwise (empty: none).
+ifneq ($(SERVES_DEMO),)
+serve: export MMOE_ITEMS ?= $(DEMO_ITEMS)
+endif
 
 # `make serve PORT=8011` would be silently ignored: say what works instead, before any build.
 ifneq ($(filter serve,$(MAKECMDGOALS)),)

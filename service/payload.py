@@ -320,7 +320,12 @@ class RequestDecoder:
                     raise PayloadError(
                         f"context.{f.name}", "also given in candidates: give a feature once"
                     )
-                feeds[f.name] = column_array(f, columns[f.name][1], f"candidates.{f.name}")
+                values = columns[f.name][1]
+                if f.name in held and None in values:  # null: not given, the table's value
+                    nulls = np.array([v is None for v in values])
+                    fill[f.name] = nulls
+                    values = _stood_in(f, values, nulls)
+                feeds[f.name] = column_array(f, values, f"candidates.{f.name}")
             elif scalar is not msgspec.UNSET:
                 feeds[f.name] = broadcast_array(f, scalar, rows, f"context.{f.name}")
             elif f.name in held:
@@ -339,17 +344,16 @@ class RequestDecoder:
         for i, f in enumerate(self.features):
             attr = f"f{i}"
             values = [getattr(r, attr) for r in rows]
-            unset = [j for j, v in enumerate(values) if v is msgspec.UNSET]
-            if unset and key is not None and items is not None and f.name in items.features:
-                # Rows that send their id and leave this feature out take the table's value;
-                # a placeholder holds their place until then.
-                from_table = np.zeros(n, dtype=bool)
-                from_table[[j for j in unset if key[j]]] = True
+            if key is not None and items is not None and f.name in items.features:
+                # Rows that send their id and leave this feature out (or null) take the
+                # table's value; a placeholder holds their place until then.
+                from_table = np.array(
+                    [key[j] and (v is msgspec.UNSET or v is None) for j, v in enumerate(values)]
+                )
                 if from_table.any():
                     fill[f.name] = from_table
-                    stand_in = _stand_in(f)
-                    values = [stand_in if from_table[j] else v for j, v in enumerate(values)]
-                    unset = [j for j in unset if not from_table[j]]
+                    values = _stood_in(f, values, from_table)
+            unset = [j for j, v in enumerate(values) if v is msgspec.UNSET]
             if unset:
                 if f.required:
                     raise PayloadError(
@@ -371,9 +375,11 @@ class RequestDecoder:
         return given if any(given) else None
 
 
-def _stand_in(f: FeatureInfo) -> Any:
-    """A valid value of `f`'s kind, for a row whose value the item source gives."""
-    return 0.0 if f.kind == "numeric" else [] if f.kind == "tags" else ""
+def _stood_in(f: FeatureInfo, values: list[Any], rows: np.ndarray) -> list[Any]:
+    """`values` with a valid value of `f`'s kind in `rows`, whose values the item source
+    gives."""
+    stand_in = 0.0 if f.kind == "numeric" else [] if f.kind == "tags" else ""
+    return [stand_in if rows[j] else v for j, v in enumerate(values)]
 
 
 # ----------------------------------------------------------------------------- the head

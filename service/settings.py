@@ -135,6 +135,11 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
     access_log: bool = Field(True, description="one JSON line per request")
 
+    @field_validator("items", "items_key", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, v: object) -> object:
+        return None if v == "" else v
+
     @field_validator("workers")
     @classmethod
     def _one_per_cpu(cls, v: int, info: ValidationInfo) -> int:
