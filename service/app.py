@@ -154,9 +154,12 @@ def create_app(
 GRACEFUL_SHUTDOWN_S = 30
 
 
-def uvicorn_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
+def uvicorn_config(
+    app: FastAPI, settings: Settings, share: CpuShare | None = None
+) -> uvicorn.Config:
     """How uvicorn serves the app: request heads bounded in size and time (service/protocol.py),
-    logging left to ours, up to GRACEFUL_SHUTDOWN_S for in-flight requests after SIGTERM."""
+    logging left to ours, up to GRACEFUL_SHUTDOWN_S for in-flight requests after SIGTERM; in a
+    worker (`share`), its connections kept to its share of the server's."""
     return uvicorn.Config(
         app,
         host=settings.host,
@@ -165,5 +168,5 @@ def uvicorn_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
         access_log=False,
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
         server_header=False,
-        http=bounded_http_protocol(settings.client_timeout_s),
+        http=bounded_http_protocol(settings.client_timeout_s, share),
     )

@@ -1,12 +1,20 @@
 """The machine's cores, shared by the server's worker processes: which requests are in progress
 anywhere on the server, so that a runtime call alone on it may use every core (the model's
-lone-request session, service/predictor.py) and one that is not keeps to its own.
+lone-request session, service/predictor.py) and one that is not keeps to its own; and how the
+clients' connections are spread over the workers, so that none serves more than its share.
 
 Each worker writes, in its slots of an array shared by all workers, how many requests it has
-in progress and when it last had none: one writer per slot (its event loop's thread), so no
-lock. The parent process allocates the array and clears a dead worker's slots; a single-process
-server has an array of its own. HTTP (service/observability.py) and gRPC
-(service/grpc_service.py) count their requests with the same `CpuShare.request()`.
+in progress, when it last had none, and how many HTTP connections it holds: one writer per
+slot (its event loop's thread), so no lock. The parent process allocates the array and clears
+a dead worker's slots; a single-process server has an array of its own. HTTP
+(service/observability.py) and gRPC (service/grpc_service.py) count their requests with the
+same `CpuShare.request()`.
+
+The kernel spreads new connections over the workers' sockets (SO_REUSEPORT) by a hash of the
+client's address and port: 8 connections can land 6 and 2, and the 6 then wait three times as
+long as the 2, for as long as they live. A worker holding more than its share of the server's
+connections closes one at the end of its next response (`connection: close`; the client opens
+a new one, which the kernel places afresh), until none does (service/protocol.py).
 
 Requests still in the kernel's socket queues are not seen: a worker running a call on its event
 loop reads nothing meanwhile, so the next request on its own connections waits for that call
@@ -26,6 +34,7 @@ from typing import Any
 # 2, the lone-request session cost 6% of the throughput without this wait). A request alone on
 # the server leaves its siblings idle for much longer.
 QUIET_S = 0.001
+_FIELDS = 3  # slots per worker: requests in progress, idle since, connections
 
 
 class CpuShare:
@@ -33,16 +42,17 @@ class CpuShare:
     three constructors: `for_supervisor`, `for_worker`, `single_process`."""
 
     def __init__(self, slots: MutableSequence[float], index: int | None) -> None:
-        # [count of worker 0, ..., count of worker n-1, idle since (worker 0), ...]
+        # [requests of worker 0, ..., of worker n-1, idle since (worker 0), ..., connections
+        # of worker 0, ...]
         self.slots = slots
-        self.workers = len(slots) // 2
+        self.workers = len(slots) // _FIELDS
         self.index = index  # this process's worker; None in the supervisor, which serves none
 
     @classmethod
     def for_supervisor(cls, workers: int, context: Any) -> CpuShare:
         """The parent of `workers` worker processes: allocates the shared array (in
         `context`'s shared memory, handed to each worker at its start) and counts nothing."""
-        return cls(context.RawArray("d", 2 * workers), None)
+        return cls(context.RawArray("d", _FIELDS * workers), None)
 
     @classmethod
     def for_worker(cls, slots: MutableSequence[float], index: int) -> CpuShare:
@@ -52,7 +62,7 @@ class CpuShare:
     @classmethod
     def single_process(cls) -> CpuShare:
         """A server that is one process: its own requests are all there are."""
-        return cls([0.0, 0.0], 0)
+        return cls([0.0] * _FIELDS, 0)
 
     @contextmanager
     def request(self) -> Iterator[None]:
@@ -79,9 +89,24 @@ class CpuShare:
         """The requests in progress on the whole server, this worker's included."""
         return int(sum(self.slots[: self.workers]))
 
+    def connection_opened(self) -> None:
+        self.slots[2 * self.workers + self._own()] += 1
+
+    def connection_closed(self) -> None:
+        self.slots[2 * self.workers + self._own()] -= 1
+
+    def over_share(self) -> bool:
+        """Whether this worker holds more connections than its share of the server's (the
+        total over the workers, rounded up)."""
+        n = self.workers
+        connections = self.slots[2 * n : 3 * n]
+        return connections[self._own()] > -(-sum(connections) // n)
+
     def forget(self, index: int) -> None:
-        """Worker `index` died: what it had in progress died with it (the supervisor's call)."""
+        """Worker `index` died: what it had in progress, and its connections, died with it
+        (the supervisor's call)."""
         self.slots[index] = 0.0
+        self.slots[2 * self.workers + index] = 0.0
 
     def _own(self) -> int:
         if self.index is None:

@@ -1,10 +1,14 @@
 """uvicorn's httptools protocol with each request head (request line + headers) bounded in size
-and in time.
+and in time, and each worker's connections kept to its share of the server's.
 
 httptools buffers a head of any size, and uvicorn waits for one without a deadline: one client
 could make the server hold hundreds of MB (a huge header), or hold a connection forever by never
 finishing its head (slowloris). Past the bounds the connection gets a JSON 431 or 408 and is
 closed. The body is bounded by the routes (service.http.read_body).
+
+A worker holding more than its share of the server's connections (service/cpu_share.py) answers
+the next request with `connection: close` and closes that connection after the answer; the
+client's next connection lands where the kernel puts it afresh.
 """
 
 from __future__ import annotations
@@ -15,12 +19,15 @@ from typing import Any
 import orjson
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
+from mmoe.service.cpu_share import CpuShare
+
 MAX_HEAD_BYTES = 64 * 1024
 
 
 class BoundedHttpProtocol(HttpToolsProtocol):
     max_head_bytes = MAX_HEAD_BYTES
     head_timeout_s = 10.0
+    share: CpuShare | None = None  # the workers' connection counts; None: not kept
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -28,14 +35,24 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         self._head_bytes = 0
         self._ends = 0  # heads and messages completed on this connection
         self._head_timer: asyncio.TimerHandle | None = None
+        self._counted = False  # in this worker's connection count
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._arm_head_timer()
+        if self.share is not None:
+            self.share.connection_opened()
+            self._counted = True
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm_head_timer()
+        self._uncount()
         super().connection_lost(exc)
+
+    def _uncount(self) -> None:
+        if self._counted and self.share is not None:
+            self.share.connection_closed()
+            self._counted = False
 
     def data_received(self, data: bytes) -> None:
         if self._in_head:
@@ -59,6 +76,11 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         self._ends += 1
         self._disarm_head_timer()
         super().on_headers_complete()
+        if self._counted and self.share is not None and self.share.over_share():
+            # This answer ends the connection: no longer counted here from now on, so that
+            # the next request does not close another for the same excess.
+            self.cycle.keep_alive = False
+            self._uncount()
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
@@ -96,6 +118,10 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         self.transport.close()
 
 
-def bounded_http_protocol(head_timeout_s: float) -> type[BoundedHttpProtocol]:
-    """The protocol class for uvicorn.run(http=...), with the configured head timeout."""
-    return type("BoundedHttpProtocol", (BoundedHttpProtocol,), {"head_timeout_s": head_timeout_s})
+def bounded_http_protocol(
+    head_timeout_s: float, share: CpuShare | None = None
+) -> type[BoundedHttpProtocol]:
+    """The protocol class for uvicorn.run(http=...), with the configured head timeout and, in a
+    worker of a multi-process server, its siblings' connection counts."""
+    attributes = {"head_timeout_s": head_timeout_s, "share": share}
+    return type("BoundedHttpProtocol", (BoundedHttpProtocol,), attributes)

@@ -363,7 +363,7 @@ def run_worker(
     link = WorkerLink(conn, index, settings.workers)
     share = CpuShare.for_worker(slots, index)
     app = create_app(settings, link=link, share=share, model_path=model_path, unloaded=unloaded)
-    server = uvicorn.Server(uvicorn_config(app, settings))
+    server = uvicorn.Server(uvicorn_config(app, settings, share))
     server.run(sockets=[sock])
     if not server.started:  # its start failed (and it told the supervisor why)
         raise SystemExit(FATAL_EXIT)
