@@ -4,8 +4,11 @@ Dockerfile stages, docker-compose.yml, deploy/nginx.conf, and the README's docke
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
+import shutil
+import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,6 +17,7 @@ import pytest
 import yaml
 
 from mmoe.service.app import GRACEFUL_SHUTDOWN_S
+from mmoe.service.repository import MODEL_FILE, ROUTING_FILE, scan
 from mmoe.service.settings import Settings
 from tests.docs import bash_commands, sections
 
@@ -70,6 +74,31 @@ def exec_form(arg: str) -> list[str]:
     value = json.loads(arg)
     assert isinstance(value, list) and all(isinstance(v, str) for v in value), arg
     return value
+
+
+def run_model_job(command: list[str], root: Path) -> list[str]:
+    """Run a model job's script (`sh -ec SCRIPT`: compose's `model` service, the Kubernetes Job)
+    with root/models as its /models and root/tmp as its /tmp, and a stub `mmoe` that writes
+    each --out file; the mmoe commands it ran."""
+    assert command[:2] == ["sh", "-ec"], command
+    for folder in ("models", "tmp"):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+    calls = root / "calls"
+    calls.write_text("")
+    script = re.sub(r"(?<![\w./-])/(models|tmp)\b", lambda m: f"{root}/{m.group(1)}", command[2])
+    stub = (
+        'mmoe() { echo "$1" >> "$CALLS"; while [ $# -gt 0 ]; do\n'
+        '  if [ "$1" = --out ]; then echo stub > "$2"; fi; shift\n'
+        "done; }\n"
+    )
+    subprocess.run(
+        ["sh", "-ec", stub + script],
+        env={"PATH": os.environ["PATH"], "CALLS": str(calls)},
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
+    return calls.read_text().split()
 
 
 def load_compose() -> dict[str, Any]:
@@ -183,6 +212,87 @@ def test_compose_wires_the_job_the_servers_and_the_balancer() -> None:
     assert set(compose["volumes"]) == {"models"}
 
 
+def commented_environment(service: str) -> dict[str, str]:
+    """The variables written as comments (`# MMOE_X: value`) in a service's `environment`
+    in docker-compose.yml: the alternatives to uncomment."""
+    text = (ROOT / "docker-compose.yml").read_text()
+    block = re.search(rf"\n  {re.escape(service)}:.*?\n    environment:\n(.*?)\n    \w", text, re.S)
+    assert block, f"no environment for {service}"
+    found = re.findall(r"^      # (MMOE_\w+): (.+)$", block.group(1), re.M)
+    return {name: yaml.safe_load(value) for name, value in found}
+
+
+@pytest.mark.parametrize("name", ["server", "server-gpu"])
+def test_compose_shows_the_repository_as_an_alternative_of_real_settings(name: str) -> None:
+    commented = commented_environment(name)
+    assert set(commented) <= SETTINGS_ENV, "unknown MMOE_* settings are ignored"
+    environment = {**load_compose()["services"][name]["environment"], **commented}
+    settings = Settings.model_validate(
+        {  # compose's ${VAR:-default} as the default
+            k.removeprefix("MMOE_").lower(): re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", str(v))
+            for k, v in environment.items()
+        }
+    )
+    assert settings.model_repository == Path("/models/repository")
+    assert settings.repository_poll_s > 0, "a version copied in is picked up without a restart"
+
+
+def test_the_compose_job_puts_the_model_file_and_version_1_in_the_repository_once(
+    tmp_path: Path,
+) -> None:
+    """The `model` job's script, run with a stub `mmoe`: the file, the item table and version 1
+    of `demo` in the repository the servers are shown; nothing again once they are there."""
+    command = load_compose()["services"]["model"]["command"]
+    volume = tmp_path / "models"
+    repo = volume / Path(commented_environment("server")["MMOE_MODEL_REPOSITORY"]).relative_to(
+        "/models"
+    )
+    assert run_model_job(command, tmp_path) == ["data", "train", "export", "items"]
+    assert (volume / "model.onnx").is_file() and (volume / "items.parquet").is_file()
+    listing = scan(repo)
+    assert not listing.errors
+    assert {name: sorted(found) for name, found in listing.versions.items()} == {"demo": [1]}
+    assert listing.policies["demo"].select([1, 2]) == {1, 2}
+    assert not [p.name for p in volume.rglob(".*")], "a staged file left behind"
+    assert run_model_job(command, tmp_path) == []
+    shutil.rmtree(repo)  # a volume filled before there was a repository: placed, not trained
+    assert run_model_job(command, tmp_path) == []
+    assert sorted(scan(repo).versions) == ["demo"]
+
+
+def test_the_docs_put_files_whole_into_the_repository() -> None:
+    """docs/docker.md's `docker compose run ... model sh -ec SCRIPT`: a service that mounts the
+    volume writable where the servers mount it, and each file written beside its final name
+    (a dot name, which the servers ignore) and renamed into the repository."""
+    services = load_compose()["services"]
+    repo = Path(commented_environment("server")["MMOE_MODEL_REPOSITORY"])
+    scripts = [
+        (argv, argv[argv.index("-ec") + 1])
+        for argv in readme_commands()
+        if argv[1:3] == ["compose", "run"] and "-ec" in argv
+    ]
+    assert scripts
+    placed = set()
+    for argv, script in scripts:
+        service = services[argv[argv.index("-ec") - 2]]
+        assert "models:/models" in service["volumes"], "the servers mount models:/models:ro"
+        written: set[Path] = set()
+        for line in script.strip().splitlines():
+            words = shlex.split(line)
+            if words[0] == "cp":
+                written.add(Path(words[2]))
+            elif words[0] == "mv":
+                source, target = map(Path, words[1:])
+                assert source in written and source.parent == target.parent, line
+                assert source.name.startswith("."), line
+                rel = target.relative_to(repo)
+                assert rel.parts == (ROUTING_FILE,) or (
+                    rel.parts[0] == "demo" and rel.parts[1].isdigit() and rel.name == MODEL_FILE
+                ), line
+                placed.add(rel.name)
+    assert placed == {ROUTING_FILE, MODEL_FILE}
+
+
 def test_nginx_proxies_to_the_servers_and_accepts_the_service_body_limit() -> None:
     conf = (ROOT / "deploy" / "nginx.conf").read_text()
     services = load_compose()["services"]
@@ -202,7 +312,10 @@ def test_readme_docker_commands_match_the_files() -> None:
     services = compose["services"]
     profiles = {p for svc in services.values() for p in svc.get("profiles", [])}
     images = {svc["build"]["target"]: svc["image"] for svc in services.values() if "build" in svc}
-    takes_value = {"--scale", "-s", "--signal", "--profile", "-t", "--timeout", "--tail", "-f"}
+    takes_value = {
+        "--scale", "-s", "--signal", "--profile", "-t", "--timeout", "--tail", "-f", "-v",
+        "--volume", "-e", "--env",
+    }  # fmt: skip
     commands = readme_commands()
     assert any(argv[:3] == ["docker", "compose", "up"] for argv in commands)
     assert any("--scale" in argv for argv in commands)
@@ -228,6 +341,8 @@ def test_readme_docker_commands_match_the_files() -> None:
                 else:
                     named.append(arg)
                     i += 1
+                    if sub == "run":  # the service; the rest is its command
+                        break
             for name in named:
                 assert name in services, f"no service {name!r}: {shlex.join(argv)}"
         elif argv[1] == "build":

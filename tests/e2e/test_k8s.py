@@ -10,7 +10,7 @@ import re
 import shlex
 import shutil
 import subprocess
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import kubernetes_validate
@@ -19,10 +19,12 @@ import yaml
 
 from mmoe.service.app import GRACEFUL_SHUTDOWN_S
 from mmoe.service.grpc_v2 import STOP_GRACE_S
+from mmoe.service.repository import MODEL_FILE, ROUTING_FILE, scan
 from mmoe.service.routes import health
+from mmoe.service.routing import parse_routing
 from mmoe.service.settings import Settings
 from tests.docs import bash_commands
-from tests.e2e.test_deploy import STAGES
+from tests.e2e.test_deploy import STAGES, run_model_job
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
@@ -91,6 +93,10 @@ RUNTIME = one(KSERVE, "ServingRuntime")
 ISVC = one(KSERVE, "InferenceService")
 PVC = one(PLAIN, "PersistentVolumeClaim")
 JOB = one(PLAIN, "Job")
+(JOB_CONTAINER,) = JOB["spec"]["template"]["spec"]["containers"]
+# The model repository the servers serve, and where the volume is mounted in them.
+REPOSITORY = PurePosixPath(env(SERVER)["MMOE_MODEL_REPOSITORY"])
+(SERVER_MOUNT,) = [m for m in SERVER["volumeMounts"] if m["name"] == "models"]
 
 
 def _server_port(container: dict[str, Any]) -> int:
@@ -209,9 +215,7 @@ def test_the_inference_service_runs_on_the_runtime_with_v2() -> None:
     assert m, model["storageUri"]
     assert m.group(1) == PVC["metadata"]["name"]
     assert env(KSERVE_SERVER)["MMOE_MODEL_PATH"] == f"/mnt/models/{m.group(2)}"
-    assert f"/models/{m.group(2)}" in " ".join(
-        JOB["spec"]["template"]["spec"]["containers"][0]["command"]
-    )
+    assert f"/models/{m.group(2)}" in " ".join(JOB_CONTAINER["command"])
     # Knative serves one port per revision, named for its protocol; the server listens on it.
     (port,) = KSERVE_SERVER["ports"]
     assert port["name"] == "http1" and port["containerPort"] == _server_port(KSERVE_SERVER)
@@ -304,7 +308,7 @@ def test_the_server_runs_as_the_images_non_root_user_on_a_read_only_root() -> No
 
 def test_images_are_the_dockerfiles_targets() -> None:
     assert SERVER["image"] == KSERVE_SERVER["image"] == "mmoe-ranking:serve"
-    assert JOB["spec"]["template"]["spec"]["containers"][0]["image"] == "mmoe-ranking:train"
+    assert JOB_CONTAINER["image"] == "mmoe-ranking:train"
 
 
 def test_every_container_has_cpu_and_memory_requests_and_limits() -> None:
@@ -328,7 +332,18 @@ def test_the_environment_is_valid_settings(container: dict[str, Any]) -> None:
     names = {f"MMOE_{n.upper()}": n for n in Settings.model_fields}
     assert set(variables) <= set(names), "the server ignores unknown MMOE_* variables"
     settings = Settings.model_validate({names[k]: v for k, v in variables.items()})
-    assert settings.model_path.is_absolute()
+    served = settings.model_repository or settings.model_path
+    assert served.is_absolute()
+
+
+def test_the_deployment_serves_the_repository_and_reads_it_again() -> None:
+    settings = Settings.model_validate(
+        {k.removeprefix("MMOE_").lower(): v for k, v in env(SERVER).items()}
+    )
+    assert settings.model_repository == Path(REPOSITORY)
+    # A version copied onto the volume is picked up without a restart, by every replica.
+    assert 0 < settings.repository_poll_s <= 60
+    assert "MMOE_MODEL_PATH" not in env(SERVER), "unused beside a repository: misleading"
 
 
 def test_the_model_volume_is_read_only_for_the_servers_and_written_by_the_job() -> None:
@@ -337,20 +352,62 @@ def test_the_model_volume_is_read_only_for_the_servers_and_written_by_the_job() 
     (mount,) = [
         m for m in SERVER["volumeMounts"] if volumes[m["name"]].get("persistentVolumeClaim")
     ]
+    assert mount == SERVER_MOUNT
     assert volumes[mount["name"]]["persistentVolumeClaim"]["claimName"] == claim
     assert mount["readOnly"] is True
-    assert env(SERVER)["MMOE_MODEL_PATH"] == f"{mount['mountPath']}/model.onnx"
+    assert REPOSITORY.is_relative_to(mount["mountPath"]), "the repository is on the volume"
     job_pod = JOB["spec"]["template"]["spec"]
-    job_claims = [
-        v["persistentVolumeClaim"]["claimName"]
+    job_claims = {
+        v["name"]: v["persistentVolumeClaim"]["claimName"]
         for v in job_pod["volumes"]
         if "persistentVolumeClaim" in v
-    ]
-    assert job_claims == [claim]
-    script = " ".join(job_pod["containers"][0]["command"])
+    }
+    assert list(job_claims.values()) == [claim]
+    (job_mount,) = [m for m in JOB_CONTAINER["volumeMounts"] if m["name"] in job_claims]
+    assert job_mount["mountPath"] == mount["mountPath"], "one path for the Job and the servers"
+    script = " ".join(JOB_CONTAINER["command"])
     config = re.search(r"--config (\S+)", script)
     assert config and (ROOT / config.group(1)).is_file(), "the Job trains a config we ship"
-    assert "mv /models/.model.onnx.partial /models/model.onnx" in script  # whole or not at all
+    # whole or not at all: written beside the final name, then renamed
+    assert "mv /models/.model.onnx.partial /models/model.onnx" in script
+    version_1 = REPOSITORY / "demo" / "1"
+    assert f"mv {version_1}/.{MODEL_FILE}.partial {version_1}/{MODEL_FILE}" in script
+
+
+def test_the_job_puts_the_model_file_and_version_1_in_the_repository_once(
+    tmp_path: Path,
+) -> None:
+    """The Job's script, run with a stub `mmoe`: the file KServe reads and version 1 of `demo`
+    where the servers look for it; nothing again on a volume that holds them; only the
+    repository entry on a volume from before the repository; a repository that holds a model
+    of its own left alone."""
+    volume = tmp_path / "models"
+    repo = volume / REPOSITORY.relative_to(SERVER_MOUNT["mountPath"])
+    storage = re.fullmatch(r"pvc://[^/]+/(.+)", ISVC["spec"]["predictor"]["model"]["storageUri"])
+    assert storage
+    command = JOB_CONTAINER["command"]
+
+    assert run_model_job(command, tmp_path) == ["data", "train", "export"]
+    listing = scan(repo)
+    assert not listing.errors
+    assert {name: sorted(found) for name, found in listing.versions.items()} == {"demo": [1]}
+    # the version before the newest stays loaded: a refused version 2 leaves 1 serving
+    assert listing.policies["demo"].select([1, 2]) == {1, 2}
+    version_1 = repo / "demo" / "1" / MODEL_FILE
+    assert (volume / storage.group(1)).read_bytes() == version_1.read_bytes()
+    assert not [p.name for p in volume.rglob(".*")], "a staged file left behind"
+
+    assert run_model_job(command, tmp_path) == []  # all there: nothing to do
+
+    shutil.rmtree(repo)  # a volume filled before the servers read a repository
+    assert run_model_job(command, tmp_path) == []
+    assert (repo / "demo" / "1" / MODEL_FILE).is_file()
+
+    shutil.rmtree(repo)  # a repository with a model of its own
+    (repo / "ranker" / "3").mkdir(parents=True)
+    (repo / "ranker" / "3" / MODEL_FILE).write_text("mine")
+    assert run_model_job(command, tmp_path) == []
+    assert sorted(scan(repo).versions) == ["ranker"]
 
 
 # ------------------------------------------------------------------------------ the docs
@@ -405,6 +462,51 @@ def test_the_docs_commands_match_the_files() -> None:
     assert {"deploy/k8s", "deploy/k8s/kserve"} <= applied
     for path in re.findall(r"`(deploy/[\w/.-]+)`", DOCS.read_text()):
         assert (ROOT / path).exists(), f"docs/kubernetes.md names {path}, which does not exist"
+
+
+def test_the_docs_put_files_whole_where_the_servers_read_them() -> None:
+    """The helper pod's copies: each written beside its final name under a dot name (which
+    the servers ignore), then renamed, to the file KServe reads, a version of a model the Job
+    writes, or routing.yaml, on the volume as the servers mount it."""
+    storage = re.fullmatch(r"pvc://[^/]+/(.+)", ISVC["spec"]["predictor"]["model"]["storageUri"])
+    assert storage
+    mount_path: str | None = None
+    staged: set[PurePosixPath] = set()
+    placed: set[str] = set()
+    for argv in doc_commands():
+        text = shlex.join(argv)
+        if argv[:2] == ["kubectl", "run"]:
+            (overrides,) = [a.split("=", 1)[1] for a in argv if a.startswith("--overrides=")]
+            (container,) = json.loads(overrides)["spec"]["containers"]
+            (mount,) = container["volumeMounts"]
+            mount_path = mount["mountPath"]
+            assert mount_path == SERVER_MOUNT["mountPath"], text
+        elif argv[:2] == ["kubectl", "cp"]:
+            staged.add(PurePosixPath(argv[3].partition(":")[2]))
+        elif argv[:2] == ["kubectl", "exec"] and argv[3:5] == ["--", "mv"]:
+            source, target = map(PurePosixPath, argv[5:])
+            assert source in staged, f"{text}: not copied before"
+            assert source.parent == target.parent and source.name.startswith("."), text
+            assert mount_path is not None, f"{text}: before the helper pod"
+            if target == PurePosixPath(mount_path, storage.group(1)):
+                placed.add("kserve")
+            elif target == REPOSITORY / ROUTING_FILE:
+                placed.add("routing")
+            else:
+                name, version, file = target.relative_to(REPOSITORY).parts
+                assert (name, file) == ("demo", MODEL_FILE) and version.isdigit(), text
+                placed.add("version")
+        elif argv[:2] == ["kubectl", "exec"]:
+            for path in re.findall(r"(?<![\w.])/\S+", text):
+                assert PurePosixPath(path).is_relative_to(REPOSITORY), text
+    assert placed == {"kserve", "version", "routing"}
+
+
+def test_the_docs_routing_file_routes_the_jobs_model() -> None:
+    (text,) = re.findall(r"```yaml\n(.*?)```", DOCS.read_text(), re.DOTALL)
+    routing = parse_routing(text)
+    assert routing.default == "demo" and set(routing.models) == {"demo"}
+    assert routing.pinned()["demo"] == {"1", "2"}
 
 
 def test_the_docs_table_lists_every_manifest() -> None:
