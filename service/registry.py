@@ -468,20 +468,26 @@ class ModelRegistry:
             listing = scan(self.repository)
             self.listing = listing
             routing = self._read_routing(report)
-            wanted = listing.wanted(routing.pinned(), self.unloaded)
-            current = {k: m.stamp for k, m in self.serving.models.items() if m.stamp is not None}
-            to_load, to_unload = wanted.diff(current)
-            if only is not None:
-                to_load = [v for v in to_load if v.name == only]
-                to_unload = [k for k in to_unload if k[0] == only or k[0] in self.unloaded]
             models = dict(self.serving.models)
-            for version in to_load:
-                failure = self.failures.get((version.name, version.version))
-                if failure is not None and failure.stamp == version.stamp and only is None:
-                    continue  # the same broken file: not tried again until it changes
-                loaded = await self._load_version(version, report)
-                if loaded is not None:
-                    models[loaded.key] = loaded
+            # A version that fails counts as absent: the policy then picks again (`latest`
+            # falls back to the version before it), until nothing new fails.
+            while True:
+                broken = {key: f.stamp for key, f in self.failures.items()}
+                wanted = listing.wanted(routing.pinned(), self.unloaded, broken)
+                current = {k: m.stamp for k, m in models.items() if m.stamp is not None}
+                to_load, to_unload = wanted.diff(current)
+                if only is not None:
+                    to_load = [v for v in to_load if v.name == only]
+                    to_unload = [k for k in to_unload if k[0] == only or k[0] in self.unloaded]
+                failed = False
+                for version in to_load:
+                    loaded = await self._load_version(version, report)
+                    if loaded is not None:
+                        models[loaded.key] = loaded
+                    else:
+                        failed = True
+                if not failed:
+                    break
             for key in to_unload:
                 models.pop(key, None)
                 report.unloaded.append(key)
@@ -490,8 +496,13 @@ class ModelRegistry:
                     "repository entry refused",
                     extra={"event": "repository_error", "model": name, "reason": error},
                 )
-            wanted_keys = set(wanted.files)
-            self.failures = {k: f for k, f in self.failures.items() if k in wanted_keys}
+            # A failure is remembered for as long as its file is there, unchanged.
+            on_disk = {
+                (name, str(v)): version.stamp
+                for name, found in listing.versions.items()
+                for v, version in found.items()
+            }
+            self.failures = {k: f for k, f in self.failures.items() if on_disk.get(k) == f.stamp}
             if not models:
                 self.not_ready_reason = self._empty_reason(listing, report)
             await self._swap(models, routing)
@@ -554,6 +565,7 @@ class ModelRegistry:
         if it was unloaded)."""
         assert self.repository is not None
         self.unloaded.discard(name)
+        self.failures = {k: f for k, f in self.failures.items() if k[0] != name}  # try again
         return await self.sync(only=name)
 
     async def unload_model(self, name: str) -> SyncReport:

@@ -146,14 +146,26 @@ class Listing:
     policies: dict[str, VersionPolicy] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
 
-    def wanted(self, pinned: Mapping[str, Iterable[str]], skipped: Iterable[str] = ()) -> Wanted:
+    def wanted(
+        self,
+        pinned: Mapping[str, Iterable[str]],
+        skipped: Iterable[str] = (),
+        broken: Mapping[tuple[str, str], FileStamp | None] = {},  # noqa: B006 (read only)
+    ) -> Wanted:
         """The versions to serve: each model's policy, plus the versions in `pinned` (named by
-        routing), but none of the models in `skipped` (unloaded through the API)."""
+        routing), but none of the models in `skipped` (unloaded through the API). A version in
+        `broken` (it failed to load, and its file is as it was then) counts as absent, so
+        that `latest` keeps serving the version before a refused one."""
         out: dict[tuple[str, str], Version] = {}
         skip = set(skipped)
-        for name, found in self.versions.items():
+        for name, all_found in self.versions.items():
             if name in skip:
                 continue
+            found = {
+                v: version
+                for v, version in all_found.items()
+                if (name, str(v)) not in broken or broken[(name, str(v))] != version.stamp
+            }
             chosen = self.policies[name].select(found) if name in self.policies else set()
             chosen |= {int(v) for v in pinned.get(name, ()) if v.isdigit() and int(v) in found}
             out.update({(name, str(v)): found[v] for v in chosen})

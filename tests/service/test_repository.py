@@ -178,6 +178,29 @@ def test_a_broken_version_is_refused_with_its_reason_while_the_others_serve(
 
 
 @pytest.mark.slow
+def test_a_refused_newest_version_leaves_the_one_before_serving(
+    start_server: Callable[..., ServerProcess], tiny_onnx: Path, tmp_path: Path
+) -> None:
+    """With the default policy (the latest version only), a new version that is refused counts
+    as absent: the version before it keeps serving, and the server stays ready."""
+    repo = tmp_path / "repo"
+    put(repo, "ranker", 1, tiny_onnx)
+    server = serve_repository(start_server, repo, MMOE_WORKERS="1")
+    assert served(predict(server)) == ("ranker", "1")
+    edit_weights(tiny_onnx, tmp_path / "edited.onnx")
+    put(repo, "ranker", 2, tmp_path / "edited.onnx")
+    r = reload(server)
+    assert r.status_code == 200 and "ranker 2" in r.json()["failed"], r.text
+    assert served(predict(server)) == ("ranker", "1")
+    assert httpx.get(f"{server.url}/readyz").status_code == 200
+    assert index(server)[("ranker", "2")]["state"] == "UNAVAILABLE"
+    put(repo, "ranker", 2, tiny_onnx)  # fixed: loaded, and the latest only again
+    assert reload(server).status_code == 200
+    assert served(predict(server)) == ("ranker", "2")
+    assert index(server)[("ranker", "1")]["reason"] == "not selected by the version policy"
+
+
+@pytest.mark.slow
 def test_arms_keep_each_caller_and_share_callers_by_weight(
     start_server: Callable[..., ServerProcess], tiny_onnx: Path, tmp_path: Path
 ) -> None:

@@ -152,3 +152,16 @@ def test_the_router_sends_requests_to_arms_latest_versions_and_shadows() -> None
     shadowed = [router.route("other", None, None).shadow for _ in range(4000)]
     assert abs(shadowed.count("3") / 4000 - 0.25) < 0.04
     assert Router(RoutingConfig(), {"a": {"1"}, "b": {"1"}}).default is None
+
+
+def test_a_refused_version_counts_as_absent_for_the_policy(tmp_path: Path) -> None:
+    model = tmp_path / "file.onnx"
+    model.write_bytes(b"not read here")
+    repo = tmp_path / "repo"
+    make_repository(repo, model, {"ranker": [1, 2]})
+    listing = scan(repo)
+    assert sorted(listing.wanted({}).files) == [("ranker", "2")]
+    refused = {("ranker", "2"): listing.versions["ranker"][2].stamp}
+    assert sorted(listing.wanted({}, broken=refused).files) == [("ranker", "1")]
+    (repo / "ranker" / "2" / "model.onnx").write_bytes(b"a new file")  # fixed: wanted again
+    assert sorted(scan(repo).wanted({}, broken=refused).files) == [("ranker", "2")]
