@@ -150,7 +150,7 @@ class Listing:
         self,
         pinned: Mapping[str, Iterable[str]],
         skipped: Iterable[str] = (),
-        broken: Mapping[tuple[str, str], FileStamp | None] = {},  # noqa: B006 (read only)
+        broken: Mapping[tuple[str, str], FileStamp | None] | None = None,
     ) -> Wanted:
         """The versions to serve: each model's policy, plus the versions in `pinned` (named by
         routing), but none of the models in `skipped` (unloaded through the API). A version in
@@ -158,6 +158,7 @@ class Listing:
         that `latest` keeps serving the version before a refused one."""
         out: dict[tuple[str, str], Version] = {}
         skip = set(skipped)
+        broken = broken or {}
         for name, all_found in self.versions.items():
             if name in skip:
                 continue
