@@ -14,6 +14,7 @@ client's next connection lands where the kernel puts it afresh.
 from __future__ import annotations
 
 import asyncio
+import socket
 from typing import Any
 
 import orjson
@@ -39,6 +40,13 @@ class BoundedHttpProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        # An answer is written as its head and its body: without TCP_NODELAY the body waits
+        # for the client's (delayed, up to 40 ms) acknowledgement of the head. asyncio sets it
+        # only on sockets made with IPPROTO_TCP, which a listening socket from socket.socket()
+        # is not.
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._arm_head_timer()
         if self.share is not None:
             self.share.connection_opened()
