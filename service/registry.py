@@ -434,10 +434,14 @@ class ModelRegistry:
                 "model unloaded",
                 extra={"event": "model_unloaded", "model": model.name, "version": model.version},
             )
-        if gone:
-            del gone, old
-            gc.collect()
-            return_freed_memory()
+        del gone, old
+        # What is served now lives until the next change: out of the collector's reach, so
+        # that its full collections, which stop the event loop, walk only the objects the
+        # requests make (gen-2 pauses of 40-75 ms every 15 s or so at c=32 without this).
+        gc.unfreeze()
+        gc.collect()
+        gc.freeze()
+        return_freed_memory()
 
     async def load_file(self, path: Path, log_failure: bool = True) -> LoadedModel:
         """One-file mode: load `path` and serve it in place of what was served; on any failure
