@@ -67,10 +67,10 @@ def _variant(text: str) -> tuple[str, dict[str, str]]:
     return name, env
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="mmoe bench", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
-    )
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """`mmoe bench`'s arguments (mmoe/cli.py's command table)."""
+    p.description = __doc__
+    p.formatter_class = argparse.RawTextHelpFormatter
     p.add_argument("--models", default="demo,easyrec", help="of: " + ", ".join(MODELS))
     p.add_argument("--run", type=Path, help="benchmark this training run instead of --models")
     p.add_argument("--onnx", type=Path, help="its exported model.onnx (with --run)")
@@ -134,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--cold-starts", type=int, help="cold starts to time per server (default 3)")
     p.add_argument("--out", type=Path, default=Path("results"), help="results folder")
-    return p
+    p.set_defaults(func=run)
 
 
 def _say(msg: str) -> None:
@@ -372,8 +372,7 @@ def bench_model(
     return result
 
 
-def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
+def run(args: argparse.Namespace) -> int:
     if args.seconds is None:
         args.seconds = 0.5 if args.quick else 5.0
     if args.warmup is None:
@@ -418,9 +417,10 @@ def main(argv: list[str]) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     import onnxruntime
 
+    argv = sys.argv[1:]  # the bench's own arguments, after `mmoe bench` or `python -m mmoe.bench`
     results: dict[str, Any] = {
         "started": started,
-        "argv": argv,
+        "argv": argv[1:] if argv[:1] == ["bench"] else argv,
         "client": args.client,
         "seconds": args.seconds,
         "warmup": args.warmup,
@@ -444,7 +444,3 @@ def main(argv: list[str]) -> int:
     print(text)
     _say(f"results: {out_dir}/report.md, results.json, latency_throughput.png")
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main(sys.argv[1:]))

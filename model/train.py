@@ -11,6 +11,7 @@ on early stopping and writes the run.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -35,7 +36,7 @@ from mmoe.model.checkpoint import (
     save_valid_sample,
     save_weights,
 )
-from mmoe.model.config import ConfigError, RunConfig, higher_is_better
+from mmoe.model.config import ConfigError, RunConfig, higher_is_better, load_config
 from mmoe.model.data import DataSource
 from mmoe.model.evaluation import evaluate, expert_health, feature_rates, mean_scores
 from mmoe.model.losses import (
@@ -443,28 +444,72 @@ def train(
     return Trainer(config, train_path, out_dir, valid_path).run()
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point for `torchrun -m model.train --config ... --data ... --out ...`."""
-    import argparse
-
-    from mmoe.model.config import ConfigError, load_config
-
-    p = argparse.ArgumentParser(prog="python -m mmoe.model.train")
-    p.add_argument("--config", required=True)
-    p.add_argument("--data", required=True)
-    p.add_argument("--valid")
-    p.add_argument("--out", required=True)
-    p.add_argument("--overwrite", action="store_true", help="clear a non-empty --out first")
-    args = p.parse_args(argv)
+def recipe_main(args: argparse.Namespace) -> int:
+    """`mmoe train ARGS` (model/cli.py's arguments): the config resolved (YAML, or an EasyRec
+    pipeline.config translated), RUN_DIR prepared, then the recipe run here, or with `--nproc N`
+    in N processes that torchrun starts with the same command. Under torchrun
+    (`torchrun --nproc_per_node N -m mmoe train ARGS` does the same) every process runs this
+    function; rank 0 prepares RUN_DIR and prints."""
+    rank0 = int(os.environ.get("RANK", "0")) == 0
     try:
-        if int(os.environ.get("RANK", "0")) == 0:  # the others write nothing there
+        config, notes = _resolve_config(args)
+        if rank0:  # after the config: a bad one clears nothing
             prepare_run_dir(args.out, args.overwrite)
-        train(load_config(args.config), args.data, args.out, args.valid)
-    except (ConfigError, ValueError, FileNotFoundError) as err:
+    except (ConfigError, ValueError, FileNotFoundError) as err:  # RunDirError too
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for note in notes if rank0 else []:
+        print(f"note: {note}", file=sys.stderr)
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return _torchrun(args, config)
+    try:
+        train(config, args.data, args.out, args.valid)
+    except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def _resolve_config(args: argparse.Namespace) -> tuple[RunConfig, list[str]]:
+    """The validated config of `--config` with the overrides applied, and what a translation
+    of an EasyRec config decided (notes)."""
+    from mmoe.model.easyrec import is_easyrec_config, load_pipeline_config
+
+    if is_easyrec_config(args.config):
+        config, _, notes = load_pipeline_config(
+            args.config, args.overrides, data=args.data, valid=args.valid
+        )
+        return config, notes
+    return load_config(args.config, args.overrides), []
+
+
+def _torchrun(args: argparse.Namespace, config: RunConfig) -> int:
+    """`mmoe train` in `args.nproc` processes; they read the resolved config from a YAML file."""
+    import subprocess
+    import tempfile
+
+    import yaml
+
+    with tempfile.TemporaryDirectory(prefix="mmoe-config-") as tmp:
+        path = os.path.join(tmp, "config.yaml")
+        with open(path, "w") as f:
+            yaml.safe_dump(config.model_dump(mode="json", exclude_none=True), f, sort_keys=False)
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={args.nproc}",
+            "-m",
+            "mmoe",
+            "train",
+            "--config",
+            path,
+            "--data",
+            args.data,
+            "--out",
+            args.out,
+        ]
+        if args.valid:
+            cmd += ["--valid", args.valid]
+        return subprocess.call(cmd)

@@ -13,23 +13,22 @@ _FLAG_NAMES = {"model_path": "--model"}
 _NO_FLAG = {"api_key"}  # a secret on the command line is visible to every user of the machine
 
 
-def register(sub: Any) -> None:
-    from mmoe.service.settings import Settings
-
-    ver = sub.add_parser(
-        "verify",
-        help="run a model.onnx's golden rows as a server does at load; exit 1 if any answer "
-        "changed (needs only the serving install)",
-    )
-    ver.add_argument("model", help="the model.onnx to check")
-    ver.add_argument(
+def verify(parser: argparse.ArgumentParser) -> None:
+    """`mmoe verify`'s arguments (mmoe/cli.py's command table)."""
+    parser.add_argument("model", help="the model.onnx to check")
+    parser.add_argument(
         "--provider",
         choices=["auto", "cpu", "cuda"],
         default="auto",
         help="onnxruntime execution provider, as MMOE_PROVIDER (default auto)",
     )
-    ver.set_defaults(func=_verify)
-    p = sub.add_parser("serve", help="serve model.onnx over HTTP (FastAPI + onnxruntime)")
+    parser.set_defaults(func=_verify)
+
+
+def serve(p: argparse.ArgumentParser) -> None:
+    """`mmoe serve`'s arguments (mmoe/cli.py's command table)."""
+    from mmoe.service.settings import Settings
+
     for name, field in Settings.model_fields.items():
         if name in _NO_FLAG:
             continue
