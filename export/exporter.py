@@ -39,6 +39,7 @@ from mmoe.contract.metadata import (
     TaskInfo,
     read_metadata,
 )
+from mmoe.contract.outputs import is_score, output_names
 from mmoe.export.context import ContextSplit
 from mmoe.export.graph import (
     CONTEXT_DIM,
@@ -69,20 +70,13 @@ from mmoe.export.parity import (
 from mmoe.model.batches import encode_table
 from mmoe.model.checkpoint import Run, config_hash, load_run
 from mmoe.model.evaluation import feature_outcomes
-from mmoe.model.network import (
-    PLE,
-    MMoE,
-    RankingModel,
-    TaskHead,
-    model_outputs,
-    output_names,
-)
+from mmoe.model.network import PLE, MMoE, RankingModel, TaskHead, model_outputs
 from mmoe.model.schema import FeatureSchema
 
 
 class ExportNet(nn.Module):
     """Positional encoded inputs -> the exported outputs, for the exporter. `logits` maps the
-    encoded inputs by feature name to per-task logits: the RankingModel, or its ContextSplit.
+    encoded inputs by feature name to a NetOutput: the RankingModel, or its ContextSplit.
     With `gates`, the last output is GATE_WEIGHTS: each task's gate weights summed over the
     rows, [tasks, experts]."""
 
@@ -96,11 +90,9 @@ class ExportNet(nn.Module):
         self.gates = gates
 
     def forward(self, *encoded: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        inputs = dict(zip(self.names, encoded, strict=True))
-        if not self.gates:
-            return tuple(model_outputs(self.tasks, self.logits(inputs)).values())
-        logits, gates = self.logits(inputs, with_gates=True)
-        return (*model_outputs(self.tasks, logits).values(), gates.sum(dim=1))
+        out = self.logits(dict(zip(self.names, encoded, strict=True)), gates=self.gates)
+        scores = tuple(model_outputs(self.tasks, out.logits).values())
+        return (*scores, out.gates.sum(dim=1)) if self.gates else scores
 
 
 def has_gates(model: RankingModel) -> bool:
@@ -113,7 +105,7 @@ def graph_output_names(model: RankingModel, gates: bool = False) -> list[str]:
     """The network's outputs in ExportNet's (model_outputs') order."""
     names: list[str] = []
     for t in model.tasks:
-        n = output_names(t)
+        n = output_names(t.name, t.kind, t.product)
         names.extend(name for name in (n.score, n.logits, n.product) if name is not None)
     return [*names, GATE_WEIGHTS] if gates else names
 
@@ -231,8 +223,8 @@ def build_metadata(run: Run, context: Collection[str] = (), monitor: bool = True
         TaskInfo(
             name=t.name,
             kind=t.kind,
-            output=output_names(t).score,
-            logits=output_names(t).logits,
+            output=output_names(t.name, t.kind).score,
+            logits=output_names(t.name, t.kind).logits,
             num_class=t.num_class,
         )
         for t in run.model.tasks
@@ -241,7 +233,7 @@ def build_metadata(run: Run, context: Collection[str] = (), monitor: bool = True
     tasks += [
         TaskInfo(name=t.product, kind="binary", output=product)
         for t in run.model.tasks
-        if t.product and (product := output_names(t).product)
+        if t.product and (product := output_names(t.name, t.kind, t.product).product)
     ]
     best = run.metrics.get("best", {})
     return ModelMetadata(
@@ -415,7 +407,7 @@ def check_monitoring(run: Run, onnx_bytes: bytes, cols: dict[str, RawColumn]) ->
     if GATE_WEIGHTS in got:
         batch = encode_table(table, by_feature_name(schema), [], with_labels=False)
         with torch.no_grad():
-            _, gates = run.model.eval()(batch.inputs, with_gates=True)
+            gates = run.model.eval()(batch.inputs, gates=True).gates
         want_sums = gates.sum(dim=1).double().numpy()
         # Sums of float32 probabilities over the rows: within float32 rounding of their size.
         allowed = 1e-5 * max(1.0, float(np.abs(want_sums).max()))
@@ -476,7 +468,7 @@ def _compare(
     drifts = {k: float(np.abs(v.astype(np.float64) - o_var[k]).max()) for k, v in o_base.items()}
     _allow_drift(base, variant, drifts)
     # Drift of the scores callers see (probabilities and regression values), not of logits.
-    drift = max(v for k, v in drifts.items() if k.startswith(("probs_", "y_")))
+    drift = max(v for k, v in drifts.items() if is_score(k))
     return {"max_abs_diff": drift, "speedup": t_base / t_var, "size_bytes": variant.stat().st_size}
 
 

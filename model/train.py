@@ -351,7 +351,8 @@ class Trainer:
             dynamic_ncols=True,
         )
         for batch in self.batches.epoch(schema, epoch, n_rows):
-            logits, emb_sq = ddp(batch.inputs, with_embedding_l2=True)
+            out = ddp(batch.inputs)
+            logits = out.logits
             per_task = [
                 task_loss(
                     t,
@@ -368,7 +369,7 @@ class Trainer:
             if cfg.model.l2:
                 loss = loss + cfg.model.l2 * dense_l2(model)
             if cfg.model.embedding_l2:
-                loss = loss + cfg.model.embedding_l2 * emb_sq
+                loss = loss + cfg.model.embedding_l2 * out.penalty
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if self.world > 1:  # DDP averages the network's gradients, not the balancer's
