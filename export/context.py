@@ -12,7 +12,7 @@ outputs from the same weights with the context at batch 1:
 - where SENet mixes context and candidate fields per row before the first layer, the context
   fields are broadcast to the N rows right after their lookup, and the rest is the model's own.
 
-Training is untouched: this is an export-time view of the trained weights (`export/exporter.py`
+Training is untouched: this is an export-time view of the trained weights (`export/network.py`
 traces it with the context inputs at batch 1; the graph accepts 1 or N, and the export's parity
 check runs both).
 """
