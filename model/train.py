@@ -2,6 +2,12 @@
 RUN_DIR. Data comes from `model/batches.py`, losses from `model/losses.py`, validation from
 `model/evaluation.py`.
 
+    recipe_main(args)     `mmoe train`, and each process torchrun starts (`-m mmoe train`)
+      train(config, ...)  the Python API: Trainer(...).run()
+        Trainer.setup()     schema, model (DDP), optimiser and schedule, validation rows
+        Trainer.train()     per epoch: _train_epoch, validate, keep_best (early stopping)
+        Trainer.finalize()  best weights' analyses, metrics.json, the validation sample
+
 Single process by default; under `torchrun` (WORLD_SIZE > 1) the processes train one model with
 DistributedDataParallel (gloo). `train.batch_size` stays the global batch: every process takes
 its share of each batch, so all take the same number of steps and the result matches a single
@@ -22,12 +28,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import torch
 import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from mmoe.model.batches import BatchStream, encode_table
+from mmoe.model.batches import Batch, BatchStream, encode_table
 from mmoe.model.checkpoint import (
     build_model,
     config_hash,
@@ -65,6 +72,10 @@ class History:
 
 
 class Trainer:
+    """The recipe, in torchtune's shape: `setup()` builds what training needs, `train()` runs
+    the epochs, `finalize()` writes the run; `run()` does the three inside the process's
+    resources (torch threads, the DDP process group). Each step is a method of its own."""
+
     def __init__(
         self,
         config: RunConfig,
@@ -94,10 +105,54 @@ class Trainer:
         self.log: Callable[[str], None] = (
             (lambda msg: print(msg, flush=True)) if self.rank == 0 else (lambda msg: None)
         )
+        self.history = History()
+        # Built by setup():
+        self.schema: FeatureSchema
+        self.n_rows: int  # training rows
+        self.model: RankingModel
+        self.ddp: nn.Module  # the model, wrapped by DDP in several processes
+        self.balancer: TaskBalancer
+        self.optimizer: torch.optim.Optimizer
+        self.steps: int  # per epoch
+        self.scheduler: torch.optim.lr_scheduler.LRScheduler
+        self.valid: Batch | None = None  # encoded validation rows (rank 0)
+        self.valid_table: pa.Table | None = None  # and as read (rank 0)
+        self._started = 0.0  # when setup began
+        # The best epoch so far (train()):
+        self._best_value: float | None = None
+        self._stale = 0  # epochs since it
 
-    # ------------------------------------------------------------------------- run
+    def run(self) -> History:
+        """setup, train, finalize; returns the per-epoch history (complete on rank 0)."""
+        distributed = self.world > 1
+        threads = torch.get_num_threads()
+        if self.config.train.threads:
+            torch.set_num_threads(self.config.train.threads)
+        if distributed:
+            dist.init_process_group("gloo")
+        try:
+            self.setup()
+            self.train()
+            self.finalize()
+            return self.history
+        finally:
+            if distributed:
+                dist.destroy_process_group()
+            torch.set_num_threads(threads)
+
+    # ------------------------------------------------------------------------ setup
+
+    def setup(self) -> None:
+        """The schema (fitted, written), the model, the optimiser and its schedule, and the
+        validation rows."""
+        self._started = time.perf_counter()
+        self.setup_schema()
+        self.setup_model()
+        self.setup_optimizer()
+        self.setup_validation()
 
     def fit_schema(self) -> tuple[FeatureSchema, int]:
+        """The feature schema fitted on the training rows, and how many there are."""
         fitter = SchemaFitter(self.config)
         rows = 0
         for chunk in self.batches.chunks():
@@ -107,8 +162,10 @@ class Trainer:
             raise ValueError(f"{self.batches.train_source.path}: no training rows")
         return fitter.build(), rows
 
-    def _shared_schema(self) -> tuple[FeatureSchema, int]:
-        """Rank 0 fits the schema and sends it (or its error) to every process."""
+    def setup_schema(self) -> None:
+        """Rank 0 fits the schema, sends it (or its error) to every process, and writes it and
+        the config into RUN_DIR."""
+        t0 = time.perf_counter()
         payload: list[Any] = [None, 0, None]
         if self.rank == 0:
             try:
@@ -120,148 +177,177 @@ class Trainer:
             dist.broadcast_object_list(payload, src=0)
         if payload[2] is not None:
             raise ValueError(payload[2])
-        return FeatureSchema.model_validate_json(payload[0]), int(payload[1])
-
-    def run(self) -> History:
-        distributed = self.world > 1
-        threads = torch.get_num_threads()
-        if self.config.train.threads:
-            torch.set_num_threads(self.config.train.threads)
-        if distributed:
-            dist.init_process_group("gloo")
-        try:
-            return self._run()
-        finally:
-            if distributed:
-                dist.destroy_process_group()
-            torch.set_num_threads(threads)
-
-    def _run(self) -> History:
-        cfg = self.config
-        t0 = time.perf_counter()
-        schema, n_rows = self._shared_schema()
+        self.schema = FeatureSchema.model_validate_json(payload[0])
+        self.n_rows = int(payload[1])
         if self.rank == 0:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            schema.save(self.out_dir / "schema.json")
-            save_config(cfg, self.out_dir)
-        self.log(f"schema fitted on {n_rows} rows in {time.perf_counter() - t0:.1f}s")
+            self.schema.save(self.out_dir / "schema.json")
+            save_config(self.config, self.out_dir)
+        self.log(f"schema fitted on {self.n_rows} rows in {time.perf_counter() - t0:.1f}s")
 
-        torch.manual_seed(cfg.train.seed)
-        model = build_model(cfg, schema)
-        torch.manual_seed(cfg.train.seed + self.rank)  # dropout differs between processes
-        ddp: nn.Module = nn.parallel.DistributedDataParallel(model) if self.world > 1 else model
-        opt_cls = torch.optim.AdamW if cfg.train.optimizer == "adamw" else torch.optim.Adam
-        balancer = task_balancer(cfg)
-        groups: list[dict[str, Any]] = [{"params": list(model.parameters())}]
-        if balancer.network_parameters():
-            assert isinstance(balancer, UncertaintyWeighting)
+    def setup_model(self) -> None:
+        """The model, its weights drawn from train.seed (the same in every process), wrapped by
+        DDP in several processes."""
+        seed = self.config.train.seed
+        torch.manual_seed(seed)
+        self.model = build_model(self.config, self.schema)
+        torch.manual_seed(seed + self.rank)  # dropout differs between processes
+        self.ddp = nn.parallel.DistributedDataParallel(self.model) if self.world > 1 else self.model
+
+    def setup_optimizer(self) -> None:
+        """The task balancer, the optimiser over the model's (and a learned balancer's)
+        parameters, and the learning-rate schedule."""
+        t = self.config.train
+        opt_cls = torch.optim.AdamW if t.optimizer == "adamw" else torch.optim.Adam
+        self.balancer = task_balancer(self.config)
+        groups: list[dict[str, Any]] = [{"params": list(self.model.parameters())}]
+        if self.balancer.network_parameters():
+            assert isinstance(self.balancer, UncertaintyWeighting)
             groups.append(
-                {"params": balancer.network_parameters(), "lr": balancer.lr, "weight_decay": 0.0}
+                {
+                    "params": self.balancer.network_parameters(),
+                    "lr": self.balancer.lr,
+                    "weight_decay": 0.0,
+                }
             )
-        optimizer = opt_cls(groups, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-        steps = self.batches.steps_per_epoch(n_rows)
-        if cfg.train.batch_size < self.world or steps == 0:
+        self.optimizer = opt_cls(groups, lr=t.lr, weight_decay=t.weight_decay)
+        self.steps = self.batches.steps_per_epoch(self.n_rows)
+        if t.batch_size < self.world or self.steps == 0:
             raise ValueError(
-                f"{self.world} processes need train.batch_size and the training rows ({n_rows}) "
-                f"to be at least {self.world}"
+                f"{self.world} processes need train.batch_size and the training rows "
+                f"({self.n_rows}) to be at least {self.world}"
             )
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, self._lr_lambda(steps * cfg.train.epochs, steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, self._lr_lambda(self.steps * t.epochs, self.steps)
         )
-        valid = valid_table = None
-        if self.rank == 0:
-            valid_table = self.batches.valid_table()
-            if valid_table is not None and valid_table.num_rows:
-                valid = encode_table(valid_table, schema, cfg.tasks)
-        history = History()
-        best_value: float | None = None
-        stale = 0
+
+    def setup_validation(self) -> None:
+        """Rank 0 reads and encodes the validation rows (a file, or those held out)."""
+        if self.rank != 0:
+            return
+        self.valid_table = self.batches.valid_table()
+        if self.valid_table is not None and self.valid_table.num_rows:
+            self.valid = encode_table(self.valid_table, self.schema, self.config.tasks)
+
+    # ------------------------------------------------------------------------ train
+
+    def train(self) -> None:
+        """The epochs: train, validate, keep the best weights, stop early."""
+        cfg = self.config
         for epoch in range(1, cfg.train.epochs + 1):
             t_epoch = time.perf_counter()
-            losses = self._train_epoch(
-                ddp, model, balancer, optimizer, scheduler, schema, epoch, n_rows
-            )
+            losses = self._train_epoch(epoch)
             train_seconds = time.perf_counter() - t_epoch
-            stop = False
             if epoch == 1 and cfg.train.epochs > 1 and cfg.train.cache_mb > 0:
                 self.log(self._cache_note())
+            stop = False
             if self.rank == 0:
-                record: dict[str, Any] = {
-                    "epoch": epoch,
-                    "train_loss": losses,
-                    "lr": optimizer.param_groups[0]["lr"],
-                    "task_weights": dict(
-                        zip([t.name for t in cfg.tasks], balancer.weights(), strict=True)
-                    ),
-                }
-                if valid is not None:
-                    record["valid"] = evaluate(model, cfg, valid)
-                    health = expert_health(model, valid)
-                    if health is not None:
-                        record["experts"] = health.record()
-                        for warning in health.warnings():
-                            self._warn(history, epoch, warning)
+                record = self.validate(epoch, losses)
                 # the training steps alone, and with validation
                 record["train_seconds"] = round(train_seconds, 2)
-                record["rows_per_second"] = round(n_rows / train_seconds)
+                record["rows_per_second"] = round(self.n_rows / train_seconds)
                 record["seconds"] = round(time.perf_counter() - t_epoch, 2)
-                history.epochs.append(record)
-                name, value = self._monitored(history, record)
-                if math.isnan(value):
-                    self._warn(
-                        history,
-                        epoch,
-                        f"{name} is NaN on the validation rows (a single class?): "
-                        "this epoch cannot be judged",
-                    )
-                improved = not math.isnan(value) and (best_value is None or value > best_value)
-                summary = " ".join(f"{k}={v:.4f}" for k, v in record.get("valid", {}).items())
-                self.log(
-                    f"epoch {epoch}: train loss {losses['total']:.4f} "
-                    f"({record['seconds']:.1f} s)  valid {summary}"
-                )
-                if improved:
-                    best_value, stale = value, 0
-                else:
-                    stale += 1
-                # Until an epoch can be judged, the latest weights are kept.
-                if improved or best_value is None:
-                    history.best_epoch = epoch
-                    history.best = dict(record.get("valid", {}))
-                    save_weights(model, self.out_dir)
-                es = cfg.train.early_stopping
-                if es is not None and stale >= es.patience and epoch < cfg.train.epochs:
-                    self.log(f"early stopping: no better {name} for {stale} epochs")
-                    stop = history.stopped_early = True
-            if self.world > 1:
-                flag = [stop]
-                dist.broadcast_object_list(flag, src=0)
-                stop = bool(flag[0])
-            if stop:
+                self.history.epochs.append(record)
+                stop = self.keep_best(record)
+            if self._all_stop(stop):
                 break
-        if self.world > 1:
-            _check_in_sync(model)
-        if self.rank == 0:
-            # Analyses use the best weights, as export does.
-            state = torch.load(self.out_dir / "weights.pt", weights_only=True)
-            model.load_state_dict(state)
-            health = expert_health(model, valid) if valid is not None else None
+
+    def validate(self, epoch: int, losses: dict[str, float]) -> dict[str, Any]:
+        """The epoch's record: training losses, learning rate, task weights, and on the
+        validation rows the metrics and expert health (warnings kept in the history)."""
+        cfg = self.config
+        names = [t.name for t in cfg.tasks]
+        record: dict[str, Any] = {
+            "epoch": epoch,
+            "train_loss": losses,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "task_weights": dict(zip(names, self.balancer.weights(), strict=True)),
+        }
+        if self.valid is not None:
+            record["valid"] = evaluate(self.model, cfg, self.valid)
+            health = expert_health(self.model, self.valid)
             if health is not None:
-                history.gates, history.gate_experts = health.gates, health.experts
-            if valid is not None and valid_table is not None:
-                history.reference = {
-                    "features": feature_rates(schema, valid_table),
-                    "scores": mean_scores(model, valid),
-                }
-            valid_rows = len(valid) if valid is not None else 0
-            self._write_metrics(history, n_rows, valid_rows, steps, time.perf_counter() - t0)
-            save_valid_sample(valid_table, cfg, self.out_dir)
-            best = " ".join(f"{k}={v:.4f}" for k, v in history.best.items())
-            self.log(f"best epoch {history.best_epoch}: {best}")
+                record["experts"] = health.record()
+                for warning in health.warnings():
+                    self._warn(epoch, warning)
+        return record
+
+    def keep_best(self, record: dict[str, Any]) -> bool:
+        """Logs the epoch, saves the weights if it is the best so far, and says whether early
+        stopping ends training here."""
+        history, epoch = self.history, record["epoch"]
+        name, value = self._monitored(record)
+        if math.isnan(value):
+            self._warn(
+                epoch,
+                f"{name} is NaN on the validation rows (a single class?): "
+                "this epoch cannot be judged",
+            )
+        improved = not math.isnan(value) and (self._best_value is None or value > self._best_value)
+        summary = " ".join(f"{k}={v:.4f}" for k, v in record.get("valid", {}).items())
+        self.log(
+            f"epoch {epoch}: train loss {record['train_loss']['total']:.4f} "
+            f"({record['seconds']:.1f} s)  valid {summary}"
+        )
+        if improved:
+            self._best_value, self._stale = value, 0
+        else:
+            self._stale += 1
+        # Until an epoch can be judged, the latest weights are kept.
+        if improved or self._best_value is None:
+            history.best_epoch = epoch
+            history.best = dict(record.get("valid", {}))
+            save_weights(self.model, self.out_dir)
+        es = self.config.train.early_stopping
+        if es is not None and self._stale >= es.patience and epoch < self.config.train.epochs:
+            self.log(f"early stopping: no better {name} for {self._stale} epochs")
+            history.stopped_early = True
+            return True
+        return False
+
+    def _all_stop(self, stop: bool) -> bool:
+        """Rank 0's decision, in every process."""
+        if self.world > 1:
+            flag = [stop]
+            dist.broadcast_object_list(flag, src=0)
+            stop = bool(flag[0])
+        return stop
+
+    # --------------------------------------------------------------------- finalize
+
+    def finalize(self) -> None:
+        """Rank 0 reloads the best weights and writes what RUN_DIR holds beside them: the
+        gates and the monitoring reference on the validation rows, metrics.json and the
+        validation sample. Every process returns once the run is written."""
+        if self.world > 1:
+            _check_in_sync(self.model)
+        if self.rank == 0:
+            self._analyse_best()
+            valid_rows = len(self.valid) if self.valid is not None else 0
+            seconds = time.perf_counter() - self._started
+            self._write_metrics(self.history, self.n_rows, valid_rows, self.steps, seconds)
+            save_valid_sample(self.valid_table, self.config, self.out_dir)
+            best = " ".join(f"{k}={v:.4f}" for k, v in self.history.best.items())
+            self.log(f"best epoch {self.history.best_epoch}: {best}")
             self.log(f"run written to {self.out_dir}")
         if self.world > 1:
-            dist.barrier()  # every process returns once the run is written
-        return history
+            dist.barrier()
+
+    def _analyse_best(self) -> None:
+        """The best weights' gates and monitoring reference on the validation rows (analyses
+        use the best weights, as export does)."""
+        state = torch.load(self.out_dir / "weights.pt", weights_only=True)
+        self.model.load_state_dict(state)
+        if self.valid is None:
+            return
+        health = expert_health(self.model, self.valid)
+        if health is not None:
+            self.history.gates, self.history.gate_experts = health.gates, health.experts
+        if self.valid_table is not None:
+            self.history.reference = {
+                "features": feature_rates(self.schema, self.valid_table),
+                "scores": mean_scores(self.model, self.valid),
+            }
 
     def _cache_note(self) -> str:
         b = self.batches
@@ -272,12 +358,12 @@ class Trainer:
             "every epoch reads the file"
         )
 
-    def _warn(self, history: History, epoch: int, message: str) -> None:
+    def _warn(self, epoch: int, message: str) -> None:
         """Logged, and kept in metrics.json's `warnings`."""
-        history.warnings.append({"epoch": epoch, "warning": message})
+        self.history.warnings.append({"epoch": epoch, "warning": message})
         self.log(f"warning: epoch {epoch}: {message}")
 
-    def _monitored(self, history: History, record: dict[str, Any]) -> tuple[str, float]:
+    def _monitored(self, record: dict[str, Any]) -> tuple[str, float]:
         """The metric that picks the best epoch and its value, signed so that larger is better:
         the early-stopping metric, else the first metric of the first task, else (no
         validation rows) the training loss. NaN when the metric is undefined on these rows."""
@@ -288,9 +374,9 @@ class Trainer:
             if es.metric in source:
                 value = float(source[es.metric])
                 return es.metric, value if es.maximise else -value
-            if not any(w["warning"].startswith("train.early_stopping") for w in history.warnings):
+            warned = self.history.warnings
+            if not any(w["warning"].startswith("train.early_stopping") for w in warned):
                 self._warn(
-                    history,
                     record["epoch"],
                     f"train.early_stopping.metric: {es.metric} needs validation rows and there "
                     "are none; the training loss picks the best epoch",
@@ -319,18 +405,10 @@ class Trainer:
 
         return factor
 
-    def _train_epoch(
-        self,
-        ddp: nn.Module,
-        model: RankingModel,
-        balancer: TaskBalancer,
-        optimizer: torch.optim.Optimizer,
-        scheduler: torch.optim.lr_scheduler.LRScheduler,
-        schema: FeatureSchema,
-        epoch: int,
-        n_rows: int,
-    ) -> dict[str, float]:
-        cfg = self.config
+    def _train_epoch(self, epoch: int) -> dict[str, float]:
+        """One pass over the training rows; the mean loss per task and in total."""
+        cfg, model, balancer = self.config, self.model, self.balancer
+        optimizer, scheduler, n_rows = self.optimizer, self.scheduler, self.n_rows
         model.train()
         names = [t.name for t in cfg.tasks]
         sums = torch.zeros(len(names) + 1, dtype=torch.float64)  # per task, then total
@@ -350,8 +428,8 @@ class Trainer:
             leave=False,
             dynamic_ncols=True,
         )
-        for batch in self.batches.epoch(schema, epoch, n_rows):
-            out = ddp(batch.inputs)
+        for batch in self.batches.epoch(self.schema, epoch, n_rows):
+            out = self.ddp(batch.inputs)
             logits = out.logits
             per_task = [
                 task_loss(
