@@ -12,7 +12,7 @@ BIN := $(VENV)/bin
 DEMO_MODEL := models/demo.onnx
 PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: serve demo test lint clean
+.PHONY: serve demo test lint clean system-tools
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -68,12 +68,25 @@ lint: $(VENV)/.dev-installed
 	  --cache-dir $(CURDIR)/.mypy_cache -p mmoe -p tests \
 	  | sed -E 's#^mmoe/(contract|service|model|export|bench)/#\1/#;' 
 
+# Programs the tests run beside the project, from Debian's packages where they are missing:
+# promtool (package prometheus) checks the alert rules, redis-server is the item store of the
+# Redis tests, wrk is the load generator `mmoe bench` compares with its own.
+SYSTEM_TOOLS := promtool:prometheus redis-server:redis-server wrk:wrk
+system-tools:
+	@missing=$$(for t in $(SYSTEM_TOOLS); do command -v $${t%%:*} >/dev/null || echo $${t#*:}; done); \
+	if [ -n "$$missing" ]; then \
+	  sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  echo "installing $$missing (apt-get)"; \
+	  $$sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	    $$sudo apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+
 # PYTEST_ARGS: more pytest options for both runs, e.g. make test PYTEST_ARGS="-k predict".
 # The tests run on two processes (pytest-xdist: 8 minutes on 2 cores where one took 12-15),
 # then the few marked `serial` (they measure time, or how connections spread over a server's
 # workers) alone, so that no other test shares the cores with them. Exit status 5 is "nothing
 # selected", as a -k filter may leave one run empty.
-test: lint
+test: lint system-tools
 	$(BIN)/python -m pytest -q -n 2 -m "not serial" $(PYTEST_ARGS) || [ $$? -eq 5 ]
 	$(BIN)/python -m pytest -q -m serial $(PYTEST_ARGS) || [ $$? -eq 5 ]
 

@@ -103,7 +103,8 @@ def _graph(
     sess = session(files[False], 1, False)
     names = [o.name for o in sess.get_outputs()]
     outputs = dict(zip(names, sess.run(names, feeds), strict=True))
-    monitor = MonitoringMetrics(CollectorRegistry(), Watched()).monitor(floor.decoder.meta)
+    metrics = MonitoringMetrics(CollectorRegistry(), Watched())
+    monitor = metrics.monitor(floor.decoder.meta, "bench", "1")
     record = partial(monitor.record, feeds, outputs)
     rounds, recording = [], []
     for k in range(GRAPH_ROUNDS):

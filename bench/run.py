@@ -21,6 +21,9 @@ one run on the same weights and the same request bodies (docs/benchmarks.md says
 - cold start (process start to /readyz 200) and memory of each server.
 
 Results go to results/<time>/: report.md, results.json, latency_throughput.png.
+
+`mmoe bench paper-census ...` runs the MMoE paper's census-income experiment instead
+(bench/paper_census.py, docs/paper_census.md).
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mmoe.bench import monitoring, protocols, report
+from mmoe.bench import monitoring, paper_census, protocols, report
 from mmoe.bench.floor import Floor, FloorPoint
 from mmoe.bench.load import run_load, wrk_available
 from mmoe.bench.models import MODELS, BenchModel, prepare
@@ -135,6 +138,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cold-starts", type=int, help="cold starts to time per server (default 3)")
     p.add_argument("--out", type=Path, default=Path("results"), help="results folder")
     p.set_defaults(func=run)
+    # Experiments of their own, run instead of the service benchmark when named.
+    experiments = p.add_subparsers(dest="experiment", metavar="EXPERIMENT")
+    paper_census.add_arguments(
+        experiments.add_parser(
+            "paper-census",
+            help="the MMoE paper's census-income experiment (docs/paper_census.md)",
+        )
+    )
+
+
+def main(argv: list[str]) -> int:
+    """`mmoe bench ARGS` without the command table (the tests call it)."""
+    p = argparse.ArgumentParser(prog="mmoe bench")
+    add_arguments(p)
+    args = p.parse_args(argv)
+    result: int = args.func(args)
+    return result
 
 
 def _say(msg: str) -> None:

@@ -76,6 +76,10 @@ COMMANDS: dict[str, Command] = {
     "serve": Command(
         "mmoe.service.cli:serve", "serve model.onnx over HTTP (FastAPI + onnxruntime)"
     ),
+    "items": Command(
+        "mmoe.service.cli:items",
+        "item features the server holds: build a table, push it to Redis",
+    ),
     "bench": Command(
         "mmoe.bench.run:add_arguments",
         "benchmark the service against onnxruntime alone and a PyTorch baseline",

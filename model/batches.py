@@ -193,21 +193,27 @@ class BatchStream:
         return pa.concat_tables(parts) if parts else None
 
     def steps_per_epoch(self, rows: int) -> int:
+        """Batches per epoch: a last partial batch that would give some process fewer than 2
+        rows joins the batch before it (batch norm cannot train on one row); no row is dropped.
+        An epoch smaller than that is one batch (none when it cannot give every process a row)."""
         full, last = divmod(rows, self.config.train.batch_size)
-        # A last partial batch too small to give every process a row is dropped.
-        return full + (1 if last >= self.world else 0)
+        if full == 0:
+            return 1 if last >= self.world else 0
+        return full + (1 if last >= 2 * self.world else 0)
 
     def epoch(self, schema: FeatureSchema, epoch: int, rows: int) -> Iterator[Batch]:
         """This process's share of each of the epoch's batches (all of it in one process).
 
-        Row j of the epoch's row stream belongs to batch j // B, and to process
-        (j % B) % world. Chunks are encoded whole and kept in memory (`train.cache_mb`); without
+        Row j of the epoch's row stream belongs to batch j // B (a tail too small to be a batch of
+        its own, to the last batch: `steps_per_epoch`), and to process (its place in that batch) %
+        world. Chunks are encoded whole and kept in memory (`train.cache_mb`); without
         a cache (0, or past the bound) each chunk is encoded on every epoch, only the rows this
         process needs. The batches are the same either way.
         """
         cfg = self.config
         size, world = cfg.train.batch_size, self.world
-        end = self.steps_per_epoch(rows) * size  # stream positions past this are dropped
+        steps = self.steps_per_epoch(rows)
+        last = steps - 1  # the last batch takes a tail too small to stand alone
         pending: Batch | None = None
         pending_ids = np.zeros(0, dtype=np.int64)
         first = 0  # stream position of the chunk's first row
@@ -223,19 +229,21 @@ class BatchStream:
                 order = np.arange(n)
             pos = np.arange(first, first + n)
             first += n
-            mine = ((pos % size) % world == self.rank) & (pos < end)
+            batch_of = np.minimum(pos // size, last)
+            # the process of each row: its place in its batch, modulo the processes
+            mine = ((pos - batch_of * size) % world == self.rank) & (steps > 0)
             if not mine.any():
                 continue
             if isinstance(chunk, Batch):
                 data = chunk.take(torch.from_numpy(order[mine]))
             else:
                 data = encode_table(chunk.take(pa.array(order[mine])), schema, cfg.tasks)
-            ids = pos[mine] // size
+            ids = batch_of[mine]
             if pending is not None:
                 data = Batch.concat([pending, data])
                 ids = np.concatenate([pending_ids, ids])
             # Batches whose rows have all been read; the rest waits for the next chunk.
-            complete = int(np.searchsorted(ids, first // size))
+            complete = int(np.searchsorted(ids, min(first // size, last)))
             yield from _split_by_id(data, ids[:complete])
             pending = data.slice(complete, len(data)) if complete < len(data) else None
             pending_ids = ids[complete:]

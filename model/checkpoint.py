@@ -25,7 +25,15 @@ import torch
 import yaml
 
 from mmoe.model.config import RunConfig, parse_config
-from mmoe.model.network import PLE, FeatureSpec, InputLayout, MMoE, RankingModel, TaskHead
+from mmoe.model.network import (
+    PLE,
+    FeatureSpec,
+    InputLayout,
+    LabelScale,
+    MMoE,
+    RankingModel,
+    TaskHead,
+)
 from mmoe.model.schema import FeatureSchema
 
 
@@ -61,6 +69,7 @@ def build_model(config: RunConfig, schema: FeatureSchema) -> RankingModel:
             num_shared_experts=m.experts,
             num_task_experts=m.task_experts,
             num_layers=m.ple_layers,
+            layer_units=m.ple_expert_units,
             **common,
         )
     else:
@@ -157,7 +166,22 @@ def load_run(run_dir: str | Path) -> Run:
     schema = FeatureSchema.load(run_dir / "schema.json")
     model = build_model(config, schema)
     state = torch.load(run_dir / "weights.pt", map_location="cpu", weights_only=True)
-    model.load_state_dict(state)
+    # Runs saved before regression towers ended in a LabelScale have none: theirs is the
+    # identity (scale 1, shift 0), which is what a new one holds.
+    missing = model.load_state_dict(state, strict=False).missing_keys
+    scales = {
+        f"{name}.{buffer}"
+        for name, module in model.named_modules()
+        if isinstance(module, LabelScale)
+        for buffer in ("scale", "shift")
+    }
+    wrong = [k for k in missing if k not in scales]
+    unexpected = [k for k in state if k not in model.state_dict()]
+    if wrong or unexpected:
+        raise RuntimeError(
+            f"{run_dir}/weights.pt does not fit its config: missing {wrong}, unexpected "
+            f"{unexpected}"
+        )
     model.eval()
     metrics_path = run_dir / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}

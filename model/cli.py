@@ -94,10 +94,6 @@ def convert_config(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="EasyRec pipeline.config (protobuf text format)")
     parser.add_argument("--out", required=True, help="config.yaml to write")
     parser.add_argument(
-        "--data", help="the training data: turns train_config.num_steps into epochs over it"
-    )
-    parser.add_argument("--valid", help="validation data, if training will have one")
-    parser.add_argument(
         "overrides",
         nargs="*",
         metavar="KEY=VALUE",
@@ -153,9 +149,7 @@ def _convert_config(args: argparse.Namespace) -> int:
         print(f"error: {args.config} is not an EasyRec pipeline.config", file=sys.stderr)
         return 2
     try:
-        _, mapping, notes = load_pipeline_config(
-            args.config, args.overrides, data=args.data, valid=args.valid
-        )
+        _, mapping, notes = load_pipeline_config(args.config, args.overrides)
     except (ConfigError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

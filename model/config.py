@@ -189,6 +189,25 @@ FeatureConfig = Annotated[
 ]
 
 
+class LossTerm(_Strict):
+    """One term of a task's loss: `pointwise`, the loss of the task's kind (log loss, MSE,
+    cross-entropy); `pairwise`, softplus(margin - (z_i - z_j)) averaged over the pairs of a
+    batch's rows in the task whose labels differ, i the higher (EasyRec's PAIR_WISE_LOSS)."""
+
+    kind: Literal["pointwise", "pairwise"]
+    """`pointwise` or `pairwise`."""
+    weight: float = Field(1.0, ge=0)
+    """The term's weight in the task's loss."""
+    margin: float = 0.0
+    """pairwise only: the margin the higher-labelled row's logit should lead by."""
+
+    @model_validator(mode="after")
+    def _margin(self) -> LossTerm:
+        if self.kind != "pairwise" and self.margin:
+            raise ValueError("`margin` is only for pairwise terms")
+        return self
+
+
 class TaskConfig(_Strict):
     """One task: a label column, a tower on the mixed experts, a loss and its metrics."""
 
@@ -215,13 +234,17 @@ class TaskConfig(_Strict):
     {clk: 1} for a conversion task trained on clicked rows (loss and metrics)."""
     # ESMM on the entire space (Ma et al., SIGIR 2018): `multiply: ctr` makes this tower's
     # output pCVR and trains pCTCVR = pCTR x pCVR against this task's label over all rows;
-    # the product is also served, as `probs_<product>` (default `<multiply>_<name>`).
+    # the product is also served, as `probs_<product>` (default `ctcvr` for cvr x ctr, else
+    # `<multiply>_<name>`).
     multiply: Name | None = None
     """ESMM: the binary task this one's probability is multiplied by (e.g. ctr): this tower
     gives pCVR, and the loss is on the product pCTR x pCVR over every row."""
     product: Name | None = None
-    """The name of the served product, `probs_<product>`; unset, one is made from the two
-    tasks' names (see ESMM below)."""
+    """The name of the served product, `probs_<product>`; unset, `ctcvr` for cvr x ctr, else
+    `<multiply>_<name>` (see ESMM below)."""
+    losses: list[LossTerm] = Field(default_factory=list)
+    """The loss as a weighted sum of terms (EasyRec's `losses`), e.g. [{kind: pointwise},
+    {kind: pairwise, weight: 0.5}]; default: the pointwise loss alone."""
 
     @model_validator(mode="after")
     def _check(self) -> TaskConfig:
@@ -238,6 +261,11 @@ class TaskConfig(_Strict):
             raise ValueError(f"metrics {sorted(bad)} do not apply to a {self.kind} task")
         if self.product is not None and self.multiply is None:
             raise ValueError("`product` names the output of `multiply`; set `multiply` too")
+        if any(term.kind == "pairwise" for term in self.losses):
+            if self.kind == "multiclass":
+                raise ValueError("pairwise loss terms rank binary or regression labels")
+            if self.multiply is not None:
+                raise ValueError("pairwise loss terms are not for a product task (`multiply`)")
         if self.multiply is not None:
             if self.kind != "binary":
                 raise ValueError("`multiply` is for binary tasks (a probability times another)")
@@ -249,10 +277,15 @@ class TaskConfig(_Strict):
 
     @property
     def product_name(self) -> str | None:
-        """The served product's name (`ctcvr` for `product: ctcvr`), or None."""
+        """The served product's name, or None: `product`, else `ctcvr` for `cvr` x `ctr` (the
+        name EasyRec and DeepCTR give it), else `<multiply>_<name>`."""
         if self.multiply is None:
             return None
-        return self.product or f"{self.multiply}_{self.name}"
+        if self.product:
+            return self.product
+        if (self.multiply, self.name) == ("ctr", "cvr"):
+            return "ctcvr"
+        return f"{self.multiply}_{self.name}"
 
     @property
     def default_metrics(self) -> list[str]:
@@ -302,6 +335,9 @@ class ModelConfig(_Strict):
     """ple only: task-specific experts per task and layer."""
     ple_layers: int = Field(1, ge=1)
     """ple only: extraction layers (1 = CGC)."""
+    ple_expert_units: list[Annotated[Units, Field(min_length=1)]] | None = None
+    """ple only: each extraction layer's expert units, one list per layer (default:
+    expert_units in every layer)."""
     groups: list[str] | None = None
     """Feature groups (each feature's `group`) that feed the network; default: all of them."""
 
@@ -381,9 +417,13 @@ class TrainConfig(_Strict):
     share of them."""
     epochs: int = Field(3, ge=1)
     """Passes over the training rows."""
+    num_steps: int | None = Field(None, ge=1)
+    """Stop after this many optimiser steps, or after `epochs`, whichever comes first (EasyRec's
+    train_config.num_steps); the epoch it stops in is validated like any other, and the
+    schedule spans these steps."""
     lr: float = Field(1e-3, gt=0)
     """The learning rate (before the schedule)."""
-    optimizer: Literal["adam", "adamw"] = "adam"
+    optimizer: Literal["adam", "adamw", "adagrad"] = "adam"
     """The optimiser."""
     weight_decay: float = Field(0.0, ge=0.0)
     """The optimiser's weight decay."""
@@ -480,6 +520,18 @@ class RunConfig(_Strict):
             for key in ("task_experts", "ple_layers"):
                 if getattr(m, key) != 1:
                     raise ValueError(f"model.{key}: only for kind: ple")
+            if m.ple_expert_units is not None:
+                raise ValueError("model.ple_expert_units: only for kind: ple")
+        if m.ple_expert_units is not None and len(m.ple_expert_units) != m.ple_layers:
+            raise ValueError(
+                f"model.ple_expert_units: {len(m.ple_expert_units)} layers' units for "
+                f"ple_layers {m.ple_layers}"
+            )
+        if m.batch_norm and self.train.batch_size < 2:
+            raise ValueError(
+                "model.batch_norm: batch norm trains on batches of 2 rows or more; "
+                "train.batch_size is 1"
+            )
         self._check_products()
         lw = self.train.loss_weighting
         if lw.kind != "gradnorm" and lw.alpha is not None:

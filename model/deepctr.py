@@ -1,13 +1,18 @@
-"""DeepCTR's `MMOE` API on this project's trainer: a DeepCTR script changes only its imports.
+"""DeepCTR's (Keras) `MMOE` API on this project's trainer: a DeepCTR script changes only its
+imports.
 
     from mmoe.model.deepctr import MMOE, SparseFeat, DenseFeat, VarLenSparseFeat, get_feature_names
 
-`MMOE(...)` has the signature and defaults of `deepctr.models.multitask.mmoe.MMOE`; the model it
-returns has DeepCTR-Torch's `compile`, `fit` (a dict of arrays in, a History out) and `predict`
-(an array [n, tasks]), and `save(run_dir)` writes a training run that `mmoe export` turns into
-the one-file ONNX model. Underneath, the feature columns become a `RunConfig`, the arrays a
-Parquet file, and `mmoe.model.train.train` trains it: the network, the feature encoding and the
-exported graph are the project's own. docs/deepctr.md has the mapping and what differs.
+`MMOE(...)` has the signature and defaults of `deepctr.models.multitask.mmoe.MMOE`, and the
+model it returns behaves as a Keras multi-output model: `fit(x, [y_task1, y_task2, ...])` (one
+label array per task, or a dict by task name), `predict(x)` returns one `[n, 1]` array per task
+(`pred[0]` is the first task's), `history.history` has Keras' keys. `save(run_dir)` writes a
+training run that `mmoe export` turns into the one-file ONNX model. DeepCTR-Torch's conventions
+(`y` and `predict` as `[n, tasks]` arrays) are `mmoe.model.deepctr_torch`'s.
+
+Underneath, `ArrayModel` turns the feature columns into a `RunConfig`, the arrays into a Parquet
+file, and `mmoe.model.train.train` trains it: the network, the feature encoding and the exported
+graph are the project's own. docs/deepctr.md has the mapping and what differs.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
@@ -84,7 +89,7 @@ class SparseFeat:
 
     def __post_init__(self) -> None:
         if self.embedding_dim == "auto":  # DeepCTR's rule
-            object.__setattr__(self, "embedding_dim", int(6 * self.vocabulary_size**0.25))
+            object.__setattr__(self, "embedding_dim", 6 * int(self.vocabulary_size**0.25))
         if self.embedding_name is None:
             object.__setattr__(self, "embedding_name", self.name)
 
@@ -145,9 +150,8 @@ def get_feature_names(feature_columns: Sequence[FeatureColumn]) -> list[str]:
 
 @dataclass
 class History:
-    """What `fit` returns, like Keras' and DeepCTR-Torch's: `history["loss"]` per epoch, the
-    per-task training losses (`ctr_loss`), and validation metrics prefixed `val_`
-    (`val_auc_ctr`, `val_loss`)."""
+    """What `fit` returns, like Keras' and DeepCTR-Torch's: `history.history[key]` per epoch;
+    the keys are each library's (the model's `fit` says which)."""
 
     history: dict[str, list[float]] = field(default_factory=dict)
     epoch: list[int] = field(default_factory=list)
@@ -171,6 +175,40 @@ def MMOE(
 ) -> MMOEModel:
     """Multi-gate Mixture-of-Experts over the feature columns (DeepCTR's signature): each task
     gets a softmax gate over the shared experts (after a gate DNN, if given) and a tower."""
+    return MMOEModel(
+        *mmoe_parts(
+            dnn_feature_columns,
+            num_experts,
+            expert_dnn_hidden_units,
+            tower_dnn_hidden_units,
+            gate_dnn_hidden_units,
+            l2_reg_embedding,
+            l2_reg_dnn,
+            dnn_dropout,
+            dnn_activation,
+            dnn_use_bn,
+            task_types,
+            task_names,
+        ),
+        seed,
+    )
+
+
+def mmoe_parts(
+    dnn_feature_columns: Sequence[FeatureColumn],
+    num_experts: int,
+    expert_dnn_hidden_units: Sequence[int],
+    tower_dnn_hidden_units: Sequence[int],
+    gate_dnn_hidden_units: Sequence[int],
+    l2_reg_embedding: float,
+    l2_reg_dnn: float,
+    dnn_dropout: float,
+    dnn_activation: str,
+    dnn_use_bn: bool,
+    task_types: Sequence[str],
+    task_names: Sequence[str],
+) -> tuple[list[FeatureColumn], dict[str, Any], list[dict[str, Any]]]:
+    """MMOE's arguments, checked: (feature columns, `model` config keys, tasks)."""
     if len(task_types) != len(task_names):
         raise ValueError("task_types and task_names must have the same length")
     if not task_names:
@@ -199,7 +237,7 @@ def MMOE(
         {"name": n, "kind": _TASK_KINDS[t], "tower": list(tower_dnn_hidden_units)}
         for n, t in zip(task_names, task_types, strict=True)
     ]
-    return MMOEModel(columns, model, tasks, seed)
+    return columns, model, tasks
 
 
 def _check_column(c: FeatureColumn) -> None:
@@ -235,8 +273,13 @@ def _check_column(c: FeatureColumn) -> None:
             raise ValueError(f"VarLenSparseFeat {c.name!r}: maxlen must be >= 1")
 
 
-class MMOEModel:
-    """The model `MMOE(...)` returns: compile, fit, predict, save."""
+class ArrayModel:
+    """A multi-task model trained from arrays by this project's trainer: compile, fit, predict,
+    save. Subclasses give a library's conventions for labels, predictions and history."""
+
+    # optimizer name -> (train.optimizer, the library's default learning rate)
+    OPTIMIZERS: ClassVar[dict[str, tuple[str, float]]] = {"adam": ("adam", 0.001)}
+    BATCH_SIZE = 256  # fit's default batch size
 
     def __init__(
         self,
@@ -249,8 +292,9 @@ class MMOEModel:
         self._model = model
         self._tasks = tasks
         self._seed = seed
-        self._optimizer = "adam"
+        self._optimizer = self.OPTIMIZERS["adam"]
         self._metrics: list[str] = []
+        self._metric_names: list[str] = []  # as compile() was given them
         self._run: Any = None  # the checkpoint.Run of the last fit
         self._config: RunConfig | None = None
         self._workdir = tempfile.mkdtemp(prefix="mmoe-deepctr-")
@@ -269,12 +313,14 @@ class MMOEModel:
         loss: str | Sequence[str] | None = None,
         metrics: Sequence[str] | None = None,
     ) -> None:
-        """optimizer: "adam" (learning rate 0.001) or "adamw"; loss: per task (or one for all)
-        "binary_crossentropy" for binary tasks, "mse" for regression (the losses this project
-        trains); metrics: auc, binary_crossentropy/logloss, mse, mae, accuracy."""
-        if not isinstance(optimizer, str) or optimizer.lower() not in ("adam", "adamw"):
-            raise ValueError(f"optimizer {optimizer!r}: 'adam' or 'adamw' here")
-        self._optimizer = optimizer.lower()
+        """optimizer: a name of OPTIMIZERS (at the library's default learning rate); loss: per
+        task (or one for all) "binary_crossentropy" for binary tasks, "mse" for regression (the
+        losses this project trains); metrics: auc, binary_crossentropy/logloss, mse, mae,
+        accuracy."""
+        if not isinstance(optimizer, str) or optimizer.lower() not in self.OPTIMIZERS:
+            names = " or ".join(repr(o) for o in self.OPTIMIZERS)
+            raise ValueError(f"optimizer {optimizer!r}: {names} here")
+        self._optimizer = self.OPTIMIZERS[optimizer.lower()]
         if loss is not None:
             losses = [loss] * len(self._tasks) if isinstance(loss, str) else list(loss)
             if len(losses) != len(self._tasks):
@@ -285,11 +331,12 @@ class MMOEModel:
                         f"task {task['name']!r} ({task['kind']}): loss {name!r}; this project "
                         f"trains {_LOSSES[task['kind']][0]!r}"
                     )
-        self._metrics = []
+        self._metrics, self._metric_names = [], []
         for m in metrics or []:
             if m not in _METRICS:
                 raise ValueError(f"metric {m!r}: one of {sorted(_METRICS)}")
             self._metrics.append(_METRICS[m])
+            self._metric_names.append(m)
 
     def fit(
         self,
@@ -305,7 +352,7 @@ class MMOEModel:
         callbacks: Sequence[Any] | None = None,
     ) -> History:
         """Trains a new model on `x` (a dict of arrays by feature name, or a list in column
-        order) and `y` ([n, tasks], or one array per task). `validation_split` holds out the
+        order) and `y` (labels in the library's convention). `validation_split` holds out the
         last fraction of the rows; the epoch with the best validation metric is kept (the first
         task's first metric), else the last."""
         from mmoe.model.checkpoint import load_run
@@ -333,7 +380,7 @@ class MMOEModel:
         if valid is not None and valid.num_rows:
             valid_path = work / "valid.parquet"
             pq.write_table(valid, valid_path)
-        config = self._build_config(table, batch_size or 256, epochs, verbose, shuffle)
+        config = self._build_config(table, batch_size or self.BATCH_SIZE, epochs, verbose, shuffle)
         run_dir = work / "run"
         shutil.rmtree(run_dir, ignore_errors=True)
         quiet = contextlib.redirect_stdout(io.StringIO()) if verbose == 0 else None
@@ -344,14 +391,19 @@ class MMOEModel:
         history = History(params={"batch_size": config.train.batch_size, "epochs": epochs})
         for record in result.epochs:
             history.epoch.append(int(record["epoch"]) - 1)
-            values = {"loss": record["train_loss"]["total"]}
-            values |= {f"{t['name']}_loss": record["train_loss"][t["name"]] for t in self._tasks}
-            values |= {f"val_{k}": v for k, v in record.get("valid", {}).items()}
-            for k, v in values.items():
+            for k, v in self._history_values(record).items():
                 history.history.setdefault(k, []).append(float(v))
         return history
 
-    def predict(self, x: Mapping[str, Any] | Sequence[Any], batch_size: int = 256) -> np.ndarray:
+    def _history_values(self, record: dict[str, Any]) -> dict[str, float]:
+        """One epoch's history entries from the trainer's record of it."""
+        raise NotImplementedError
+
+    def _labels(self, y: Any, rows: int) -> np.ndarray:
+        """`y` in the library's convention -> [rows, tasks]."""
+        raise NotImplementedError
+
+    def _scores(self, x: Mapping[str, Any] | Sequence[Any], batch_size: int) -> np.ndarray:
         """Scores [n, tasks] (float64): probabilities of binary tasks, values of regressions."""
         from mmoe.contract.outputs import output_names
         from mmoe.model.batches import encode_table
@@ -419,16 +471,7 @@ class MMOEModel:
                 raise ValueError(f"x[{c.name!r}] has {n} rows, the other columns {rows}")
             rows = n
         if y is not None:
-            labels = np.asarray(y, dtype=np.float64)
-            if isinstance(y, list | tuple) and len(y) == len(self._tasks) and labels.ndim == 2:
-                labels = labels.T  # one array per task
-            if labels.ndim == 1:
-                labels = labels[:, None]
-            if labels.shape != (rows, len(self._tasks)):
-                raise ValueError(
-                    f"y has shape {labels.shape}; expected ({rows}, {len(self._tasks)}): a column "
-                    "per task"
-                )
+            labels = self._labels(y, rows or 0)
             for i, t in enumerate(self._tasks):
                 arrays[self._label_column(t["name"])] = pa.array(labels[:, i])
         return pa.table(arrays)
@@ -473,8 +516,8 @@ class MMOEModel:
                 "train": {
                     "batch_size": batch_size,
                     "epochs": epochs,
-                    "lr": 0.001,
-                    "optimizer": self._optimizer,
+                    "lr": self._optimizer[1],
+                    "optimizer": self._optimizer[0],
                     "seed": self._seed,
                     "shuffle": shuffle,
                     "valid_fraction": 0.0,
@@ -482,6 +525,61 @@ class MMOEModel:
                 },
             }
         )
+
+
+class MMOEModel(ArrayModel):
+    """The model DeepCTR's `MMOE(...)` returns, with Keras' conventions: labels one array per
+    task, predictions one `[n, 1]` array per task, history keys `loss`, `<task>_loss`,
+    `val_loss`, `val_<task>_<metric>` (the metric as compile() named it)."""
+
+    OPTIMIZERS: ClassVar[dict[str, tuple[str, float]]] = {
+        "adam": ("adam", 0.001),
+        "adamw": ("adamw", 0.001),
+        "adagrad": ("adagrad", 0.001),
+    }
+    BATCH_SIZE = 32  # Keras' fit
+
+    def _labels(self, y: Any, rows: int) -> np.ndarray:
+        names = [t["name"] for t in self._tasks]
+        if isinstance(y, Mapping):
+            missing = [n for n in names if n not in y]
+            if missing:
+                raise ValueError(f"y has no labels for {missing} (a dict of labels by task name)")
+            y = [y[n] for n in names]
+        elif len(names) == 1 and not isinstance(y, list | tuple):
+            y = [y]
+        if not isinstance(y, list | tuple):
+            raise ValueError(
+                f"y: {len(names)} tasks take a list of {len(names)} label arrays, one per task "
+                "(Keras' multi-output fit); an [n, tasks] array is DeepCTR-Torch's convention "
+                "(mmoe.model.deepctr_torch)"
+            )
+        if len(y) != len(names):
+            raise ValueError(f"y has {len(y)} label arrays for {len(names)} tasks")
+        arrays = [np.asarray(v, dtype=np.float64).reshape(-1) for v in y]
+        for name, a in zip(names, arrays, strict=True):
+            if len(a) != rows:
+                raise ValueError(f"y for {name!r} has {len(a)} rows, x has {rows}")
+        return np.stack(arrays, axis=1)
+
+    def predict(self, x: Mapping[str, Any] | Sequence[Any], batch_size: int = 256) -> Any:
+        """One `[n, 1]` float32 array per task, in task order (`pred[0]` is the first task's);
+        one array when there is one task, as Keras' predict returns."""
+        scores = self._scores(x, batch_size).astype(np.float32)
+        outputs = [scores[:, i : i + 1] for i in range(scores.shape[1])]
+        return outputs[0] if len(outputs) == 1 else outputs
+
+    def _history_values(self, record: dict[str, Any]) -> dict[str, float]:
+        values = {"loss": record["train_loss"]["total"]}
+        values |= {f"{t['name']}_loss": record["train_loss"][t["name"]] for t in self._tasks}
+        valid = record.get("valid", {})
+        if "loss" in valid:
+            values["val_loss"] = valid["loss"]
+        for t in self._tasks:
+            for given, metric in zip(self._metric_names, self._metrics, strict=True):
+                if f"{metric}_{t['name']}" in valid:
+                    values[f"val_{t['name']}_{given}"] = valid[f"{metric}_{t['name']}"]
+        return values
 
 
 def _ids(name: str, values: np.ndarray) -> pa.Array:

@@ -2,20 +2,22 @@
 
 `mmoe train --config pipeline.config` and `mmoe convert-config` read a pipeline.config with
 protobuf's `text_format` against the subset of EasyRec's messages in `model/easyrec_proto.py`,
-and translate it into the YAML form (`model/config.py`, the one internal form). Two model forms
-are read: the built-in `model_class: "MMoE"` (`mmoe { expert_dnn, num_expert, task_towers }`,
-optionally behind a backbone of input_layer -> SENet), and the component form
-`model_class: "MultiTaskModel"` (backbone blocks input_layer -> [SENet] -> MMoE,
-`model_params.task_towers`). A field this project does not read fails with its line; a value it
-cannot honour (a second feature group, per-layer dropout ratios, ...) fails with the field's
-path and line. What the translation had to decide is returned as notes. docs/easyrec.md has the
-whole mapping.
+and translate it into the YAML form (`model/config.py`, the one internal form). The models read:
+the built-in `model_class: "MMoE"` (`mmoe { expert_dnn, num_expert, task_towers }`, or the
+deprecated `experts { }`, optionally behind a backbone of input_layer -> SENet), the component
+form `model_class: "MultiTaskModel"` (backbone blocks input_layer -> [SENet] -> MMoE,
+`model_params.task_towers`), `ESMM` and `PLE`. A model that needs what no network here has
+(DBMTL's task relations, AITM's transfer between towers, towers that share nothing) is refused
+in one line naming it, before the fields are parsed (`missing_part`). A field this project does
+not read fails with its line; a value it cannot honour (a second feature group outside ESMM,
+per-layer dropout ratios, ...) fails with the field's path and line. Where EasyRec reads its rows
+(paths, Hive/Kafka/DataHub blocks, input types) is a note: the rows come from `--data`. What the
+translation had to decide is returned as notes. docs/easyrec.md has the whole mapping.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -26,8 +28,13 @@ from google.protobuf import text_format
 from google.protobuf.message import Message
 
 from mmoe.model.config import MAX_NUM_BUCKETS, ConfigError, RunConfig, parse_config
-from mmoe.model.easyrec_proto import ENUMS, new_pipeline_config, supported_fields
-from mmoe.model.overrides import apply_overrides, parse_key
+from mmoe.model.easyrec_proto import (
+    DATA_SOURCE_FIELDS,
+    ENUMS,
+    new_pipeline_config,
+    supported_fields,
+)
+from mmoe.model.overrides import apply_overrides
 
 EXTENSIONS = (".config", ".prototxt", ".pbtxt")
 # A pipeline.config starts its sections as `name {` (or `name: {`); YAML never does.
@@ -166,37 +173,6 @@ class Translation:
     config: dict[str, Any]
     notes: list[str] = field(default_factory=list)
     source: str = "pipeline.config"
-    # train_config.num_steps and data_config.num_epochs (0: unset): epochs over the data given
-    num_steps: int = 0
-    num_epochs: int = 0
-    num_steps_line: int | None = None
-
-    def epochs_over(
-        self, config: RunConfig, data: str | Path | None, valid: str | Path | None
-    ) -> tuple[int, str]:
-        """train.epochs for num_steps (and num_epochs) over the training data, and a note."""
-        if not self.num_steps:
-            return self.num_epochs, f"data_config.num_epochs {self.num_epochs}: train.epochs"
-        if data is None:
-            where = f"{self.source}:{self.num_steps_line}" if self.num_steps_line else self.source
-            raise EasyRecConfigError(
-                f"{where}: train_config.num_steps: {self.num_steps} steps become epochs over the "
-                "training data; give the data (--data), or set train.epochs=N"
-            )
-        from mmoe.model.data import DataSource
-
-        rows = DataSource(data, config).count_rows()
-        t = config.train
-        train_rows = rows if valid is not None else rows - int(rows * t.valid_fraction)
-        per_epoch = max(1, math.ceil(train_rows / t.batch_size))
-        epochs = max(1, round(self.num_steps / per_epoch))
-        if self.num_epochs:
-            epochs = min(epochs, self.num_epochs)
-        note = (
-            f"train_config.num_steps {self.num_steps}: {epochs} epoch(s) of {per_epoch} steps "
-            f"({train_rows} training rows of {data}, batches of {t.batch_size})"
-        )
-        return epochs, note
 
 
 def parse_pipeline(text: str, source: str = "pipeline.config") -> Message:
@@ -227,8 +203,72 @@ def _explain(err: text_format.ParseError, source: str) -> str:
     return f"{where}: {body}"
 
 
+# ------------------------------------------------------------- models this project lacks
+
+MODEL_CLASSES = ("MMoE", "MultiTaskModel", "ESMM", "PLE")
+_TRAINS = "MMoE, ESMM and PLE configs train here (docs/easyrec.md)"
+_MODEL_CLASS = re.compile(r"\bmodel_class\s*:\s*(['\"])(\w+)\1")
+_KERAS_CLASS = re.compile(r"\bclass_name\s*:\s*(['\"])(\w+)\1")
+_RELATIONS = re.compile(r"\brelation_tower_names\s*:")
+# What a model needs that no network here has: the one thing missing, by model.
+_RELATION_REASON = (
+    "DBMTL needs task relations (a tower that reads other towers' outputs: "
+    "relation_tower_names, relation_dnn), which no network here has"
+)
+_SHARE_NOTHING_REASON = (
+    "its towers read the features with nothing shared between the tasks (SimpleMultiTask), "
+    "and every network here shares experts or a bottom between its tasks"
+)
+_MISSING_CLASS = {"DBMTL": _RELATION_REASON, "SimpleMultiTask": _SHARE_NOTHING_REASON}
+_MISSING_LAYER = {
+    "AITMTower": "AITM needs information passed from one task's tower into the next "
+    "(AITMTower's attention between towers), which no network here has",
+}
+
+
+def missing_part(text: str, source: str = "pipeline.config") -> str | None:
+    """The one-line reason a pipeline.config's model cannot train here, naming the one thing it
+    needs that no network of this project has, or None. Read from the text before parsing, so
+    that a DBMTL or AITM config is refused for what it is rather than for its first field."""
+
+    def at(pos: int) -> str:
+        return f"{source}:{text.count(chr(10), 0, pos) + 1}"
+
+    found = _MODEL_CLASS.search(text)
+    if found is None:
+        return None
+    model_class = found.group(2)
+    where = f"{at(found.start())}: model_config.model_class: {model_class!r}"
+    if model_class not in MODEL_CLASSES:
+        reason = _MISSING_CLASS.get(model_class, "not a model class this project has")
+        return f"{where} is not trained here: {reason}; {_TRAINS}"
+    if model_class != "MultiTaskModel":
+        return None
+    relations = _RELATIONS.search(text)
+    if relations is not None:
+        return f"{at(relations.start())}: relation_tower_names: {_RELATION_REASON}; {_TRAINS}"
+    layers = list(_KERAS_CLASS.finditer(text))
+    for layer in layers:
+        if layer.group(2) in _MISSING_LAYER:
+            return f"{at(layer.start())}: keras_layer {layer.group(2)!r}: " + (
+                f"{_MISSING_LAYER[layer.group(2)]}; {_TRAINS}"
+            )
+    for layer in layers:
+        if layer.group(2) not in ("SENet", "MMoE"):
+            return (
+                f"{at(layer.start())}: keras_layer {layer.group(2)!r} is not a layer here: "
+                f"backbones are input_layer -> [SENet] -> MMoE; {_TRAINS}"
+            )
+    if not any(layer.group(2) == "MMoE" for layer in layers):
+        return f"{where}: the backbone has no MMoE block: {_SHARE_NOTHING_REASON}; {_TRAINS}"
+    return None
+
+
 def translate(text: str, source: str = "pipeline.config") -> Translation:
     """A pipeline.config's text -> its Translation (raises EasyRecConfigError)."""
+    reason = missing_part(text, source)
+    if reason is not None:
+        raise EasyRecConfigError(reason)
     message = parse_pipeline(text, source)
     return _Translator(message, field_lines(text), source).run()
 
@@ -243,26 +283,13 @@ def translate_file(path: str | Path) -> Translation:
 
 
 def load_pipeline_config(
-    path: str | Path,
-    overrides: Sequence[str] = (),
-    data: str | Path | None = None,
-    valid: str | Path | None = None,
+    path: str | Path, overrides: Sequence[str] = ()
 ) -> tuple[RunConfig, dict[str, Any], list[str]]:
-    """Translate, apply `key=value` overrides to the YAML form, turn num_steps into epochs over
-    `data` (unless train.epochs is overridden) and validate: (config, its YAML form, notes)."""
+    """Translate, apply `key=value` overrides to the YAML form and validate: (config, its YAML
+    form, notes)."""
     translation = translate_file(path)
     mapping = apply_overrides(translation.config, overrides)
-    config = _validated(mapping, path)
-    notes = list(translation.notes)
-    epochs_given = any(
-        parse_key(o.partition("=")[0].strip()) == ["train", "epochs"] for o in overrides
-    )
-    if not epochs_given and (translation.num_steps or translation.num_epochs):
-        epochs, note = translation.epochs_over(config, data, valid)
-        mapping.setdefault("train", {})["epochs"] = epochs
-        config = _validated(mapping, path)
-        notes.append(note)
-    return config, mapping, notes
+    return _validated(mapping, path), mapping, list(translation.notes)
 
 
 def _validated(mapping: dict[str, Any], path: str | Path) -> RunConfig:
@@ -272,12 +299,26 @@ def _validated(mapping: dict[str, Any], path: str | Path) -> RunConfig:
         raise ConfigError(f"{path} (in its YAML form): {err}") from None
 
 
+@dataclass
+class _Network:
+    """The model section of a pipeline.config in YAML form: `model` keys, the towers (each with
+    its path), the l2 regularisation, and the settings towers must share with the experts."""
+
+    model: dict[str, Any]
+    towers: list[tuple[Any, _At]]
+    l2: float
+    layer: dict[str, Any]  # activation, dropout, batch_norm
+    # tower index -> (the tower it multiplies, the product's name): ESMM
+    products: dict[int, tuple[int, str]] = field(default_factory=dict)
+
+
 class _Translator:
     def __init__(self, message: Any, lines: dict[Key, int], source: str) -> None:
         self.m = message
         self.lines = lines
         self.source = source
         self.notes: list[str] = []
+        self.raw_ignored: list[str] = []  # "feature (option, ...)" for each RawFeature
 
     def fail(self, at: _At, reason: str) -> EasyRecConfigError:
         key = at.key
@@ -297,79 +338,56 @@ class _Translator:
         if not m.HasField("model_config"):
             raise self.fail(root("model_config"), "required")
         mc, mc_at = m.model_config, root("model_config")
-        if mc.model_class not in ("MMoE", "MultiTaskModel"):
+        builders = {
+            "MMoE": self._mmoe,
+            "MultiTaskModel": self._multi_task_model,
+            "ESMM": self._esmm,
+            "PLE": self._ple,
+        }
+        if mc.model_class not in builders:
             raise self.fail(
                 mc_at("model_class"),
-                f"{mc.model_class!r}: this project trains MMoE, and MultiTaskModel with a "
-                "keras_layer MMoE block",
+                f"{mc.model_class!r}: this project trains {', '.join(MODEL_CLASSES)}",
             )
         columns, defaults, data_section = self._data(root("data_config"))
-        group_name, names = self._group(mc, mc_at)
-        configured = self._feature_configs(root)
-        features = []
-        for name in names:
-            fc, at = configured[name]
-            features.append(self._feature(fc, at, columns, defaults, group_name))
-        senet, mmoe_layer = self._backbone(mc, mc_at, group_name)
-        if mc.model_class == "MMoE":
-            if mc.WhichOneof("model") != "mmoe":
-                raise self.fail(mc_at("mmoe"), "model_class MMoE needs mmoe { ... }")
-            experts_at = mc_at("mmoe")
-            if mc.mmoe.num_expert < 1:
-                raise self.fail(experts_at("num_expert"), "at least 1 expert")
-            num_experts = mc.mmoe.num_expert
-            expert = self._dnn(mc.mmoe.expert_dnn, experts_at("expert_dnn"))
-            towers, towers_at = list(mc.mmoe.task_towers), experts_at
-            l2 = mc.mmoe.l2_regularization
-        else:
-            if mc.WhichOneof("model") != "model_params":
-                raise self.fail(mc_at("model_params"), "MultiTaskModel needs model_params")
-            assert mmoe_layer is not None
-            layer, layer_at = mmoe_layer
-            if layer.num_expert < 1:
-                raise self.fail(layer_at("num_expert"), "at least 1 expert")
-            num_experts = layer.num_expert
-            expert = self._dnn(layer.expert_mlp, layer_at("expert_mlp"))
-            towers, towers_at = list(mc.model_params.task_towers), mc_at("model_params")
-            if layer.num_task != len(towers):
-                raise self.fail(
-                    layer_at("num_task"),
-                    f"{layer.num_task} tasks, but model_params has {len(towers)} task_towers",
-                )
-            l2 = mc.model_params.l2_regularization
-        if not expert["units"]:
-            at = experts_at("expert_dnn") if mc.model_class == "MMoE" else layer_at("expert_mlp")
-            raise self.fail(at("hidden_units"), "experts need at least one hidden layer")
+        groups = self._groups(mc, mc_at, several=mc.model_class == "ESMM")
+        configured = self._feature_configs(root, groups)
+        features = [
+            self._feature(*configured[name], columns, defaults, group)
+            for group, names in groups
+            for name in names
+        ]
+        self._note_ignored_raw_options()
+        net = builders[mc.model_class](mc, mc_at, groups)
         batch_size = data_section.pop("batch_size")
-        tasks = self._towers(towers, towers_at, expert, columns)
+        tasks = self._towers(net.towers, net.layer, columns)
+        for i, (other, product) in net.products.items():
+            tasks[i] |= {"multiply": tasks[other]["name"], "product": product}
         model: dict[str, Any] = {
-            "experts": num_experts,
-            "expert_units": expert["units"],
+            **net.model,
             "gate_units": [],
-            "activation": expert["activation"],
-            "dropout": expert["dropout"],
-            "batch_norm": expert["batch_norm"],
+            **net.layer,
             # TensorFlow's l2 regulariser is scale * sum(w^2) / 2; here l2 * sum(w^2).
-            "l2": l2 / 2,
+            "l2": net.l2 / 2,
             # EasyRec: scale * sum(e^2) / 2 over the batch's embedded features; here
             # embedding_l2 * sum(e^2) / batch_size.
             "embedding_l2": mc.embedding_regularization * batch_size / 2,
         }
-        if l2 or mc.embedding_regularization:
+        if net.l2 or mc.embedding_regularization:
             self.notes.append(
-                f"l2_regularization {l2:g} and embedding_regularization "
+                f"l2_regularization {net.l2:g} and embedding_regularization "
                 f"{mc.embedding_regularization:g} are EasyRec's TensorFlow penalties (half the "
                 f"sum of squares; embeddings summed over the batch): model.l2 "
                 f"{model['l2']:g} and model.embedding_l2 {model['embedding_l2']:g} here (for "
                 f"batches of {batch_size})"
             )
-        if senet is not None:
-            model["senet"] = {"reduction_ratio": senet}
-            self.notes.append(
-                "SENet is FiBiNET's (one squeeze per feature, no skip connection or layer norm), "
-                "not the grouped SENet of EasyRec's keras layer"
-            )
         train = {"batch_size": batch_size, **data_section, **self._optimizer(root)}
+        tc, dc = m.train_config, m.data_config
+        if tc.num_steps:  # EasyRec stops at num_steps, or num_epochs if that comes first
+            train["num_steps"] = tc.num_steps
+            train["epochs"] = min(dc.num_epochs or tc.num_steps, tc.num_steps)
+        elif dc.num_epochs:
+            train["epochs"] = dc.num_epochs
         config: dict[str, Any] = {
             "name": mc.model_name or Path(self.source).stem,
             "version": "1",
@@ -388,20 +406,208 @@ class _Translator:
                 f"tag features keep their first {TAG_MAX_LEN} ids ({', '.join(tags)}); "
                 "raise features[i].max_len to keep more"
             )
-        if m.train_input_path or m.eval_input_path or m.model_dir:
+        self._note_sources(root, columns is not None)
+        if tc.train_distribute != _enum("DistributionStrategy", "NoStrategy"):
+            strategy = dict((v, k) for k, v in ENUMS["DistributionStrategy"])[tc.train_distribute]
             self.notes.append(
-                "train_input_path, eval_input_path and model_dir are not read: mmoe train takes "
-                "--data, --valid and --out"
+                f"train_config.train_distribute {strategy} (num_gpus_per_worker "
+                f"{tc.num_gpus_per_worker}) is TensorFlow's: here one process trains, or "
+                "`mmoe train --nproc N` trains the same batches over N processes (DDP)"
             )
-        tc_at = root("train_config")
-        return Translation(
-            config,
-            self.notes,
-            self.source,
-            num_steps=m.train_config.num_steps,
-            num_epochs=m.data_config.num_epochs,
-            num_steps_line=self.line(tc_at("num_steps")) or self.line(tc_at),
+        return Translation(config, self.notes, self.source)
+
+    def _note_sources(self, root: _At, headerless: bool) -> None:
+        """One note for everything that says where EasyRec reads its rows and writes its model."""
+        m = self.m
+        named = [f for f in DATA_SOURCE_FIELDS if m.HasField(f)]
+        input_type = m.data_config.input_type
+        if m.data_config.HasField("input_type") and input_type not in (
+            _enum("InputType", "CSVInput"),
+            _enum("InputType", "CSVInputEx"),
+        ):
+            names = dict((v, k) for k, v in ENUMS["InputType"])
+            named.append(f"data_config.input_type {names[input_type]}")
+        named += [f for f in ("model_dir", "export_config") if m.HasField(f)]
+        if not named:
+            return
+        order = "in data_config.input_fields order" if headerless else "by the header's names"
+        self.notes.append(
+            f"{', '.join(named)}: not read; the rows come from --data (and --valid), CSV files "
+            f"{order} or Parquet; the run goes to --out and `mmoe export` writes the model"
         )
+
+    # ---------------------------------------------------------------------------- models
+
+    def _mmoe(self, mc: Any, mc_at: _At, groups: list[tuple[str, list[str]]]) -> _Network:
+        senet, _ = self._backbone(mc, mc_at, groups[0][0])
+        if mc.WhichOneof("model") != "mmoe":
+            raise self.fail(mc_at("mmoe"), "model_class MMoE needs mmoe { ... }")
+        at, mm = mc_at("mmoe"), mc.mmoe
+        if not mm.HasField("expert_dnn") and mm.experts:
+            num_experts, expert = self._deprecated_experts(list(mm.experts), at)
+        else:
+            if mm.num_expert < 1:
+                raise self.fail(at("num_expert"), "at least 1 expert")
+            num_experts, expert = mm.num_expert, self._dnn(mm.expert_dnn, at("expert_dnn"))
+            if not expert["units"]:
+                raise self.fail(at("expert_dnn")("hidden_units"), "experts need a hidden layer")
+        towers = [(t, at.item("task_towers", i)) for i, t in enumerate(mm.task_towers)]
+        model = {"experts": num_experts, "expert_units": expert.pop("units")}
+        self._senet(model, senet)
+        return _Network(model, towers or self._required(at), mm.l2_regularization, expert)
+
+    def _deprecated_experts(self, experts: list[Any], at: _At) -> tuple[int, dict[str, Any]]:
+        """EasyRec's deprecated `experts { expert_name, dnn }`: K experts of one shape here."""
+        shapes = []
+        for i, e in enumerate(experts):
+            dnn_at = at.item("experts", i)("dnn")
+            if not e.HasField("dnn"):
+                raise self.fail(dnn_at, "required")
+            shapes.append(self._dnn(e.dnn, dnn_at))
+            if not shapes[-1]["units"]:
+                raise self.fail(dnn_at("hidden_units"), "experts need a hidden layer")
+            if shapes[-1] != shapes[0]:
+                raise self.fail(
+                    dnn_at, "differs from experts[0]'s dnn: the experts here share one shape"
+                )
+        self.notes.append(
+            f"mmoe.experts (EasyRec's deprecated form): {len(experts)} experts of hidden units "
+            f"{shapes[0]['units']}, as num_expert {len(experts)} with that expert_dnn"
+        )
+        return len(experts), dict(shapes[0])
+
+    def _multi_task_model(
+        self, mc: Any, mc_at: _At, groups: list[tuple[str, list[str]]]
+    ) -> _Network:
+        senet, mmoe_layer = self._backbone(mc, mc_at, groups[0][0])
+        if mc.WhichOneof("model") != "model_params":
+            raise self.fail(mc_at("model_params"), "MultiTaskModel needs model_params")
+        assert mmoe_layer is not None
+        layer, layer_at = mmoe_layer
+        if layer.num_expert < 1:
+            raise self.fail(layer_at("num_expert"), "at least 1 expert")
+        expert = self._dnn(layer.expert_mlp, layer_at("expert_mlp"))
+        if not expert["units"]:
+            raise self.fail(layer_at("expert_mlp")("hidden_units"), "experts need a hidden layer")
+        at = mc_at("model_params")
+        towers = [(t, at.item("task_towers", i)) for i, t in enumerate(mc.model_params.task_towers)]
+        if layer.num_task != len(towers):
+            raise self.fail(
+                layer_at("num_task"),
+                f"{layer.num_task} tasks, but model_params has {len(towers)} task_towers",
+            )
+        model = {"experts": layer.num_expert, "expert_units": expert.pop("units")}
+        self._senet(model, senet)
+        return _Network(
+            model, towers or self._required(at), mc.model_params.l2_regularization, expert
+        )
+
+    def _esmm(self, mc: Any, mc_at: _At, groups: list[tuple[str, list[str]]]) -> _Network:
+        """ESMM: a DNN per feature group, concatenated, then a ctr and a cvr tower; the cvr
+        tower's label trains pCTR x pCVR (ctcvr) on every row. Here the group DNNs are one
+        shared bottom (`experts: 1`) as wide as all of them, and `multiply` is ESMM's product."""
+        if mc.WhichOneof("model") != "esmm":
+            raise self.fail(mc_at("esmm"), "model_class ESMM needs esmm { ... }")
+        if mc.HasField("backbone"):
+            raise self.fail(mc_at("backbone"), "ESMM here has no backbone")
+        at, es = mc_at("esmm"), mc.esmm
+        known = [g for g, _ in groups]
+        if not es.groups:
+            raise self.fail(at("groups"), "required: a DNN per feature group")
+        used: list[str] = []
+        dnns = []
+        for i, g in enumerate(es.groups):
+            gat = at.item("groups", i)
+            if g.input not in known or g.input in used:
+                raise self.fail(
+                    gat("input"), f"{g.input!r}: one of the feature groups {known}, once each"
+                )
+            used.append(g.input)
+            dnns.append(self._dnn(g.dnn, gat("dnn")))
+            if not dnns[-1]["units"] or len(dnns[-1]["units"]) != len(dnns[0]["units"]):
+                raise self.fail(
+                    gat("dnn")("hidden_units"),
+                    "the groups' DNNs need the same number of layers here (they become one "
+                    "bottom, layer by layer)",
+                )
+            for key in ("activation", "dropout", "batch_norm"):
+                if dnns[-1][key] != dnns[0][key]:
+                    raise self.fail(gat("dnn"), f"{key} differs from groups[0]'s: one here")
+        units = [sum(layer) for layer in zip(*(d["units"] for d in dnns), strict=True)]
+        shapes = ", ".join(f"{g} {d['units']}" for g, d in zip(used, dnns, strict=True))
+        self.notes.append(
+            f"esmm.groups: EasyRec's DNN per feature group ({shapes}), concatenated, is one "
+            f"shared bottom here over all their features with the summed widths {units} "
+            "(EasyRec's is this bottom with the weights between groups at zero)"
+        )
+        towers = []
+        for name in ("ctr_tower", "cvr_tower"):
+            if not es.HasField(name):
+                raise self.fail(at(name), "required")
+            towers.append((getattr(es, name), at(name)))
+        model: dict[str, Any] = {"experts": 1, "expert_units": units}
+        if used != known:
+            model["groups"] = used
+        layer = {k: dnns[0][k] for k in ("activation", "dropout", "batch_norm")}
+        return _Network(model, towers, es.l2_regularization, layer, {1: (0, "ctcvr")})
+
+    def _ple(self, mc: Any, mc_at: _At, groups: list[tuple[str, list[str]]]) -> _Network:
+        if mc.WhichOneof("model") != "ple":
+            raise self.fail(mc_at("ple"), "model_class PLE needs ple { ... }")
+        if mc.HasField("backbone"):
+            raise self.fail(mc_at("backbone"), "PLE here has no backbone")
+        at, ple = mc_at("ple"), mc.ple
+        nets = list(ple.extraction_networks)
+        if not nets:
+            raise self.fail(at("extraction_networks"), "required")
+        units: list[list[int]] = []
+        layer: dict[str, Any] = {}
+        for i, n in enumerate(nets):
+            nat = at.item("extraction_networks", i)
+            for key in ("expert_num_per_task", "share_num"):
+                if getattr(n, key) < 1:
+                    raise self.fail(nat(key), "at least 1 (every layer has both kinds here)")
+                if getattr(n, key) != getattr(nets[0], key):
+                    raise self.fail(nat(key), f"the same {key} in every layer here")
+            task = self._dnn(n.task_expert_net, nat("task_expert_net"))
+            share = self._dnn(n.share_expert_net, nat("share_expert_net"))
+            if not task["units"]:
+                raise self.fail(nat("task_expert_net")("hidden_units"), "experts need a layer")
+            if share != task:
+                raise self.fail(
+                    nat("share_expert_net"),
+                    "differs from task_expert_net: one expert shape per layer here",
+                )
+            units.append(task.pop("units"))
+            if layer and task != layer:
+                raise self.fail(
+                    nat("task_expert_net"),
+                    "differs from layer 0's activation, "
+                    "dropout or use_bn: one setting for every layer here",
+                )
+            layer = task
+        model: dict[str, Any] = {
+            "kind": "ple",
+            "experts": nets[0].share_num,
+            "task_experts": nets[0].expert_num_per_task,
+            "ple_layers": len(nets),
+            "expert_units": units[0],
+        }
+        if any(u != units[0] for u in units):
+            model["ple_expert_units"] = units
+        towers = [(t, at.item("task_towers", i)) for i, t in enumerate(ple.task_towers)]
+        return _Network(model, towers or self._required(at), ple.l2_regularization, layer)
+
+    def _required(self, at: _At) -> list[tuple[Any, _At]]:
+        raise self.fail(at("task_towers"), "required")
+
+    def _senet(self, model: dict[str, Any], senet: int | None) -> None:
+        if senet is not None:
+            model["senet"] = {"reduction_ratio": senet}
+            self.notes.append(
+                "SENet is FiBiNET's (one squeeze per feature, no skip connection or layer norm), "
+                "not the grouped SENet of EasyRec's keras layer"
+            )
 
     # ----------------------------------------------------------------------------- data
 
@@ -427,21 +633,36 @@ class _Translator:
         columns = names if names and not dc.with_header else None
         return columns, defaults, {"batch_size": dc.batch_size, "shuffle": dc.shuffle}
 
-    def _group(self, mc: Any, at: _At) -> tuple[str, list[str]]:
+    def _groups(self, mc: Any, at: _At, several: bool) -> list[tuple[str, list[str]]]:
+        """(group name, its feature names) of each feature group: one feeds the model (EasyRec's
+        MMoE, PLE: 'all'), or `several` (ESMM's user, item, ...), each feature in one group."""
         groups = mc.feature_groups
-        if len(groups) != 1:
+        if not groups or (len(groups) > 1 and not several):
             where = at.item("feature_groups", 1) if groups else at("feature_groups")
             raise self.fail(where, "one feature group feeds the model here (EasyRec's MMoE: 'all')")
-        g, gat = groups[0], at.item("feature_groups", 0)
-        names = list(g.feature_names)
-        if not names:
-            raise self.fail(gat("feature_names"), "required")
-        for i, n in enumerate(names):
-            if n in names[:i]:
-                raise self.fail(gat.item("feature_names", i), f"{n!r} is listed twice")
-        return g.group_name or "all", names
+        out: list[tuple[str, list[str]]] = []
+        seen: set[str] = set()
+        for gi, g in enumerate(groups):
+            gat = at.item("feature_groups", gi)
+            names = list(g.feature_names)
+            if not names:
+                raise self.fail(gat("feature_names"), "required")
+            name = g.group_name or "all"
+            if any(name == other for other, _ in out):
+                raise self.fail(gat("group_name"), f"{name!r} is named twice")
+            for i, n in enumerate(names):
+                if n in seen:
+                    raise self.fail(
+                        gat.item("feature_names", i),
+                        f"{n!r} is listed twice (a feature is in one group here)",
+                    )
+                seen.add(n)
+            out.append((name, names))
+        return out
 
-    def _feature_configs(self, root: _At) -> dict[str, tuple[Any, _At]]:
+    def _feature_configs(
+        self, root: _At, groups: list[tuple[str, list[str]]]
+    ) -> dict[str, tuple[Any, _At]]:
         items = [
             (fc, root.item("feature_configs", i)) for i, fc in enumerate(self.m.feature_configs)
         ]
@@ -459,10 +680,9 @@ class _Translator:
             if name in out:
                 raise self.fail(at, f"feature {name!r} is configured twice")
             out[name] = (fc, at)
-        group = self.m.model_config.feature_groups
-        if group:
-            gat = _At()("model_config").item("feature_groups", 0)
-            for i, n in enumerate(group[0].feature_names):
+        for gi, (_, names) in enumerate(groups):
+            gat = _At()("model_config").item("feature_groups", gi)
+            for i, n in enumerate(names):
                 if n not in out:
                     raise self.fail(
                         gat.item("feature_names", i), f"{n!r} is not in the feature configs"
@@ -494,11 +714,13 @@ class _Translator:
         kind = fc.feature_type
         if kind == _enum("FeatureType", "RawFeature"):
             out["kind"] = "numeric"
-            for unused in ("hash_bucket_size", "num_buckets", "embedding_name"):
-                if fc.HasField(unused):
-                    raise self.fail(at(unused), "not used by a RawFeature")
-            if fc.vocab_list:
-                raise self.fail(at("vocab_list"), "not used by a RawFeature")
+            ignored = [
+                k for k in ("hash_bucket_size", "num_buckets", "embedding_name") if fc.HasField(k)
+            ]
+            ignored += ["vocab_list"] if fc.vocab_list else []
+            ignored += ["embedding_dim"] if fc.embedding_dim and not fc.boundaries else []
+            if ignored:
+                self.raw_ignored.append(f"{name} ({', '.join(ignored)})")
             try:
                 out["default"] = float(raw_default) if raw_default != "" else 0.0
             except ValueError:
@@ -511,13 +733,6 @@ class _Translator:
                     raise self.fail(at("embedding_dim"), "bucketised features need embedding_dim")
                 out["boundaries"] = bounds
                 out["embedding_dim"] = fc.embedding_dim
-            elif fc.embedding_dim:
-                raise self.fail(
-                    at("embedding_dim"),
-                    "a RawFeature without boundaries enters the network as its value here; "
-                    "EasyRec's projection of it to embedding_dim is not supported (remove "
-                    "embedding_dim, or give boundaries)",
-                )
         else:
             tags = kind == _enum("FeatureType", "TagFeature")
             out["kind"] = "tags" if tags else "categorical"
@@ -667,10 +882,8 @@ class _Translator:
         }
 
     def _towers(
-        self, towers: list[Any], at: _At, expert: dict[str, Any], columns: list[str] | None
+        self, towers: list[tuple[Any, _At]], expert: dict[str, Any], columns: list[str] | None
     ) -> list[dict[str, Any]]:
-        if not towers:
-            raise self.fail(at("task_towers"), "required")
         labels = list(self.m.data_config.label_fields)
         eval_metrics = [
             _METRICS[m.WhichOneof("metric")]
@@ -678,8 +891,7 @@ class _Translator:
             if m.WhichOneof("metric") is not None
         ]
         out = []
-        for i, t in enumerate(towers):
-            tat = at.item("task_towers", i)
+        for i, (t, tat) in enumerate(towers):
             if not _NAME.fullmatch(t.tower_name):
                 raise self.fail(tat("tower_name"), f"{t.tower_name!r}: [A-Za-z_][A-Za-z0-9_]*")
             if t.label_name:
@@ -694,7 +906,8 @@ class _Translator:
             if columns is not None and label not in columns:
                 raise self.fail(label_at, f"{label!r} is not in data_config.input_fields")
             task: dict[str, Any] = {"name": t.tower_name, "label": label}
-            if t.loss_type == _enum("LossType", "L2_LOSS"):
+            loss_type = self._losses(t, tat, task)
+            if loss_type == _enum("LossType", "L2_LOSS"):
                 if t.num_class != 1:
                     raise self.fail(tat("num_class"), "regression (L2_LOSS) towers have 1")
                 task["kind"] = "regression"
@@ -743,6 +956,40 @@ class _Translator:
             out.append(task)
         return out
 
+    def _losses(self, t: Any, at: _At, task: dict[str, Any]) -> int:
+        """A tower's `losses` (EasyRec's several losses per tower) as task.losses; returns the
+        pointwise loss type that sets the task's kind."""
+        pairwise = _enum("LossType", "PAIR_WISE_LOSS")
+        if not t.losses:
+            if t.loss_type == pairwise:
+                task["losses"] = [{"kind": "pairwise"}]
+                return int(_enum("LossType", "CLASSIFICATION"))
+            return int(t.loss_type)
+        terms: list[dict[str, Any]] = []
+        pointwise: list[int] = []
+        for j, loss in enumerate(t.losses):
+            lat = at.item("losses", j)
+            if loss.weight < 0:
+                raise self.fail(lat("weight"), "not negative")
+            if loss.loss_type == pairwise:
+                terms.append({"kind": "pairwise", "weight": loss.weight})
+                if loss.pairwise_loss.margin:
+                    terms[-1]["margin"] = loss.pairwise_loss.margin
+                continue
+            if loss.HasField("pairwise_loss"):
+                raise self.fail(lat("pairwise_loss"), "only for loss_type PAIR_WISE_LOSS")
+            if pointwise and loss.loss_type != pointwise[0]:
+                raise self.fail(lat("loss_type"), "one pointwise loss type per tower here")
+            pointwise.append(loss.loss_type)
+            terms.append({"kind": "pointwise", "weight": loss.weight})
+        task["losses"] = terms
+        if any(term["kind"] == "pairwise" for term in terms):
+            self._note_once(
+                "PAIR_WISE_LOSS: softplus(margin - (z_i - z_j)) over the pairs of each batch's "
+                "rows whose labels differ, as a term of the tower's loss (tasks[i].losses)"
+            )
+        return pointwise[0] if pointwise else int(_enum("LossType", "CLASSIFICATION"))
+
     def _optimizer(self, root: _At) -> dict[str, Any]:
         tc, at = self.m.train_config, root("train_config")
         optimizers = list(tc.optimizer_config)
@@ -777,6 +1024,16 @@ class _Translator:
                 "min_lr": e.min_learning_rate,
             }
         raise self.fail(lat, "needs constant_learning_rate or exponential_decay_learning_rate")
+
+    def _note_ignored_raw_options(self) -> None:
+        if self.raw_ignored:
+            self.notes.append(
+                "RawFeature options ignored, as EasyRec ignores them: "
+                f"{'; '.join(self.raw_ignored)}"
+                " (EasyRec hashes and looks up no raw value; an embedding_dim without boundaries "
+                "at most scales a learned vector by the value, a linear map that the first "
+                "layer's weights already are: the value enters as it is)"
+            )
 
     def _note_once(self, note: str) -> None:
         if note not in self.notes:

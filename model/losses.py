@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -11,6 +13,49 @@ from mmoe.model.config import RunConfig, TaskConfig
 
 
 def task_loss(
+    task: TaskConfig,
+    logits: torch.Tensor,
+    y: torch.Tensor,
+    w: torch.Tensor,
+    multiplier: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The task's loss: its pointwise loss, or the weighted sum of its `losses` terms."""
+    if not task.losses:
+        return pointwise_loss(task, logits, y, w, multiplier)
+    total = torch.zeros(())
+    for term in task.losses:
+        if term.kind == "pointwise":
+            part = pointwise_loss(task, logits, y, w, multiplier)
+        else:
+            part = pairwise_loss(logits[:, 0], y, w > 0, term.margin)
+        total = total + term.weight * part
+    return total
+
+
+# Rows per block of the pairwise loss: pairs are formed within blocks, as within training
+# batches, so that a whole validation set needs no [n, n] matrix.
+PAIRWISE_BLOCK = 4096
+
+
+def pairwise_loss(
+    z: torch.Tensor, y: torch.Tensor, rows: torch.Tensor, margin: float = 0.0
+) -> torch.Tensor:
+    """mean softplus(margin - (z_i - z_j)) over the pairs of `rows` (blocks of PAIRWISE_BLOCK)
+    with y_i > y_j: a logistic loss on each pair being ranked the way its labels are; 0 without
+    such a pair."""
+    total, pairs = torch.zeros(()), 0
+    for start in range(0, len(z), PAIRWISE_BLOCK):
+        keep = rows[start : start + PAIRWISE_BLOCK]
+        zb, yb = z[start : start + PAIRWISE_BLOCK][keep], y[start : start + PAIRWISE_BLOCK][keep]
+        higher = yb.unsqueeze(1) > yb.unsqueeze(0)  # [i, j]: y_i > y_j
+        if higher.any():
+            gaps = (zb.unsqueeze(1) - zb.unsqueeze(0))[higher]
+            total = total + F.softplus(margin - gaps).sum()
+            pairs += int(higher.sum())
+    return total / max(pairs, 1)
+
+
+def pointwise_loss(
     task: TaskConfig,
     logits: torch.Tensor,
     y: torch.Tensor,
@@ -35,6 +80,30 @@ def task_loss(
     else:
         per_row = F.cross_entropy(logits, y.long(), reduction="none")
     return (per_row * w).sum() / (w > 0).sum().clamp(min=1)
+
+
+def fit_label_scales(
+    model: nn.Module, tasks: list[TaskConfig], labels: dict[str, torch.Tensor]
+) -> None:
+    """Sets each regression tower's LabelScale to its labels' mean and standard deviation in
+    `labels` (the first training batch; the mean over DDP processes, so that every process
+    has the same model)."""
+    from mmoe.model.network import LabelScale
+
+    towers = cast(nn.ModuleList, cast(nn.Module, model.net).towers)
+    for task, tower in zip(tasks, towers, strict=True):
+        scale = cast(nn.Sequential, tower)[-1]
+        if not isinstance(scale, LabelScale):
+            continue
+        y = labels[task.name]
+        y = y[~torch.isnan(y)].double()
+        if len(y) == 0:
+            continue
+        moments = _mean_over_processes(torch.stack([y.mean(), (y * y).mean()]))
+        std = float((moments[1] - moments[0] ** 2).clamp(min=0).sqrt())
+        with torch.no_grad():
+            scale.shift.fill_(float(moments[0]))
+            scale.scale.fill_(std if std > 0 else 1.0)
 
 
 def dense_l2(model: nn.Module) -> torch.Tensor:

@@ -236,14 +236,37 @@ def _mix(gate: torch.Tensor, experts: Sequence[torch.Tensor]) -> torch.Tensor:
     return out
 
 
+class LabelScale(nn.Module):
+    """y = shift + scale * z: a regression tower's output in its label's units, from a z of
+    order 1. Fixed buffers (saved with the weights), set once from the training labels' mean
+    and standard deviation (`losses.fit_label_scales`): a label in the thousands then needs no
+    weights in the thousands, which Adam's steps of about `lr` would take tens of thousands of
+    steps to grow, and the task trains at any scale whatever weight the balancer gives it."""
+
+    scale: torch.Tensor
+    shift: torch.Tensor
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("scale", torch.ones(1))
+        self.register_buffer("shift", torch.zeros(1))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return z * self.scale + self.shift
+
+
 def tower(
     in_dim: int, task: TaskHead, activation: str, dropout: float, batch_norm: bool
 ) -> nn.Sequential:
-    """A task's tower MLP and its output layer (task.out_dim logits)."""
-    return nn.Sequential(
+    """A task's tower MLP and its output layer (task.out_dim logits; for a regression task, in
+    the label's units through a LabelScale)."""
+    layers: list[nn.Module] = [
         mlp(in_dim, task.tower, activation, dropout, batch_norm),
         nn.Linear(task.tower[-1] if task.tower else in_dim, task.out_dim),
-    )
+    ]
+    if task.kind == "regression":
+        layers.append(LabelScale())
+    return nn.Sequential(*layers)
 
 
 class MMoE(nn.Module):
@@ -440,16 +463,22 @@ class PLE(nn.Module):
         activation: str = "relu",
         dropout: float = 0.0,
         batch_norm: bool = False,
+        layer_units: Sequence[Sequence[int]] | None = None,
     ) -> None:
+        """`layer_units`: each layer's expert units, when they differ (default: expert_units
+        in every layer)."""
         super().__init__()
         self.tasks = list(tasks)
+        units = [list(u) for u in layer_units] if layer_units else [list(expert_units)] * num_layers
+        if len(units) != num_layers:
+            raise ValueError(f"layer_units has {len(units)} layers, num_layers is {num_layers}")
         self.layers = nn.ModuleList(
             CGCLayer(
-                input_dim if i == 0 else expert_units[-1],
+                input_dim if i == 0 else units[i - 1][-1],
                 len(self.tasks),
                 num_shared_experts,
                 num_task_experts,
-                expert_units,
+                units[i],
                 gate_units,
                 i == num_layers - 1,
                 activation,
@@ -459,7 +488,7 @@ class PLE(nn.Module):
             for i in range(num_layers)
         )
         self.towers = nn.ModuleList(
-            tower(expert_units[-1], t, activation, dropout, batch_norm) for t in self.tasks
+            tower(units[-1][-1], t, activation, dropout, batch_norm) for t in self.tasks
         )
         self.num_shared = num_shared_experts
         self.num_specific = num_task_experts

@@ -50,11 +50,18 @@ from mmoe.model.losses import (
     TaskBalancer,
     UncertaintyWeighting,
     dense_l2,
+    fit_label_scales,
     task_balancer,
     task_loss,
 )
 from mmoe.model.network import PLE, MMoE, RankingModel
 from mmoe.model.schema import FeatureSchema, SchemaFitter
+
+OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
+    "adam": torch.optim.Adam,
+    "adamw": torch.optim.AdamW,
+    "adagrad": torch.optim.Adagrad,
+}
 
 
 @dataclass
@@ -114,6 +121,7 @@ class Trainer:
         self.balancer: TaskBalancer
         self.optimizer: torch.optim.Optimizer
         self.steps: int  # per epoch
+        self.total_steps: int  # in the run: the epochs', or train.num_steps if fewer
         self.scheduler: torch.optim.lr_scheduler.LRScheduler
         self.valid: Batch | None = None  # encoded validation rows (rank 0)
         self.valid_table: pa.Table | None = None  # and as read (rank 0)
@@ -198,7 +206,7 @@ class Trainer:
         """The task balancer, the optimiser over the model's (and a learned balancer's)
         parameters, and the learning-rate schedule."""
         t = self.config.train
-        opt_cls = torch.optim.AdamW if t.optimizer == "adamw" else torch.optim.Adam
+        opt_cls = OPTIMIZERS[t.optimizer]
         self.balancer = task_balancer(self.config)
         groups: list[dict[str, Any]] = [{"params": list(self.model.parameters())}]
         if self.balancer.network_parameters():
@@ -217,8 +225,10 @@ class Trainer:
                 f"{self.world} processes need train.batch_size and the training rows "
                 f"({self.n_rows}) to be at least {self.world}"
             )
+        # train.num_steps ends the run early (at most the epochs' steps); the schedule spans it.
+        self.total_steps = min(self.steps * t.epochs, t.num_steps or self.steps * t.epochs)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, self._lr_lambda(self.steps * t.epochs, self.steps)
+            self.optimizer, self._lr_lambda(self.total_steps, self.steps)
         )
 
     def setup_validation(self) -> None:
@@ -299,6 +309,9 @@ class Trainer:
             history.best = dict(record.get("valid", {}))
             save_weights(self.model, self.out_dir)
         es = self.config.train.early_stopping
+        if self.scheduler.last_epoch == self.total_steps and epoch < self.config.train.epochs:
+            self.log(f"stopping: train.num_steps {self.total_steps} steps done")
+            return True
         if es is not None and self._stale >= es.patience and epoch < self.config.train.epochs:
             self.log(f"early stopping: no better {name} for {self._stale} epochs")
             history.stopped_early = True
@@ -429,6 +442,10 @@ class Trainer:
             dynamic_ncols=True,
         )
         for batch in self.batches.epoch(self.schema, epoch, n_rows):
+            if scheduler.last_epoch == cfg.train.num_steps:  # the run's last step is done
+                break
+            if scheduler.last_epoch == 0:  # regression outputs in their labels' units
+                fit_label_scales(model, cfg.tasks, batch.labels)
             out = self.ddp(batch.inputs)
             logits = out.logits
             per_task = [
@@ -555,9 +572,7 @@ def _resolve_config(args: argparse.Namespace) -> tuple[RunConfig, list[str]]:
     from mmoe.model.easyrec import is_easyrec_config, load_pipeline_config
 
     if is_easyrec_config(args.config):
-        config, _, notes = load_pipeline_config(
-            args.config, args.overrides, data=args.data, valid=args.valid
-        )
+        config, _, notes = load_pipeline_config(args.config, args.overrides)
         return config, notes
     return load_config(args.config, args.overrides), []
 

@@ -1,4 +1,4 @@
-"""The FastAPI app: create_app(settings) wires settings, metrics, the model holder and routes;
+"""The FastAPI app: create_app(settings) wires settings, metrics, the model registry and routes;
 uvicorn_config(app, settings) is how it is served (one process, or each worker of several)."""
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mmoe.service import grpc_v2, openapi
+from mmoe.service.cpu_share import CpuShare
 from mmoe.service.errors import (
     ApiError,
     api_error_handler,
@@ -26,13 +27,14 @@ from mmoe.service.errors import (
 )
 from mmoe.service.metrics import ServiceMetrics
 from mmoe.service.monitoring import Watched
-from mmoe.service.observability import Observability, ServerLoad
-from mmoe.service.predictor import ModelLoadError, ProviderError, choose_providers
+from mmoe.service.observability import Observability
+from mmoe.service.predictor import ProviderError, choose_providers
 from mmoe.service.protocol import bounded_http_protocol
+from mmoe.service.registry import ModelRegistry
 from mmoe.service.routes import admin, health, kserve, predict
 from mmoe.service.settings import Settings
-from mmoe.service.state import ModelHolder
-from mmoe.service.workers import WorkerLink
+from mmoe.service.shadow import ShadowScorer
+from mmoe.service.workers import Action, WorkerLink
 
 service_log = logging.getLogger("mmoe.service")
 
@@ -41,15 +43,21 @@ def create_app(
     settings: Settings | None = None,
     *,
     link: WorkerLink | None = None,
+    share: CpuShare | None = None,
     model_path: Path | None = None,
+    unloaded: list[str] | None = None,
 ) -> FastAPI:
-    """The app. In a worker of a multi-process server, `link` connects it to its siblings and
-    `model_path` is the file they serve (else the configured one)."""
+    """The app. In a worker of a multi-process server, `link` connects it to its siblings,
+    `share` is its view of their requests in progress, and `model_path` (the file they serve,
+    else the configured one) or `unloaded` (the repository's models unloaded through its API)
+    where it starts from; without them, the app is the whole server."""
     settings = settings or Settings()
     metrics = ServiceMetrics(
         Watched(settings.monitor_features, settings.monitor_gates, settings.monitor_scores)
     )
-    load = ServerLoad(link.load, link.index) if link is not None else ServerLoad()
+    if (link is None) != (share is None):
+        raise ValueError("a worker's app takes both its link and its CpuShare")
+    share = share or CpuShare.single_process()
 
     def cannot_serve(reason: str, event: str) -> None:
         service_log.critical(f"cannot serve: {reason}", extra={"event": event})
@@ -73,13 +81,17 @@ def create_app(
             cannot_serve(str(err), "provider_unavailable")
             raise
         executor = ThreadPoolExecutor(settings.inference_workers, thread_name_prefix="onnxruntime")
-        holder = ModelHolder(settings, metrics, executor, link, load)
-        holder.on_swap.append(lambda _: setattr(app, "openapi_schema", None))
-        app.state.holder = holder
-        grpc_server = await grpc_v2.start(settings, holder, metrics)  # None unless configured
+        registry = ModelRegistry(
+            settings, metrics, executor, share, link, model_path, unloaded or ()
+        )
+        registry.on_swap.append(lambda _: setattr(app, "openapi_schema", None))
+        app.state.registry = registry
+        shadows = ShadowScorer(metrics.shadow, share)
+        app.state.shadows = shadows
+        grpc_server = await grpc_v2.start(settings, registry, metrics, share, shadows)
         if link is not None:
-            link.attach(holder.load_for_sibling)
-        loader = asyncio.create_task(holder.keep_loading(model_path or settings.model_path))
+            link.attach(registry.apply)
+        loader = asyncio.create_task(registry.keep_loading())
         loader.add_done_callback(stop_if_failed)
         loop = asyncio.get_running_loop()
         reloads: set[asyncio.Task[None]] = set()
@@ -87,8 +99,9 @@ def create_app(
         def on_sighup() -> None:
             async def reload() -> None:
                 service_log.info("SIGHUP: reloading", extra={"event": "sighup"})
-                with contextlib.suppress(ModelLoadError):
-                    await holder.load(settings.model_path)
+                # Each worker gets the signal: the change is made here only.
+                kind = "sync" if settings.model_repository is not None else "file"
+                await registry.apply(Action(kind, str(settings.model_path)))
 
             reloads.add(task := loop.create_task(reload()))
             task.add_done_callback(reloads.discard)
@@ -104,7 +117,8 @@ def create_app(
             if link is not None:
                 link.detach()
             await grpc_v2.stop(grpc_server)
-            await holder.close()
+            await shadows.close()
+            await registry.close()
             executor.shutdown(wait=True)
 
     app = FastAPI(
@@ -124,14 +138,14 @@ def create_app(
 
     def document() -> dict[str, Any]:
         if app.openapi_schema is None:
-            holder: ModelHolder | None = getattr(app.state, "holder", None)
-            model = holder.current if holder is not None else None
+            registry: ModelRegistry | None = getattr(app.state, "registry", None)
+            model = registry.default_model() if registry is not None else None
             body = model.decoder.json_schema() if model is not None else None
             app.openapi_schema = openapi.document(app, body)
         return app.openapi_schema
 
     app.openapi = document  # type: ignore[method-assign]
-    app.add_middleware(Observability, metrics=metrics, access_log=settings.access_log, load=load)
+    app.add_middleware(Observability, metrics=metrics, access_log=settings.access_log, share=share)
     return app
 
 

@@ -22,10 +22,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from mmoe.service.cpu_share import CpuShare
 from mmoe.service.errors import ApiError, InternalError
-from mmoe.service.metrics import ServiceMetrics
+from mmoe.service.metrics import ModelMetrics
 from mmoe.service.monitoring import ModelMonitor
-from mmoe.service.observability import REQUEST_ID, ServerLoad
+from mmoe.service.observability import REQUEST_ID
 from mmoe.service.predictor import Predictor
 from mmoe.service.settings import Settings
 
@@ -63,14 +64,12 @@ class Runner:
         executor: ThreadPoolExecutor,
         workers: int,
         admission: Admission,
-        metrics: ServiceMetrics,
+        metrics: ModelMetrics,
+        share: CpuShare,
         monitor: ModelMonitor | None = None,
-        load: ServerLoad | None = None,
     ) -> None:
         self.predictor = predictor
-        # A call made while no other request is in progress anywhere on the server may use
-        # every core (Predictor.lone_session).
-        self.load = load or ServerLoad()
+        self.share = share  # whether a call has the server's cores to itself
         self.monitor = monitor  # counts what each runtime call saw (service/monitoring.py)
         self._outputs = predictor.outputs + (monitor.outputs if monitor else [])
         self.executor = executor
@@ -93,10 +92,10 @@ class Runner:
                 raise TimeoutError
             return outputs
         except Overloaded:
-            self.metrics.shed.labels("queue_full").inc()
+            self.metrics.shed["queue_full"].inc()
             raise self._refusal("overloaded", "server busy: queue full, retry later") from None
         except TimeoutError:
-            self.metrics.shed.labels("timeout").inc()
+            self.metrics.shed["timeout"].inc()
             reason = f"not scored within {self.admission.timeout_ms} ms, retry later"
             raise self._refusal("timeout", reason) from None
         except Exception:  # the runtime failed on arrays the decoder accepted: a bug
@@ -124,8 +123,14 @@ class Runner:
         self.inflight += delta
         self.metrics.inflight.inc(delta)
 
-    def _run(self, feeds: Feeds) -> Outputs:
-        lone = self.predictor.lone_session is not None and self.load.alone()
+    def run_now(self, feeds: Feeds) -> Outputs:
+        """Score `feeds` on the calling thread, outside the queue, on one core: for work that
+        is not a request of its own (a shadow copy)."""
+        return self._run(feeds, lone=False)
+
+    def _run(self, feeds: Feeds, lone: bool | None = None) -> Outputs:
+        if lone is None:
+            lone = self.predictor.runs_alone(self.share)
         t0 = time.perf_counter()
         out = self.predictor.run(feeds, self._outputs, lone)
         rows = max(len(v) for v in feeds.values())  # context inputs may have one row

@@ -1,5 +1,6 @@
 """`mmoe serve` (one flag per setting, service/settings.py; flags override MMOE_* environment
-variables) and `mmoe verify` (a file's golden rows, run as the server runs them at load)."""
+variables), `mmoe verify` (a file's golden rows, run as the server runs them at load) and
+`mmoe items build|push` (service/item_build.py, service/item_push.py)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,16 @@ def verify(parser: argparse.ArgumentParser) -> None:
         help="onnxruntime execution provider, as MMOE_PROVIDER (default auto)",
     )
     parser.set_defaults(func=_verify)
+
+
+def items(parser: argparse.ArgumentParser) -> None:
+    """`mmoe items build|push`'s arguments (mmoe/cli.py's command table): the serving install
+    runs both (pyarrow, and redis for push), no training code."""
+    from mmoe.service import item_build, item_push
+
+    commands = parser.add_subparsers(dest="items_command", required=True, metavar="COMMAND")
+    item_build.register(commands)
+    item_push.register(commands)
 
 
 def serve(p: argparse.ArgumentParser) -> None:

@@ -1,11 +1,14 @@
 """The handlers of KServe V2 over gRPC (`inference.GRPCInferenceService`), on the same model
-holder, runner, limits, metrics and API key as HTTP; grpc_v2.py starts and stops the server.
+registry, runners, limits, metrics and API key as HTTP; grpc_v2.py starts and stops the server.
 
 The messages are Triton's generated ones (tritonclient.grpc.service_pb2), so
 `tritonclient.grpc` and other KServe V2 clients work unchanged. Served: ServerLive, ServerReady,
 ModelReady, ServerMetadata, ModelMetadata and ModelInfer (typed `contents` or
-`raw_input_contents`; outputs come back as `raw_output_contents`, as Triton sends them); the
-protocol's other methods answer UNIMPLEMENTED.
+`raw_input_contents`; outputs come back as `raw_output_contents`, as Triton sends them), and
+the repository extension (RepositoryIndex, RepositoryModelLoad, RepositoryModelUnload, behind
+the API key); the protocol's other methods answer UNIMPLEMENTED. ModelInfer names the model
+that answered in its response and in the initial metadata (`x-model-name`, `x-model-version`),
+as HTTP does in headers.
 
 Errors carry the HTTP path's text ("<field>: <reason>"), with the status mapped to a gRPC code:
 bad input INVALID_ARGUMENT, no model yet or overload UNAVAILABLE (trailing metadata
@@ -22,6 +25,7 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from typing import Any
 
 import grpc
@@ -32,11 +36,14 @@ from tritonclient.grpc import service_pb2 as pb
 
 from mmoe.service import kserve_v2
 from mmoe.service.auth import check_api_key
+from mmoe.service.cpu_share import CpuShare
 from mmoe.service.errors import ApiError, InternalError, PayloadError
 from mmoe.service.metrics import ServiceMetrics
 from mmoe.service.observability import REQUEST_ID
+from mmoe.service.registry import LoadedModel, ModelRegistry
 from mmoe.service.settings import Settings
-from mmoe.service.state import ModelHolder
+from mmoe.service.shadow import ShadowScorer
+from mmoe.service.workers import Action
 
 SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 
@@ -84,10 +91,19 @@ class InferenceService:
     count and latency per method (route label `grpc:<Method>`, status the gRPC code name), an
     access-log line, and a place among the requests in progress."""
 
-    def __init__(self, settings: Settings, holder: ModelHolder, metrics: ServiceMetrics) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        registry: ModelRegistry,
+        metrics: ServiceMetrics,
+        share: CpuShare,
+        shadows: ShadowScorer,
+    ) -> None:
         self.settings = settings
-        self.holder = holder
+        self.registry = registry
         self.metrics = metrics
+        self.share = share
+        self.shadows = shadows
 
     def handlers(self) -> grpc.GenericRpcHandler:
         methods: dict[str, tuple[type[Message], type[Message], Handler, bool]] = {
@@ -108,6 +124,24 @@ class InferenceService:
                 False,
             ),
             "ModelInfer": (pb.ModelInferRequest, pb.ModelInferResponse, self._infer, True),
+            "RepositoryIndex": (
+                pb.RepositoryIndexRequest,
+                pb.RepositoryIndexResponse,
+                self._repository_index,
+                True,
+            ),
+            "RepositoryModelLoad": (
+                pb.RepositoryModelLoadRequest,
+                pb.RepositoryModelLoadResponse,
+                self._repository_load,
+                True,
+            ),
+            "RepositoryModelUnload": (
+                pb.RepositoryModelUnloadRequest,
+                pb.RepositoryModelUnloadResponse,
+                self._repository_unload,
+                True,
+            ),
         }
         return grpc.method_handlers_generic_handler(
             SERVICE,
@@ -137,29 +171,26 @@ class InferenceService:
             REQUEST_ID.set(request_id)
             trailing: list[tuple[str, str]] = [("x-request-id", request_id)]
             code = grpc.StatusCode.UNKNOWN
+            _SERVED.set(None)
             self.metrics.active.inc()
-            self.holder.server_load.enter()
             try:
-                try:
-                    if needs_key:
-                        check_api_key(self.settings, Headers(metadata))
+                with self.share.request():
                     try:
-                        request = request_type.FromString(body)
-                    except DecodeError as err:
-                        raise PayloadError(
-                            None, f"not a valid {request_type.__name__} message: {err}"
-                        ) from None
-                    response = await handler(request, context)
-                except ApiError as err:
-                    code = status_code(err)
-                    if "Retry-After" in err.headers:
-                        trailing.append(("retry-after", err.headers["Retry-After"]))
-                    await context.abort(code, str(err), tuple(trailing))
-                except Exception:  # a bug: logged, answered INTERNAL with the request's id
-                    code = grpc.StatusCode.INTERNAL
-                    extra = {"event": "internal_error", "request_id": request_id, "method": method}
-                    service_log.exception("gRPC handler failed", extra=extra)
-                    await context.abort(code, InternalError(request_id).reason, tuple(trailing))
+                        response = await self._handle(
+                            request_type, handler, needs_key, metadata, body, context
+                        )
+                    except ApiError as err:
+                        code = status_code(err)
+                        if "Retry-After" in err.headers:
+                            trailing.append(("retry-after", err.headers["Retry-After"]))
+                        await context.abort(code, str(err), tuple(trailing))
+                    except Exception:  # a bug: logged, answered INTERNAL with the request's id
+                        code = grpc.StatusCode.INTERNAL
+                        extra = {"event": "internal_error", "request_id": request_id}
+                        service_log.exception(
+                            "gRPC handler failed", extra=extra | {"method": method}
+                        )
+                        await context.abort(code, InternalError(request_id).reason, tuple(trailing))
                 code = grpc.StatusCode.OK
                 context.set_trailing_metadata(tuple(trailing))
                 return response
@@ -167,11 +198,12 @@ class InferenceService:
                 code = grpc.StatusCode.CANCELLED
                 raise
             finally:
-                self.holder.server_load.leave()
                 self.metrics.active.dec()
                 elapsed = time.perf_counter() - start
-                self.metrics.requests.labels(route, code.name).inc()
-                self.metrics.latency.labels(route).observe(elapsed)
+                served = _SERVED.get()
+                model = (served.name, served.version) if served is not None else ("", "")
+                self.metrics.requests.labels(route, code.name, *model).inc()
+                self.metrics.latency.labels(route, *model).observe(elapsed)
                 if self.settings.access_log and method not in _HEALTH:
                     access_log.info(
                         "request",
@@ -187,18 +219,38 @@ class InferenceService:
 
         return call
 
+    async def _handle(
+        self,
+        request_type: type[Message],
+        handler: Handler,
+        needs_key: bool,
+        metadata: dict[str, str],
+        body: bytes,
+        context: grpc.aio.ServicerContext,
+    ) -> Message:
+        """The handler's answer to the raw request `body`, or an ApiError."""
+        if needs_key:
+            check_api_key(self.settings, Headers(metadata))
+        try:
+            request = request_type.FromString(body)
+        except DecodeError as err:
+            raise PayloadError(
+                None, f"not a valid {request_type.__name__} message: {err}"
+            ) from None
+        return await handler(request, context)
+
     # ------------------------------------------------------------------------- handlers
 
     async def _live(self, request: Any, context: grpc.aio.ServicerContext) -> Message:
         return pb.ServerLiveResponse(live=True)
 
     async def _ready(self, request: Any, context: grpc.aio.ServicerContext) -> Message:
-        return pb.ServerReadyResponse(ready=self.holder.ready()[0])
+        return pb.ServerReadyResponse(ready=self.registry.ready()[0])
 
     async def _model_ready(self, request: Any, context: grpc.aio.ServicerContext) -> Message:
         # "Is it ready?" has an answer for any name: no, for a model not loaded or not served.
         try:
-            kserve_v2.find_model(self.holder, request.name, request.version)
+            self.registry.find(request.name, request.version)
         except ApiError:
             return pb.ModelReadyResponse(ready=False)
         return pb.ModelReadyResponse(ready=True)
@@ -209,9 +261,8 @@ class InferenceService:
         )
 
     async def _model_metadata(self, request: Any, context: grpc.aio.ServicerContext) -> Message:
-        meta = kserve_v2.model_metadata(
-            kserve_v2.find_model(self.holder, request.name, request.version)
-        )
+        model = self.registry.find(request.name, request.version)
+        meta = kserve_v2.model_metadata(model, self.registry.versions(model.name))
         tensors = {
             # V2 gRPC's TensorMetadata has no parameters: which inputs are context is in the
             # HTTP model metadata (and GET /metadata).
@@ -228,12 +279,22 @@ class InferenceService:
         )
 
     async def _infer(self, request: Any, context: grpc.aio.ServicerContext) -> Message:
-        model = kserve_v2.find_model(self.holder, request.model_name, request.model_version)
+        version = request.model_version or None
+        feature = self.registry.key_feature(request.model_name)
+        key = _key_value(request, feature) if feature and not version else None
+        model, shadow = self.registry.resolve(request.model_name, version, key)
+        _SERVED.set(model)
+        await context.send_initial_metadata(
+            (("x-model-name", model.name), ("x-model-version", model.version))
+        )
         features = {f.name: f for f in model.predictor.meta.features}
         given = _given(features, request)
-        n, feeds = kserve_v2.feeds(features, given, self.settings.max_batch_rows)
+        max_rows = self.settings.max_batch_rows
+        decoded = kserve_v2.feeds(features, given, max_rows, model.item_fields)
+        await model.fill_items(decoded)
+        feeds = decoded.feeds
         names = kserve_v2.output_names(model, [o.name for o in request.outputs])
-        outputs = await model.runner.infer(feeds, n)
+        outputs = await model.runner.infer(feeds, decoded.n)
         response = pb.ModelInferResponse(
             model_name=model.name, model_version=model.version, id=request.id
         )
@@ -241,7 +302,58 @@ class InferenceService:
             arr = np.ascontiguousarray(outputs[name], dtype="<f4")
             response.outputs.add(name=name, datatype="FP32", shape=arr.shape)
             response.raw_output_contents.append(arr.tobytes())
+        if shadow is not None:  # scored once the answer has left (the next turn of the loop)
+            feeds_for = kserve_v2.shadow_feeds(model, feeds, given, max_rows)
+            asyncio.get_running_loop().call_soon(
+                self.shadows.submit, model, shadow, feeds_for, outputs
+            )
         return response
+
+    async def _repository_index(self, request: Any, context: grpc.aio.ServicerContext) -> Message:
+        entries = self.registry.index()
+        if request.ready:
+            entries = [e for e in entries if e["state"] == "READY"]
+        return pb.RepositoryIndexResponse(
+            models=[pb.RepositoryIndexResponse.ModelIndex(**e) for e in entries]
+        )
+
+    async def _repository_load(self, request: Any, context: grpc.aio.ServicerContext) -> Message:
+        await self._repository_change(Action("load", request.model_name))
+        return pb.RepositoryModelLoadResponse()
+
+    async def _repository_unload(self, request: Any, context: grpc.aio.ServicerContext) -> Message:
+        await self._repository_change(Action("unload", request.model_name))
+        return pb.RepositoryModelUnloadResponse()
+
+    async def _repository_change(self, action: Action) -> None:
+        if self.registry.repository is None:
+            raise PayloadError(
+                None, "load and unload need a model repository (MMOE_MODEL_REPOSITORY)"
+            )
+        if not self.registry.in_repository(action.arg):
+            raise PayloadError(None, f"no model {action.arg!r} in the repository")
+        failed = await self.registry.apply_everywhere(action)
+        if failed is not None:
+            raise PayloadError(None, f"failed to load {action.arg!r}: {failed}")
+
+
+# The model that answers the call being handled, for its metrics' labels.
+_SERVED: ContextVar[LoadedModel | None] = ContextVar("grpc_served", default=None)
+
+
+def _key_value(request: Any, feature: str) -> str | None:
+    """The routing key: the first value of the input named `feature`, if the call gives it."""
+    raw = request.raw_input_contents
+    for i, t in enumerate(request.inputs):
+        if t.name != feature:
+            continue
+        field = f"inputs[{t.name}]"
+        if raw and i < len(raw):
+            arr = kserve_v2.tensor_array(field, t.datatype, t.shape, raw=raw[i])
+        else:
+            arr = kserve_v2.tensor_array(field, t.datatype, t.shape, values=_typed_values(field, t))
+        return kserve_v2.first_value(arr)
+    return None
 
 
 def _given(features: dict[str, Any], request: Any) -> dict[str, np.ndarray]:

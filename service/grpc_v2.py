@@ -9,9 +9,11 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
+from mmoe.service.cpu_share import CpuShare
 from mmoe.service.metrics import ServiceMetrics
+from mmoe.service.registry import ModelRegistry
 from mmoe.service.settings import Settings
-from mmoe.service.state import ModelHolder
+from mmoe.service.shadow import ShadowScorer
 
 if TYPE_CHECKING:
     import grpc
@@ -28,7 +30,11 @@ def _address(host: str, port: int) -> str:
 
 
 async def start(
-    settings: Settings, holder: ModelHolder, metrics: ServiceMetrics
+    settings: Settings,
+    registry: ModelRegistry,
+    metrics: ServiceMetrics,
+    share: CpuShare,
+    shadows: ShadowScorer,
 ) -> grpc.aio.Server | None:
     """Serve KServe V2 over gRPC on settings.host:settings.grpc_port (None when unset).
     Raises RuntimeError if the port cannot be bound."""
@@ -48,7 +54,8 @@ async def start(
             ("grpc.so_reuseport", 1),
         ]
     )
-    server.add_generic_rpc_handlers((InferenceService(settings, holder, metrics).handlers(),))
+    service = InferenceService(settings, registry, metrics, share, shadows)
+    server.add_generic_rpc_handlers((service.handlers(),))
     address = _address(settings.host, settings.grpc_port)
     try:
         server.add_insecure_port(address)

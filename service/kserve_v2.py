@@ -14,16 +14,22 @@ from __future__ import annotations
 
 import math
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
 from mmoe.contract.metadata import FeatureInfo
 from mmoe.contract.values import one_context_batch
-from mmoe.service.errors import ApiError, PayloadError
-from mmoe.service.payload import MAX_ID_CHARS, column_array, default_array
-from mmoe.service.state import LoadedModel, ModelHolder
+from mmoe.service.errors import PayloadError
+from mmoe.service.payload import (
+    MAX_ID_CHARS,
+    Decoded,
+    ItemFields,
+    column_array,
+    default_array,
+)
+from mmoe.service.registry import LoadedModel
 
 SERVER_NAME = "mmoe-ranking"
 SERVER_VERSION = "1"
@@ -45,18 +51,28 @@ _LENGTH = struct.Struct("<I")  # the length before each element of a BYTES tenso
 _TEXT_RULE = f"BYTES values must be UTF-8 strings of at most {MAX_ID_CHARS} chars"
 
 
-def find_model(holder: ModelHolder, name: str, version: str | None = None) -> LoadedModel:
-    """The model a call names: 503 (with Retry-After) while none is loaded, 404 for another
-    name or version. `version` None or "" means any."""
-    model = holder.current
-    if model is None:
-        retry = {"Retry-After": str(holder.settings.retry_after_s)}
-        raise ApiError(503, "not_ready", holder.not_ready_reason, None, retry)
-    if name != model.name:
-        raise ApiError(404, "unknown_model", f"unknown model {name!r}; serving {model.name!r}")
-    if version and version != model.version:
-        raise ApiError(404, "unknown_version", f"model {name!r} has version {model.version!r}")
-    return model
+def first_value(arr: np.ndarray) -> str | None:
+    """A tensor's first value as text (a routing key), or None if it has none."""
+    flat = arr.reshape(-1)
+    if not len(flat):
+        return None
+    value = flat[0]
+    return str(int(value)) if isinstance(value, np.integer) else str(value)
+
+
+def shadow_feeds(
+    primary: LoadedModel, ours: dict[str, np.ndarray], given: dict[str, np.ndarray], max_rows: int
+) -> Callable[[LoadedModel], dict[str, np.ndarray]]:
+    """The shadow's feeds (shadow.FeedsFor): the call's own (`ours`), where the shadow takes
+    the same features; else the call's tensors (`given`) made into its feeds."""
+
+    def feeds_for(shadow: LoadedModel) -> dict[str, np.ndarray]:
+        if shadow.decoder.features == primary.decoder.features:
+            return ours
+        theirs = {f.name: f for f in shadow.predictor.meta.features}
+        return feeds(theirs, {k: v for k, v in given.items() if k in theirs}, max_rows).feeds
+
+    return feeds_for
 
 
 def _input_meta(f: FeatureInfo) -> dict[str, Any]:
@@ -71,8 +87,9 @@ def _input_meta(f: FeatureInfo) -> dict[str, Any]:
     return out
 
 
-def model_metadata(model: LoadedModel) -> dict[str, Any]:
-    """The V2 model metadata: name, versions, platform, inputs and outputs with shapes."""
+def model_metadata(model: LoadedModel, versions: list[str]) -> dict[str, Any]:
+    """The V2 model metadata: name, the versions loaded, platform, and this version's inputs
+    and outputs with shapes."""
     outputs = [
         {"name": o.name, "datatype": "FP32", "shape": [-1, *o.shape[1:]]}
         for o in model.predictor.session.get_outputs()
@@ -80,7 +97,7 @@ def model_metadata(model: LoadedModel) -> dict[str, Any]:
     ]
     return {
         "name": model.name,
-        "versions": [model.version],
+        "versions": versions,
         "platform": PLATFORM,
         "inputs": [_input_meta(f) for f in model.predictor.meta.features],
         "outputs": outputs,
@@ -221,11 +238,15 @@ def _packed_tags(f: FeatureInfo, arr: np.ndarray) -> np.ndarray | None:
 
 
 def feeds(
-    features: dict[str, FeatureInfo], given: dict[str, np.ndarray], max_rows: int
-) -> tuple[int, dict[str, np.ndarray]]:
+    features: dict[str, FeatureInfo],
+    given: dict[str, np.ndarray],
+    max_rows: int,
+    items: ItemFields | None = None,
+) -> Decoded:
     """The graph's feeds from the input tensors a call gave (by name): one batch size for all,
     within `max_rows` (413), each tensor the shape and kind its feature takes; features left
-    out take their default."""
+    out take their default, or, with `items` and the key given, the item source's values
+    (Decoded.fill)."""
     if not given:
         raise PayloadError("inputs", "no inputs given")
     n = _batch_size(given, {name for name, f in features.items() if f.context})
@@ -236,10 +257,15 @@ def feeds(
             "inputs", f"{n} rows is more than the limit of {max_rows}", 413, "too_many_rows"
         )
     out: dict[str, np.ndarray] = {}
+    held = items.features if items is not None and items.key in given else frozenset()
+    fill: dict[str, np.ndarray | None] = {}
     for name, f in features.items():
         field = f"inputs[{name}]"
         if name not in given:
-            out[name] = default_array(f, 1 if f.context else n, field)
+            if name in held:
+                fill[name] = None
+            else:
+                out[name] = default_array(f, 1 if f.context else n, field)
             continue
         arr = given[name]
         if f.kind != "numeric" and arr.dtype.kind == "f":  # 1.0 would be scored as id "1.0"
@@ -267,7 +293,8 @@ def feeds(
         values = arr.astype(np.float64) if f.kind == "numeric" else arr
         out[name] = column_array(f, values.tolist(), field)
     context = [name for name, f in features.items() if f.context]
-    return n, one_context_batch(context, out, n)
+    ids = out[items.key] if fill and items is not None else None
+    return Decoded(n, one_context_batch(context, out, n), [], ids, fill)
 
 
 def _batch_size(given: dict[str, np.ndarray], context: set[str]) -> int:

@@ -12,7 +12,8 @@ runtime call:
 - `mmoe_score{task}`: a histogram of each task's scores (probability-sized buckets; for a
   regression task only its _sum and _count, the mean, say much).
 
-Beside them, the training-time references of the model being served (from its metadata):
+Every series carries the `model` and `version` labels of the model that scored the rows.
+Beside them, the training-time references of each model being served (from its metadata):
 `mmoe_feature_reference_rate{feature, outcome}`, `mmoe_gate_weight_reference{task, expert}`,
 `mmoe_score_mean_reference{task}`. The live-over-reference ratios are Prometheus recording
 rules (deploy/prometheus/rules/mmoe.yml): computed from counters summed over every worker
@@ -25,7 +26,7 @@ series (the references too) are not exported and its outputs are not fetched.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -79,7 +80,7 @@ class MonitoringMetrics:
                 "mmoe_feature_values",
                 "feature values received, by outcome: known, oov (not in the vocabulary), "
                 "default (missing); a context value sent once counts once per row",
-                ["feature", "outcome"],
+                ["feature", "outcome", "model", "version"],
                 registry=registry,
             )
             if watched.features
@@ -90,7 +91,7 @@ class MonitoringMetrics:
                 "mmoe_gate_weight",
                 "gate weights summed over the rows scored, per task and expert (a task's "
                 "experts add up to the rows scored)",
-                ["task", "expert"],
+                ["task", "expert", "model", "version"],
                 registry=registry,
             )
             if watched.gates
@@ -100,74 +101,77 @@ class MonitoringMetrics:
             Histogram(
                 "mmoe_score",
                 "scores per task (multiclass: <task>/<class>)",
-                ["task"],
+                ["task", "model", "version"],
                 buckets=SCORE_BUCKETS,
                 registry=registry,
             )
             if watched.scores
             else None
         )
-        self._model: Callable[[], ModelMetadata | None] = lambda: None
+        self._models: Callable[[], Sequence[Served]] = list
         # Registered by the owner on the registry a scrape reads (with worker processes, not
-        # `registry`: the references are the model's, read when scraped, not summed over files).
+        # `registry`: the references are the models', read when scraped, not summed over files).
         self.references: Collector = _References(self)
 
-    def serve_model(self, model: Callable[[], ModelMetadata | None]) -> None:
-        """Where the references are read from when scraped: the metadata of the model being
-        served, or None."""
-        self._model = model
+    def serve_models(self, models: Callable[[], Sequence[Served]]) -> None:
+        """Where the references are read from when scraped: the models being served, each as
+        (name, version, metadata)."""
+        self._models = models
 
-    def monitor(self, meta: ModelMetadata) -> ModelMonitor:
-        """The recorder for one loaded model."""
-        return ModelMonitor(meta, self)
+    def monitor(self, meta: ModelMetadata, name: str, version: str) -> ModelMonitor:
+        """The recorder for one loaded model, served as `name` `version`."""
+        return ModelMonitor(meta, self, (name, version))
+
+
+# A model being served: its name, version and metadata.
+Served = tuple[str, str, ModelMetadata]
 
 
 class _References(Collector):
-    """The training-time references of the model being served, read when scraped (a gauge
-    would keep the series of a model reloaded away)."""
+    """The training-time references of the models being served, read when scraped (a gauge
+    would keep the series of a model unloaded since)."""
 
     def __init__(self, metrics: MonitoringMetrics) -> None:
         self.metrics = metrics
 
     def collect(self) -> Iterator[Metric]:
-        meta = self.metrics._model()
-        if meta is None or meta.monitor is None or meta.monitor.reference is None:
-            return
-        info, reference = meta.monitor, meta.monitor.reference
         watched = self.metrics.watched
-        if watched.features and info.feature_values is not None:
-            rates = GaugeMetricFamily(
-                "mmoe_feature_reference_rate",
-                "share of each feature's values per outcome on the validation rows",
-                labels=["feature", "outcome"],
-            )
-            for name, r in reference.features.items():
-                for outcome in OUTCOMES:
-                    value = getattr(r, outcome)
-                    if value is not None:
-                        rates.add_metric([name, outcome], value)
-            yield rates
-        if watched.gates and info.gate_weights is not None:
-            gates = GaugeMetricFamily(
-                "mmoe_gate_weight_reference",
-                "mean gate weight per task and expert on the validation rows",
-                labels=["task", "expert"],
-            )
-            for task, weights in reference.gates.items():
-                for expert, w in zip(info.experts, weights, strict=True):
-                    gates.add_metric([task, expert], w)
-            yield gates
-        if watched.scores:
-            scores = GaugeMetricFamily(
-                "mmoe_score_mean_reference",
-                "mean score per task on the validation rows",
-                labels=["task"],
-            )
-            for t in meta.tasks:
-                if t.name in reference.scores:
-                    for label, mean in zip(score_labels(t), reference.scores[t.name], strict=True):
-                        scores.add_metric([label], mean)
-            yield scores
+        rates = GaugeMetricFamily(
+            "mmoe_feature_reference_rate",
+            "share of each feature's values per outcome on the validation rows",
+            labels=["feature", "outcome", "model", "version"],
+        )
+        gates = GaugeMetricFamily(
+            "mmoe_gate_weight_reference",
+            "mean gate weight per task and expert on the validation rows",
+            labels=["task", "expert", "model", "version"],
+        )
+        scores = GaugeMetricFamily(
+            "mmoe_score_mean_reference",
+            "mean score per task on the validation rows",
+            labels=["task", "model", "version"],
+        )
+        for name, version, meta in self.metrics._models():
+            if meta.monitor is None or meta.monitor.reference is None:
+                continue
+            info, reference = meta.monitor, meta.monitor.reference
+            if watched.features and info.feature_values is not None:
+                for feature, r in reference.features.items():
+                    for outcome in OUTCOMES:
+                        value = getattr(r, outcome)
+                        if value is not None:
+                            rates.add_metric([feature, outcome, name, version], value)
+            if watched.gates and info.gate_weights is not None:
+                for task, weights in reference.gates.items():
+                    for expert, w in zip(info.experts, weights, strict=True):
+                        gates.add_metric([task, expert, name, version], w)
+            if watched.scores:
+                for t in meta.tasks:
+                    if t.name in reference.scores:
+                        means = reference.scores[t.name]
+                        for label, mean in zip(score_labels(t), means, strict=True):
+                            scores.add_metric([label, name, version], mean)
+        yield from (family for family in (rates, gates, scores) if family.samples)
 
 
 class ModelMonitor:
@@ -176,7 +180,9 @@ class ModelMonitor:
     The label children are looked up once here: a call then costs a few numpy operations and
     one increment per non-zero count."""
 
-    def __init__(self, meta: ModelMetadata, metrics: MonitoringMetrics) -> None:
+    def __init__(
+        self, meta: ModelMetadata, metrics: MonitoringMetrics, model: tuple[str, str]
+    ) -> None:
         info = meta.monitor
         self.outputs: list[str] = []  # the graph outputs to fetch beside the scores
         self._features: list[str] = []
@@ -190,7 +196,9 @@ class ModelMonitor:
             self._features = info.features
             vocabulary = set(info.vocabulary)
             self._feature_children = [
-                metrics.feature_values.labels(f, o) if o != "oov" or f in vocabulary else None
+                metrics.feature_values.labels(f, o, *model)
+                if o != "oov" or f in vocabulary
+                else None
                 for f in info.features
                 for o in OUTCOMES
             ]
@@ -200,13 +208,13 @@ class ModelMonitor:
             self._gates_output = info.gate_weights
             self.outputs.append(info.gate_weights)
             self._gate_children = [
-                [metrics.gate_weight.labels(task, e) for e in info.experts]
+                [metrics.gate_weight.labels(task, e, *model) for e in info.experts]
                 for task in info.gate_tasks
             ]
         self._scores: list[tuple[str, list[Histogram]]] = []
         if metrics.score is not None:
             self._scores = [
-                (t.output, [metrics.score.labels(label) for label in score_labels(t)])
+                (t.output, [metrics.score.labels(label, *model) for label in score_labels(t)])
                 for t in meta.tasks
             ]
 

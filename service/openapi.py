@@ -66,7 +66,8 @@ _PREDICT_RESPONSE = {
 _PREDICT_DESCRIPTION = (
     "Columnar: `candidates` has one list per feature (all of length N), `context` has scalars "
     "shared by every candidate. Row form: `instances`. Optional `tasks` picks which tasks to "
-    "return. Features with a default may be left out or null."
+    "return. Features with a default may be left out or null. Optional `model` (and `version`) "
+    "name the model that scores the request; without them, routing decides."
 )
 
 
@@ -86,6 +87,7 @@ def predict_operation(request_schema: dict[str, Any] | None) -> dict[str, Any]:
     op["responses"] = {
         "200": _PREDICT_RESPONSE,
         **{str(status): response for status, response in ERROR_RESPONSES.items()},
+        "404": {"description": "The model or version the body names is not served", **_ERROR},
     }
     return op
 

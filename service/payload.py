@@ -2,7 +2,7 @@
 
 The body types are generated from the model's metadata as msgspec Structs, so decoding and type
 checking happen in one C pass (no per-item pydantic objects), and their JSON Schema documents the
-request in OpenAPI. The request's shape (DESIGN.md section 3):
+request in OpenAPI. The request's shape (docs/api.md):
 
 - columnar: `candidates` holds one list per feature, all of the same length N; `context` holds
   scalars shared by all N rows. A feature the model declares context (its graph input takes
@@ -14,6 +14,8 @@ request in OpenAPI. The request's shape (DESIGN.md section 3):
 - categorical values are strings or integers; numeric values are numbers; tags are a list of ids
   or one string. What each value becomes (defaults, integer ids, tag splitting and padding) is
   the contract's rule, `contract/values.py`, shared with export and the warm-up.
+- `model` and `version` (optional) name the model that scores the request; the registry reads
+  them, and the routing key, with a `RequestHead` before the model's own decoder runs.
 - null, or leaving a feature out, means "use the default"; features without one are required.
 - unknown categorical values are fine (the out-of-vocabulary bucket); anything else wrong is a
   PayloadError naming the field. That includes a key given twice in one object (JSON parsers
@@ -25,7 +27,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Annotated, Any, Literal
 
@@ -70,11 +72,35 @@ def _struct(name: str, features: Sequence[FeatureInfo], typ: Any, forbid: bool) 
     return msgspec.defstruct(name, fields, rename=rename, forbid_unknown_fields=forbid)
 
 
+@dataclass(frozen=True)
+class ItemFields:
+    """What the server's item source holds (service/items.py): the key feature whose values
+    are item ids, and the candidate features it fills in for a request that leaves them out."""
+
+    key: str
+    features: frozenset[str]
+
+
 @dataclass
 class Decoded:
+    """A request's feeds. When it sends item ids and leaves item features out, `fill` names
+    those features (each with the rows to fill, None for all) and `ids` holds the ids: the
+    caller looks them up (ItemSource.alookup) and `fill_items` completes the feeds."""
+
     n: int
     feeds: dict[str, np.ndarray]
     tasks: list[str]
+    ids: np.ndarray | None = None
+    fill: dict[str, np.ndarray | None] = field(default_factory=dict)
+
+    def fill_items(self, columns: dict[str, np.ndarray]) -> None:
+        """Complete the feeds with the item source's columns for `ids`."""
+        for name, rows in self.fill.items():
+            if rows is None:
+                self.feeds[name] = columns[name]
+            else:
+                self.feeds[name][rows] = columns[name][rows]
+        self.fill = {}
 
 
 def _msgspec_error(err: msgspec.ValidationError) -> PayloadError:
@@ -142,7 +168,9 @@ def _each_key_once(req: Any, body: bytes) -> bool:
     each key once. False means "not known": the body gets the exact check."""
     if req.instances is not None:
         return False
-    filled = sum(v is not None for v in (req.candidates, req.context, req.tasks))
+    filled = sum(
+        v is not None for v in (req.candidates, req.context, req.tasks, req.model, req.version)
+    )
     for part in (req.candidates, req.context):
         if part is not None:
             filled += sum(
@@ -185,6 +213,9 @@ class RequestDecoder:
                     None,
                 ),
                 ("tasks", list[Literal[task_names]] | None, None),  # type: ignore[valid-type]
+                # Read by the registry (RequestHead) to pick the model; documented here.
+                ("model", str | None, None),
+                ("version", str | int | None, None),
             ],
             forbid_unknown_fields=True,
         )
@@ -194,6 +225,8 @@ class RequestDecoder:
             "context",
             "instances",
             "tasks",
+            "model",
+            "version",
             *(f.name for f in self.features),
         ]
 
@@ -203,7 +236,9 @@ class RequestDecoder:
 
     # ------------------------------------------------------------------------------ decode
 
-    def decode(self, body: bytes) -> Decoded:
+    def decode(self, body: bytes, items: ItemFields | None = None) -> Decoded:
+        """The request in `body` as feeds; with `items`, item features a request that sends
+        the key leaves out are to be filled from the item source (Decoded.fill)."""
         try:
             req: Any = self._decoder.decode(body)
         except msgspec.ValidationError as err:
@@ -236,10 +271,10 @@ class RequestDecoder:
                     "instances",
                     "give `instances`, or `candidates` (with optional `context`), not both",
                 )
-            return Decoded(*self._from_rows(req.instances), tasks)
+            return self._from_rows(req.instances, tasks, items)
         if req.candidates is None:
             raise PayloadError("candidates", "required: one list per feature (or use `instances`)")
-        return Decoded(*self._from_columns(req.candidates, req.context), tasks)
+        return self._from_columns(req.candidates, req.context, tasks, items)
 
     def _check_rows(self, n: int, field: str) -> None:
         if n == 0:
@@ -252,7 +287,9 @@ class RequestDecoder:
                 "too_many_rows",
             )
 
-    def _from_columns(self, cands: Any, ctx: Any) -> tuple[int, dict[str, np.ndarray]]:
+    def _from_columns(
+        self, cands: Any, ctx: Any, tasks: list[str], items: ItemFields | None
+    ) -> Decoded:
         columns: dict[str, tuple[FeatureInfo, list[Any]]] = {}
         n = -1
         first = ""
@@ -273,6 +310,8 @@ class RequestDecoder:
             raise PayloadError("candidates", "no feature columns given")
         self._check_rows(n, "candidates")
         feeds: dict[str, np.ndarray] = {}
+        held = items.features if items is not None and items.key in columns else frozenset()
+        fill: dict[str, np.ndarray | None] = {}
         for i, f in enumerate(self.features):
             scalar = getattr(ctx, f"f{i}") if ctx is not None else msgspec.UNSET
             rows = 1 if f.context else n  # the graph broadcasts a context input itself
@@ -284,18 +323,33 @@ class RequestDecoder:
                 feeds[f.name] = column_array(f, columns[f.name][1], f"candidates.{f.name}")
             elif scalar is not msgspec.UNSET:
                 feeds[f.name] = broadcast_array(f, scalar, rows, f"context.{f.name}")
+            elif f.name in held:
+                fill[f.name] = None
             else:
                 feeds[f.name] = default_array(f, rows, f"candidates.{f.name}")
-        return n, one_context_batch(self.context, feeds, n)
+        ids = feeds[items.key] if fill and items is not None else None
+        return Decoded(n, one_context_batch(self.context, feeds, n), tasks, ids, fill)
 
-    def _from_rows(self, rows: list[Any]) -> tuple[int, dict[str, np.ndarray]]:
+    def _from_rows(self, rows: list[Any], tasks: list[str], items: ItemFields | None) -> Decoded:
         n = len(rows)
         self._check_rows(n, "instances")
         feeds: dict[str, np.ndarray] = {}
+        key = self._key_rows(rows, items)
+        fill: dict[str, np.ndarray | None] = {}
         for i, f in enumerate(self.features):
             attr = f"f{i}"
             values = [getattr(r, attr) for r in rows]
             unset = [j for j, v in enumerate(values) if v is msgspec.UNSET]
+            if unset and key is not None and items is not None and f.name in items.features:
+                # Rows that send their id and leave this feature out take the table's value;
+                # a placeholder holds their place until then.
+                from_table = np.zeros(n, dtype=bool)
+                from_table[[j for j in unset if key[j]]] = True
+                if from_table.any():
+                    fill[f.name] = from_table
+                    stand_in = _stand_in(f)
+                    values = [stand_in if from_table[j] else v for j, v in enumerate(values)]
+                    unset = [j for j in unset if not from_table[j]]
             if unset:
                 if f.required:
                     raise PayloadError(
@@ -303,7 +357,81 @@ class RequestDecoder:
                     )
                 values = [None if v is msgspec.UNSET else v for v in values]
             feeds[f.name] = _rows_array(f, values)
-        return n, feeds
+        ids = feeds[items.key] if fill and items is not None else None
+        return Decoded(n, feeds, tasks, ids, fill)
+
+    def _key_rows(self, rows: list[Any], items: ItemFields | None) -> list[bool] | None:
+        """Which rows give the item key (None: no item source, or no row gives it)."""
+        if items is None:
+            return None
+        index = next((i for i, f in enumerate(self.features) if f.name == items.key), None)
+        if index is None:
+            return None
+        given = [getattr(r, f"f{index}") not in (msgspec.UNSET, None) for r in rows]
+        return given if any(given) else None
+
+
+def _stand_in(f: FeatureInfo) -> Any:
+    """A valid value of `f`'s kind, for a row whose value the item source gives."""
+    return 0.0 if f.kind == "numeric" else [] if f.kind == "tags" else ""
+
+
+# ----------------------------------------------------------------------------- the head
+
+
+@dataclass(frozen=True)
+class Head:
+    """What routing needs of a /predict body: the model and version it names (or None), and
+    the value it gives each routing key feature (in `context`, else the first candidate's)."""
+
+    model: str | None
+    version: str | None
+    keys: dict[str, str]
+
+
+class RequestHead:
+    """Reads a Head from a /predict body, skipping everything else (the candidates' columns
+    are scanned, not built)."""
+
+    def __init__(self, key_features: Sequence[str]) -> None:
+        self.features = sorted(set(key_features))
+        one = _struct("Keys", self._infos(), lambda f: Any, forbid=False)
+        column = _struct("KeyColumns", self._infos(), lambda f: list[Any], forbid=False)
+        self._type = msgspec.defstruct(
+            "Head",
+            [
+                ("model", str | None, None),
+                ("version", str | int | None, None),
+                ("context", one | None, None),
+                ("candidates", column | None, None),
+                ("instances", list[one] | None, None),  # type: ignore[valid-type]
+            ],
+        )
+        self._decoder = msgspec.json.Decoder(self._type)
+
+    def _infos(self) -> list[FeatureInfo]:
+        return [FeatureInfo(name=f, kind="categorical", dtype="string") for f in self.features]
+
+    def decode(self, body: bytes) -> Head:
+        try:
+            head: Any = self._decoder.decode(body)
+        except msgspec.ValidationError as err:
+            raise _msgspec_error(err) from None
+        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as err:
+            raise PayloadError(None, f"malformed JSON: {err}", 400, "malformed_json") from None
+        keys: dict[str, str] = {}
+        for i, name in enumerate(self.features):
+            attr = f"f{i}"
+            value = getattr(head.context, attr, msgspec.UNSET) if head.context else msgspec.UNSET
+            if value is msgspec.UNSET and head.candidates is not None:
+                column = getattr(head.candidates, attr)
+                value = column[0] if column is not msgspec.UNSET and column else msgspec.UNSET
+            if value is msgspec.UNSET and head.instances:
+                value = getattr(head.instances[0], attr)
+            if value is not msgspec.UNSET and value is not None:
+                keys[name] = str(value)
+        version = None if head.version is None else str(head.version)
+        return Head(head.model, version, keys)
 
 
 # ------------------------------------------------------------------------ values -> arrays

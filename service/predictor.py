@@ -22,6 +22,7 @@ from mmoe.contract.metadata import (
     read_metadata,
 )
 from mmoe.contract.values import graph_inputs
+from mmoe.service.cpu_share import CpuShare
 from mmoe.service.errors import PayloadError
 from mmoe.service.payload import RequestDecoder
 from mmoe.service.weights import large_initializers
@@ -33,6 +34,10 @@ PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 class ModelLoadError(RuntimeError):
     """The file cannot be served: missing, not ONNX, not ours, or failing its warm-up."""
+
+
+class GoldenMismatchError(ModelLoadError):
+    """The file loads but does not compute what was exported (its golden rows)."""
 
 
 class ProviderError(ModelLoadError):
@@ -70,7 +75,7 @@ def shared_initializers(path: Path) -> dict[str, ort.OrtValue]:
     }
 
 
-def _return_freed_memory() -> None:
+def return_freed_memory() -> None:
     """Hand the heap's free pages back to the system (glibc keeps them by default, so the
     transient copies of a large file would stay in the process's RSS)."""
     with contextlib.suppress(OSError, AttributeError):  # not glibc
@@ -134,7 +139,7 @@ class Predictor:
         self.lone_threads = lone_threads if lone else 0
         if lone:
             self.lone_session = self._session(providers, lone_threads, spin=True)
-            _return_freed_memory()  # reading the file for its weights took a copy or two
+            return_freed_memory()  # reading the file for its weights took a copy or two
         self.provider = self.session.get_providers()[0]
         if self.provider != providers[0]:  # onnxruntime falls back silently; say so
             reason = (
@@ -181,6 +186,11 @@ class Predictor:
                 "warmup_s": round(self.warmup_seconds, 3),
             },
         )
+
+    def runs_alone(self, share: CpuShare) -> bool:
+        """Whether a call made now takes the lone-request session: the file has one, and the
+        call would be the only work on the whole server (`share`)."""
+        return self.lone_session is not None and share.alone()
 
     @property
     def _modes(self) -> list[bool]:
@@ -280,7 +290,7 @@ class Predictor:
         if found:
             shown = "; ".join(map(str, found[:3]))
             more = f"; and {len(found) - 3} more values" if len(found) > 3 else ""
-            raise ModelLoadError(
+            raise GoldenMismatchError(
                 f"{self.path}: not served, the file does not compute what was exported "
                 f"(edited, corrupted, or a runtime that computes differently): {shown}{more}"
             )

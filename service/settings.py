@@ -41,6 +41,26 @@ class Settings(BaseSettings):
     # The file `make demo` builds, so that a plain `mmoe serve` after it serves something; a
     # deployment names its own (the images set /models/model.onnx).
     model_path: Path = Field(Path("models/demo.onnx"), description="the model.onnx to serve")
+    # Several models and versions side by side, laid out as Triton's (service/repository.py);
+    # when set, model_path is not used.
+    model_repository: Path | None = Field(
+        None, description="a repository DIR/<name>/<version>/model.onnx to serve instead"
+    )
+    repository_poll_s: float = Field(
+        0, ge=0, description="read the repository again every this many seconds; 0: only on reload"
+    )
+    # Item features held by the server (service/items.py, docs/items.md).
+    items: str | None = Field(
+        None, description="item features: a Parquet/Arrow file, or redis://host:port/db"
+    )
+    items_key: str | None = Field(
+        None, description="the item file's key column; unset: the one id column of unique values"
+    )
+    items_poll_s: float = Field(
+        0, ge=0, description="look for a new item file (or manifest) every this many seconds"
+    )
+    items_cache: int = Field(100_000, ge=1, description="items cached in each worker (Redis)")
+    items_ttl_s: float = Field(60.0, gt=0, description="seconds a cached item is fresh (Redis)")
     # A request can never make the server read a file outside it.
     model_dir: Path | None = Field(
         None, description="directory /admin/reload may load from; unset: the model's"
@@ -58,7 +78,7 @@ class Settings(BaseSettings):
     )
     # Processes rather than threads: one runtime call per core, each in its own process with
     # its own session, scored 1.2-1.5x the requests per second of one process whose threads
-    # share the cores (docs/serving.md).
+    # share the cores (docs/workers.md).
     workers: int = Field(
         0,
         ge=0,

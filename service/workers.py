@@ -7,17 +7,18 @@ between them. On Linux each worker has a listening socket of its own (SO_REUSEPO
 kernel spreads new connections over them. The parent imports no model code and serves no request; it
 restarts a worker that dies, and relays what concerns all workers:
 
-- SIGHUP: forwarded to every worker, each reloading the configured file.
+- SIGHUP: forwarded to every worker, each reloading the configured file (or reading the
+  repository again).
 - SIGTERM / SIGINT: the port is closed at once, then every worker finishes its in-flight
   requests and exits.
-- `POST /admin/reload`, answered by one worker: once that worker has loaded the file, every
-  other worker loads it too, and the answer waits for them (`WorkerLink.reload_others`).
+- a change of what is served (`POST /admin/reload`, the repository API's load and unload),
+  answered by one worker: once that worker has made it (an `Action`), every other worker
+  makes it too, and the answer waits for them (`WorkerLink.broadcast`).
 - each worker's state (ready or why not, and the model it serves), sent to every worker, so
   that whichever worker answers /readyz or /metrics speaks for the whole server.
 
-One thing is shared in memory: an array with each worker's count of requests in progress
-(service/observability.py's `ServerLoad`), so that a request alone on the whole server may run
-on every core.
+One thing is shared in memory: each worker's count of requests in progress
+(service/cpu_share.py), so that a request alone on the whole server may run on every core.
 
 Prometheus counters, histograms and gauges are summed over the workers by prometheus_client's
 multiprocess mode, in a directory made for this start and removed at exit.
@@ -41,8 +42,9 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
+from mmoe.service.cpu_share import CpuShare
 from mmoe.service.settings import Settings
 
 log = logging.getLogger("mmoe.service")
@@ -55,8 +57,17 @@ FATAL_EXIT = 3
 _RESTART_BACKOFF_S = 1.0
 
 # What a worker tells its siblings about itself: {"ready": bool, "reason": why not ready,
-# "model": {"name", "version", "provider", "path"} or None}.
+# "models": [{"name", "version", "provider", "path"}, ...]}.
 WorkerState = dict[str, Any]
+
+
+class Action(NamedTuple):
+    """A change of what is served, made by one worker and repeated by the others: "file"
+    (load the file `arg`), "sync" (read the repository again), "load" or "unload" (the model
+    `arg`, through the repository API)."""
+
+    kind: str
+    arg: str = ""
 
 
 # With one shared listening socket, the worker that wakes first takes every connection waiting
@@ -121,8 +132,8 @@ class _Worker:
 
 
 @dataclass
-class _Reload:
-    """A reload one worker asked for, waiting on the others."""
+class _Broadcast:
+    """An Action one worker made, waiting on the others."""
 
     requester: int
     request_id: int
@@ -137,10 +148,12 @@ class Supervisor:
         self.settings = settings
         self.workers: dict[int, _Worker] = {}
         self.states: dict[int, WorkerState] = {}
-        # The file the workers serve (the configured one until a reload moves them all): a
-        # restarted worker loads this one, so that it serves what its siblings serve.
+        # The file the workers serve (the configured one until a reload moves them all), or
+        # the repository's models unloaded through its API: a restarted worker starts from
+        # these, so that it serves what its siblings serve.
         self.serving = settings.model_path
-        self.reloads: dict[tuple[int, int], _Reload] = {}
+        self.unloaded: set[str] = set()
+        self.broadcasts: dict[tuple[int, int], _Broadcast] = {}
         self.restart_at: dict[int, float] = {}
         self.stopping = False
         self.status = 0
@@ -149,9 +162,7 @@ class Supervisor:
         s = self.settings
         self.listeners = _Listeners(s.host, s.port, s.workers)
         context = multiprocessing.get_context("spawn")  # no inherited threads or locks
-        # Each worker's requests in progress, then since when each has had none (the layout of
-        # service/observability.py's ServerLoad), each written by its worker alone.
-        self.load = context.RawArray("d", 2 * s.workers)
+        self.share = CpuShare.for_supervisor(s.workers, context)
         wake_r, wake_w = socket.socketpair()
         wake_r.setblocking(False)
         wake_w.setblocking(False)
@@ -208,7 +219,8 @@ class Supervisor:
                 child_end,
                 index,
                 self.serving,
-                self.load,
+                sorted(self.unloaded),
+                self.share.slots,
             ),
             name=f"mmoe-worker-{index}",
         )
@@ -251,33 +263,37 @@ class Supervisor:
         if kind == "state":
             (state,) = args
             self.states[worker.index] = state
-            if state["model"] is not None:
-                self.serving = Path(state["model"]["path"])
+            if self.settings.model_repository is None and state["models"]:
+                self.serving = Path(state["models"][0]["path"])
             self._broadcast_states()
-        elif kind == "reload":
-            request_id, path = args
+        elif kind == "broadcast":
+            request_id, action = args
+            if action.kind == "unload":
+                self.unloaded.add(action.arg)
+            elif action.kind == "load":
+                self.unloaded.discard(action.arg)
             others = {i for i in self.workers if i != worker.index}
-            reload = _Reload(worker.index, request_id, others)
-            self.reloads[(worker.index, request_id)] = reload
+            pending = _Broadcast(worker.index, request_id, others)
+            self.broadcasts[(worker.index, request_id)] = pending
             for i in others:
-                self._send(i, ("load", (worker.index, request_id), path))
-            self._finish_reload(reload)
-        elif kind == "loaded":
+                self._send(i, ("apply", (worker.index, request_id), action))
+            self._finish(pending)
+        elif kind == "applied":
             key, error = args
-            pending = self.reloads.get(key)
-            if pending is not None:
-                pending.waiting.discard(worker.index)
+            waiting = self.broadcasts.get(key)
+            if waiting is not None:
+                waiting.waiting.discard(worker.index)
                 if error is not None:
-                    pending.failed[worker.index] = error
-                self._finish_reload(pending)
+                    waiting.failed[worker.index] = error
+                self._finish(waiting)
         elif kind == "fatal":
             (worker.fatal,) = args
         return True
 
-    def _finish_reload(self, reload: _Reload) -> None:
-        if not reload.waiting:
-            del self.reloads[(reload.requester, reload.request_id)]
-            self._send(reload.requester, ("reloaded", reload.request_id, reload.failed))
+    def _finish(self, pending: _Broadcast) -> None:
+        if not pending.waiting:
+            del self.broadcasts[(pending.requester, pending.request_id)]
+            self._send(pending.requester, ("done", pending.request_id, pending.failed))
 
     def _broadcast_states(self) -> None:
         for index in self.workers:
@@ -292,15 +308,15 @@ class Supervisor:
         del self.workers[worker.index]
         worker.conn.close()
         self.states.pop(worker.index, None)
-        self.load[worker.index] = 0.0  # what it had in progress died with it
+        self.share.forget(worker.index)
         if worker.process.pid is not None:
             _forget_live_gauges(worker.process.pid)
-        for reload in list(self.reloads.values()):
-            if reload.requester == worker.index:
-                del self.reloads[(reload.requester, reload.request_id)]
-            elif worker.index in reload.waiting:  # its replacement loads self.serving
-                reload.waiting.discard(worker.index)
-                self._finish_reload(reload)
+        for pending in list(self.broadcasts.values()):
+            if pending.requester == worker.index:
+                del self.broadcasts[(pending.requester, pending.request_id)]
+            elif worker.index in pending.waiting:  # its replacement starts from the change
+                pending.waiting.discard(worker.index)
+                self._finish(pending)
         if self.stopping:
             return
         if worker.fatal is not None or code == FATAL_EXIT:
@@ -332,17 +348,21 @@ def run_worker(
     conn: Connection,
     index: int,
     model_path: Path,
-    load: MutableSequence[float],
+    unloaded: list[str],
+    slots: MutableSequence[float],
 ) -> None:
-    """One worker process: a whole server on `sock` (see the module docstring)."""
+    """One worker process: a whole server on `sock` (see the module docstring), serving
+    `model_path` (one-file mode) or the repository without the models in `unloaded`; `slots`
+    is the supervisor's CpuShare array."""
     import uvicorn
 
     from mmoe.service.app import create_app, uvicorn_config
     from mmoe.service.logs import configure_logging
 
     configure_logging(settings.log_level, worker=index)
-    link = WorkerLink(conn, index, settings.workers, load)
-    app = create_app(settings, link=link, model_path=model_path)
+    link = WorkerLink(conn, index, settings.workers)
+    share = CpuShare.for_worker(slots, index)
+    app = create_app(settings, link=link, share=share, model_path=model_path, unloaded=unloaded)
     server = uvicorn.Server(uvicorn_config(app, settings))
     server.run(sockets=[sock])
     if not server.started:  # its start failed (and it told the supervisor why)
@@ -352,25 +372,21 @@ def run_worker(
 class WorkerLink:
     """A worker's line to the supervisor and, through it, to its sibling workers."""
 
-    def __init__(
-        self, conn: Connection, index: int, count: int, load: MutableSequence[float] | None = None
-    ) -> None:
+    def __init__(self, conn: Connection, index: int, count: int) -> None:
         self.conn = conn
         self.index = index
         self.count = count
-        # Each worker's requests in progress (its own slot is `index`).
-        self.load: MutableSequence[float] = load if load is not None else [0.0] * (2 * count)
         self.states: dict[int, WorkerState] = {}
         self._ids = itertools.count()
         self._waiting: dict[int, asyncio.Future[dict[int, str]]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
-        self._load: Callable[[Path], Awaitable[str | None]] | None = None
+        self._apply: Callable[[Action], Awaitable[str | None]] | None = None
 
-    def attach(self, load: Callable[[Path], Awaitable[str | None]]) -> None:
-        """Start taking the supervisor's messages on the running loop; `load(path)` loads a file
-        a sibling has loaded, returning None or why it failed."""
+    def attach(self, apply: Callable[[Action], Awaitable[str | None]]) -> None:
+        """Start taking the supervisor's messages on the running loop; `apply(action)` makes
+        here a change a sibling has made, returning None or why it failed."""
         self._loop = asyncio.get_running_loop()
-        self._load = load
+        self._apply = apply
         self._loop.add_reader(self.conn.fileno(), self._receive)
 
     def detach(self) -> None:
@@ -386,13 +402,14 @@ class WorkerLink:
         with contextlib.suppress(OSError):
             self.conn.send(("fatal", reason))
 
-    async def reload_others(self, path: Path) -> dict[int, str]:
-        """Have every other worker load `path`; returns, by worker, why one failed."""
+    async def broadcast(self, action: Action) -> dict[int, str]:
+        """Have every other worker make the change `action` (this one has); returns, by
+        worker, why one failed."""
         request_id = next(self._ids)
         future = self._loop.create_future()
         self._waiting[request_id] = future
         try:
-            self.conn.send(("reload", request_id, str(path)))
+            self.conn.send(("broadcast", request_id, action))
             return await future
         finally:
             self._waiting.pop(request_id, None)
@@ -408,8 +425,8 @@ class WorkerLink:
         return True, ""
 
     def models(self) -> list[dict[str, str]]:
-        """The models the workers serve, each once (one, except during a reload)."""
-        seen = {tuple(sorted(s["model"].items())) for s in self.states.values() if s["model"]}
+        """The models the workers serve, each once."""
+        seen = {tuple(sorted(m.items())) for s in self.states.values() for m in s["models"]}
         return [dict(m) for m in sorted(seen)]
 
     def _receive(self) -> None:
@@ -418,14 +435,14 @@ class WorkerLink:
                 kind, *args = self.conn.recv()
                 if kind == "states":
                     (self.states,) = args
-                elif kind == "reloaded":
+                elif kind == "done":
                     request_id, failed = args
                     future = self._waiting.get(request_id)
                     if future is not None and not future.done():
                         future.set_result(failed)
-                elif kind == "load":
-                    key, path = args
-                    task = self._loop.create_task(self._load_for_sibling(key, Path(path)))
+                elif kind == "apply":
+                    key, action = args
+                    task = self._loop.create_task(self._apply_for_sibling(key, action))
                     self._tasks.add(task)
                     task.add_done_callback(self._tasks.discard)
         except (EOFError, OSError):  # the supervisor is gone: stop too, draining what is here
@@ -433,8 +450,8 @@ class WorkerLink:
             log.error("supervisor gone: stopping", extra={"event": "supervisor_gone"})
             signal.raise_signal(signal.SIGTERM)
 
-    async def _load_for_sibling(self, key: Any, path: Path) -> None:
-        assert self._load is not None
-        error = await self._load(path)
+    async def _apply_for_sibling(self, key: Any, action: Action) -> None:
+        assert self._apply is not None
+        error = await self._apply(action)
         with contextlib.suppress(OSError):
-            self.conn.send(("loaded", key, error))
+            self.conn.send(("applied", key, error))

@@ -52,3 +52,41 @@ def fail_past_rows(src: Path, dst: Path, rows: int) -> str:
     )
     onnx.save(model, str(dst))
     return output
+
+
+def slow_copy(src: Path, dst: Path, size: int = 600, rounds: int = 4) -> None:
+    """A copy of `src` that scores exactly as it does, each call taking longer: `rounds`
+    products of [size, size] matrices whose result is added to the first output times zero."""
+    from onnx import helper
+
+    model = onnx.load(str(src))
+    graph = model.graph
+    output = graph.output[0].name
+    inner = f"{output}__before_slow"
+    for node in graph.node:
+        node.output[:] = [inner if o == output else o for o in node.output]
+    rng = np.random.default_rng(0)
+    square = rng.normal(size=(size, size)).astype(np.float32) / size
+    graph.initializer.extend(
+        [
+            numpy_helper.from_array(square, "slow_square"),
+            numpy_helper.from_array(np.array(0, np.float32), "slow_zero"),
+        ]
+    )
+    # Tied to the call's own scores, so that it is computed at each call, not once at load.
+    nodes = [
+        helper.make_node("ReduceSum", [inner], ["slow_scores"], keepdims=0),
+        helper.make_node("Mul", ["slow_scores", "slow_zero"], ["slow_tie"]),
+        helper.make_node("Add", ["slow_square", "slow_tie"], ["slow_start"]),
+    ]
+    previous = "slow_start"
+    for i in range(rounds):
+        nodes.append(helper.make_node("MatMul", [previous, "slow_square"], [f"slow_{i}"]))
+        previous = f"slow_{i}"
+    nodes += [
+        helper.make_node("ReduceSum", [previous], ["slow_sum"], keepdims=0),
+        helper.make_node("Mul", ["slow_sum", "slow_zero"], ["slow_nothing"]),
+        helper.make_node("Add", [inner, "slow_nothing"], [output]),
+    ]
+    graph.node.extend(nodes)
+    onnx.save(model, str(dst))

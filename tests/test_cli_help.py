@@ -98,7 +98,15 @@ def test_training_commands_are_those_in_the_training_packages() -> None:
 
 
 @pytest.mark.parametrize(
-    "argv", [["--help"], ["serve", "--help"], ["verify", "--help"], ["export", "--help"]]
+    "argv",
+    [
+        ["--help"],
+        ["serve", "--help"],
+        ["verify", "--help"],
+        ["export", "--help"],
+        ["items", "build", "--help"],
+        ["items", "push", "--help"],
+    ],
 )
 def test_parsing_a_command_imports_no_torch(argv: list[str]) -> None:
     code = (

@@ -53,3 +53,21 @@ def test_the_checker_sees_links_and_headings(tmp_path: Path) -> None:
     )
     assert _links(doc) == ["b.md#top"]
     assert _anchors(doc) == {"settings-measured-x"}
+
+
+# A document named in code: docs/<name>.md, or one at the root in capitals (README.md).
+NAMED_DOC = re.compile(r"(?<![\w/.])(docs/[a-z_]+\.md|[A-Z]+\.md)\b")
+
+
+def test_documents_named_in_code_exist() -> None:
+    """A comment or message that sends the reader to docs/x.md (or DESIGN.md) names a file of
+    the checkout."""
+    missing = []
+    for folder in ("mmoe", "contract", "service", "model", "export", "bench", "deploy"):
+        for path in sorted((ROOT / folder).rglob("*")):
+            if path.suffix not in (".py", ".yml", ".yaml", ".toml") or not path.is_file():
+                continue
+            for name in NAMED_DOC.findall(path.read_text()):
+                if not (ROOT / name).exists():
+                    missing.append(f"{path.relative_to(ROOT)}: {name}")
+    assert not missing

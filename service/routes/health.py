@@ -8,7 +8,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from mmoe.service.state import get_holder, get_metrics, get_settings
+from mmoe.service.openapi import ERROR_RESPONSES
+from mmoe.service.state import get_metrics, get_registry, get_settings
 
 router = APIRouter(tags=["operations"])
 
@@ -20,33 +21,53 @@ async def livez() -> dict[str, str]:
 
 @router.get(
     "/readyz",
-    summary="A model is loaded and warmed up (in every worker)",
+    summary="Every model that routing sends traffic to is loaded and warmed up (in every worker)",
     responses={503: {"description": "Not ready; `reason` says why"}},
 )
 async def readyz(request: Request) -> Response:
-    holder = get_holder(request)
-    ready, reason = holder.ready()
-    model = holder.current
-    if not ready or model is None:
+    registry = get_registry(request)
+    ready, reason = registry.ready()
+    model = registry.default_model()
+    if not ready:
         return JSONResponse({"status": "not_ready", "reason": reason}, 503)
-    return JSONResponse({"status": "ready", "model": model.name, "version": model.version})
+    answer: dict[str, Any] = {"status": "ready"}
+    if model is not None:
+        answer |= {"model": model.name, "version": model.version}
+    if len(registry.serving.models) > 1:
+        answer["models"] = [{"name": n, "version": v} for n, v in sorted(registry.serving.models)]
+    return JSONResponse(answer)
 
 
-@router.get("/metadata", summary="Features, tasks, model version, execution provider, batching")
-async def metadata(request: Request) -> dict[str, Any]:
-    model, settings = get_holder(request).require(), get_settings(request)
-    meta = model.predictor.meta
+@router.get(
+    "/metadata",
+    summary="A model's features, tasks, version, execution provider and batching; the models "
+    "served and their routing",
+    responses={
+        404: {**ERROR_RESPONSES[422], "description": "The model or version named is not served"},
+        503: ERROR_RESPONSES[503],
+    },
+)
+async def metadata(
+    request: Request, model: str | None = None, version: str | None = None
+) -> dict[str, Any]:
+    """The model `model` (and `version`) names, else the one /predict scores for a caller
+    that names none."""
+    registry, settings = get_registry(request), get_settings(request)
+    served = registry.resolve(model, version)[0]
+    meta = served.predictor.meta
     return {
         "model": {
-            "name": meta.name,
-            "version": meta.version,
+            "name": served.name,
+            "version": served.version,
+            # The file's own name and version (a repository names a model by its folders).
+            "exported_as": {"name": meta.name, "version": meta.version},
             "config_hash": meta.config_hash,
             "exported_at": meta.exported_at,
             "metrics": meta.metrics,
-            "path": str(model.predictor.path),
-            "loaded_at": model.loaded_at,
+            "path": str(served.path),
+            "loaded_at": served.loaded_at,
         },
-        "provider": model.predictor.provider,
+        "provider": served.predictor.provider,
         "features": [f.model_dump() | {"required": f.required} for f in meta.features],
         "tasks": [t.model_dump() for t in meta.tasks],
         # The monitoring outputs and their training-time references (docs/monitoring.md).
@@ -59,10 +80,30 @@ async def metadata(request: Request) -> dict[str, Any]:
             "inference_workers": settings.inference_workers,
             "intra_op_threads": settings.intra_op_threads,
             # 0: no lone-request session (off, on a GPU, or no more threads than a call has)
-            "lone_request_threads": model.predictor.lone_threads,
+            "lone_request_threads": served.predictor.lone_threads,
             "max_queue": settings.max_queue,
             "max_batch_rows": settings.max_batch_rows,
             "request_timeout_ms": settings.request_timeout_ms,
+        },
+        # The item features held for it (MMOE_ITEMS; docs/items.md): file or Redis, rows, when
+        # loaded, and why the last refresh was refused, if it was.
+        "items": None
+        if registry.items.spec is None
+        else {
+            **(served.items.describe() if served.items is not None else {}),
+            "error": registry.items.error,
+        },
+        "models": [
+            {"name": m.name, "version": m.version, "path": str(m.path), "loaded_at": m.loaded_at}
+            for m in sorted(registry.serving.models.values(), key=lambda m: m.key)
+        ],
+        "repository": None
+        if registry.repository is None
+        else {
+            "path": str(registry.repository),
+            "routing": registry.serving.router.config.model_dump(),
+            "routing_error": registry.routing_error,
+            "poll_s": settings.repository_poll_s,
         },
     }
 

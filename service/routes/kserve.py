@@ -14,6 +14,7 @@ import numpy as np
 import orjson
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
+from starlette.background import BackgroundTask
 
 from mmoe.contract.metadata import FeatureInfo
 from mmoe.service import kserve_v2
@@ -21,8 +22,12 @@ from mmoe.service.auth import require_api_key
 from mmoe.service.errors import ApiError, PayloadError
 from mmoe.service.http import read_request_body
 from mmoe.service.kserve_v2 import input_field, tensor_array
+from mmoe.service.observability import SERVED
 from mmoe.service.payload import duplicate_key
-from mmoe.service.state import LoadedModel, ModelHolder, get_holder, get_settings
+from mmoe.service.registry import LoadedModel, ModelRegistry
+from mmoe.service.shadow import ShadowScorer
+from mmoe.service.state import get_registry, get_settings
+from mmoe.service.workers import Action
 
 router = APIRouter(prefix="/v2", tags=["kserve-v2"])
 
@@ -92,9 +97,9 @@ INFER_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-def _model(holder: ModelHolder, name: str, version: str | None = None) -> LoadedModel:
+def _model(registry: ModelRegistry, name: str, version: str | None = None) -> LoadedModel:
     try:
-        return kserve_v2.find_model(holder, name, version)
+        return registry.find(name, version)
     except ApiError as err:
         raise _v2(err) from None
 
@@ -115,7 +120,7 @@ async def live() -> dict[str, bool]:
 
 @router.get("/health/ready", summary="Server is ready")
 async def ready(request: Request) -> Response:
-    ok = get_holder(request).ready()[0]
+    ok = get_registry(request).ready()[0]
     return Response(orjson.dumps({"ready": ok}), 200 if ok else 503, media_type="application/json")
 
 
@@ -124,7 +129,8 @@ async def ready(request: Request) -> Response:
     "/models/{name}/versions/{version}", summary="Model metadata", responses=MODEL_RESPONSES
 )
 async def model_metadata(request: Request, name: str, version: str | None = None) -> dict[str, Any]:
-    return kserve_v2.model_metadata(_model(get_holder(request), name, version))
+    registry = get_registry(request)
+    return kserve_v2.model_metadata(_model(registry, name, version), registry.versions(name))
 
 
 @router.get("/models/{name}/ready", summary="Model is ready", responses=MODEL_RESPONSES)
@@ -132,7 +138,7 @@ async def model_metadata(request: Request, name: str, version: str | None = None
     "/models/{name}/versions/{version}/ready", summary="Model is ready", responses=MODEL_RESPONSES
 )
 async def model_ready(request: Request, name: str, version: str | None = None) -> dict[str, Any]:
-    model = _model(get_holder(request), name, version)
+    model = _model(get_registry(request), name, version)
     return {"name": model.name, "ready": True}
 
 
@@ -156,22 +162,56 @@ async def infer(
     request: Request,
     version: str | None = None,
 ) -> Response:
-    model = _model(get_holder(request), name, version)
+    registry = get_registry(request)
     try:
+        registry.find(name, version or None)  # a name not served: 404 before the body is read
         body = await read_request_body(
             request, get_settings(request).max_body_bytes, ("application/octet-stream",)
         )
         req, binary = _split_body(body, request.headers.get(_HEADER))
+        feature = registry.key_feature(name)
+        key = _key_value(req, binary, feature) if feature and not version else None
+        model, shadow = registry.resolve(name, version or None, key)
+        request.scope[SERVED] = model
         features = {f.name: f for f in model.predictor.meta.features}
         given = _given(features, req, binary)
-        n, feeds = kserve_v2.feeds(features, given, get_settings(request).max_batch_rows)
+        decoded = kserve_v2.feeds(
+            features, given, get_settings(request).max_batch_rows, model.item_fields
+        )
+        await model.fill_items(decoded)
+        feeds = decoded.feeds
         wanted = _wanted_outputs(model, req)
-        outputs = await model.runner.infer(feeds, n)
+        outputs = await model.runner.infer(feeds, decoded.n)
     except V2Error:
         raise
     except ApiError as err:
         raise _v2(err) from None
-    return _response(model, req, {k: outputs[k] for k, _ in wanted}, dict(wanted))
+    response = _response(model, req, {k: outputs[k] for k, _ in wanted}, dict(wanted))
+    if shadow is not None:
+        scorer: ShadowScorer = request.app.state.shadows
+        feeds_for = kserve_v2.shadow_feeds(
+            model, feeds, given, get_settings(request).max_batch_rows
+        )
+        response.background = BackgroundTask(scorer.submit, model, shadow, feeds_for, outputs)
+    return response
+
+
+def _key_value(req: _InferRequest, binary: bytes, feature: str) -> str | None:
+    """The routing key: the first value of the input named `feature`, if the call gives it."""
+    offset = 0
+    for t in req.inputs:
+        size = t.parameters.get("binary_data_size")
+        if t.name == feature:
+            field = f"inputs[{t.name}]"
+            if isinstance(size, int) and not isinstance(size, bool):
+                raw = memoryview(binary)[offset : offset + size]
+                arr = tensor_array(field, t.datatype, t.shape, raw=raw)
+            else:
+                arr = tensor_array(field, t.datatype, t.shape, values=t.data)
+            return kserve_v2.first_value(arr)
+        if isinstance(size, int) and not isinstance(size, bool):
+            offset += size
+    return None
 
 
 def _split_body(body: bytes, header_len: str | None) -> tuple[_InferRequest, bytes]:
@@ -265,3 +305,76 @@ def _response(
         media_type="application/octet-stream",
         headers={"Inference-Header-Content-Length": str(len(head))},
     )
+
+
+# ----------------------------------------------------------------- the repository extension
+# Triton's model repository API: list the repository's models and versions with their state,
+# load a model (again, as its folder and version policy say now) or unload it, in every
+# worker. Behind the API key when one is set.
+
+
+_REPOSITORY_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"description": "No repository, no such model, or it failed to load", **_V2_ERROR},
+    401: {"description": "Missing or wrong API key", **_V2_ERROR},
+}
+
+
+class _RepositoryIndexRequest(msgspec.Struct):
+    ready: bool = False
+
+
+@router.post(
+    "/repository/index",
+    summary="The repository's models and versions, with their state",
+    dependencies=[Depends(_require_api_key)],
+    responses={k: v for k, v in _REPOSITORY_RESPONSES.items() if k != 400}
+    | {400: {"description": "Malformed JSON", **_V2_ERROR}},
+)
+async def repository_index(request: Request) -> Response:
+    body = await read_request_body(request, 4096)
+    try:
+        req = msgspec.json.decode(body, type=_RepositoryIndexRequest) if body.strip() else None
+    except (msgspec.DecodeError, UnicodeDecodeError) as err:
+        raise V2Error(400, "malformed_json", f"malformed JSON: {err}") from None
+    entries = get_registry(request).index()
+    if req is not None and req.ready:
+        entries = [e for e in entries if e["state"] == "READY"]
+    return Response(orjson.dumps(entries), media_type="application/json")
+
+
+@router.post(
+    "/repository/models/{name}/load",
+    summary="Load a model of the repository (again) in every worker",
+    dependencies=[Depends(_require_api_key)],
+    responses=_REPOSITORY_RESPONSES,
+)
+async def repository_load(request: Request, name: str) -> Response:
+    return await _repository_change(request, Action("load", name))
+
+
+@router.post(
+    "/repository/models/{name}/unload",
+    summary="Unload every version of a model in every worker, until it is loaded again",
+    dependencies=[Depends(_require_api_key)],
+    responses=_REPOSITORY_RESPONSES,
+)
+async def repository_unload(request: Request, name: str) -> Response:
+    return await _repository_change(request, Action("unload", name))
+
+
+async def _repository_change(request: Request, action: Action) -> Response:
+    registry = get_registry(request)
+    await read_request_body(request, 64 * 1024)  # its parameters (config overrides) are not used
+    if registry.repository is None:
+        raise V2Error(
+            400,
+            "no_repository",
+            "load and unload need a model repository (MMOE_MODEL_REPOSITORY); this server "
+            "serves one file",
+        )
+    if not registry.in_repository(action.arg):
+        raise V2Error(400, "unknown_model", f"no model {action.arg!r} in the repository")
+    failed = await registry.apply_everywhere(action)
+    if failed is not None:
+        raise V2Error(400, "load_failed", f"failed to load {action.arg!r}: {failed}")
+    return Response(b"{}", media_type="application/json")

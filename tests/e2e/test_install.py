@@ -1,6 +1,6 @@
 """The installs: each wheel installs nothing but the `mmoe` namespace, and the serving install
 (`pip install .[serve]`) carries no training code and no torch, and `mmoe serve` runs in it,
-HTTP and KServe V2 over gRPC."""
+HTTP and KServe V2 over gRPC, as does `mmoe items build`."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ from pathlib import Path
 
 import grpc
 import httpx
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
@@ -96,7 +98,9 @@ def test_serve_install_has_no_training_code_nor_torch_and_serves(
         check=True,
     ).stdout.lower()
     assert "onnxruntime==" in listed and "fastapi==" in listed
-    for heavy in ("torch", "onnx==", "pyarrow", "scikit-learn"):
+    # pyarrow is in: the server reads item tables (docs/items.md).
+    assert "pyarrow==" in listed and "redis==" in listed
+    for heavy in ("torch", "onnx==", "scikit-learn"):
         assert heavy not in listed, f"{heavy} installed by .[serve]:\n{listed}"
     # Run outside the checkout, whose folders would be importable from the working directory.
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
@@ -133,6 +137,19 @@ def test_serve_install_has_no_training_code_nor_torch_and_serves(
         timeout=120,
     )
     assert verify.returncode == 0, verify.stdout + verify.stderr  # golden rows, without torch
+
+    data, items = tmp_path / "log.parquet", tmp_path / "items.parquet"
+    pq.write_table(pa.table({"item_id": ["i1", "i2", "i1"], "price": [1.0, 2.0, 3.0]}), data)
+    build = [mmoe, "items", "build", "--data", str(data), "--key", "item_id", "--out", str(items)]
+    built = subprocess.run(
+        [*build, "--model", str(tiny_onnx), "--features", "price"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert built.returncode == 0 and "2 items from 3 rows" in built.stdout, built.stderr
 
     port, grpc_port = free_port(), free_port()
     serve = [mmoe, "serve", "--model", str(tiny_onnx), "--port", str(port)]

@@ -26,7 +26,8 @@ from tests.server import ServerProcess
 @pytest.fixture(scope="module")
 def esmm_onnx(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     config = copy.deepcopy(yaml.safe_load(TINY_CONFIG.read_text()))
-    config["tasks"][1] |= {"multiply": "ctr", "product": "ctcvr"}
+    # no `product`: cvr x ctr is served as ctcvr, the name EasyRec and DeepCTR give it
+    config["tasks"][1] |= {"multiply": "ctr"}
     tmp = tmp_path_factory.mktemp("esmm")
     train(parse_config(config), tiny_data, tmp / "run")
     export_run(tmp / "run", tmp / "model.onnx", parity_rows=256)

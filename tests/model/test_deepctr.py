@@ -1,11 +1,14 @@
-"""DeepCTR's MMOE API: the seed document's signature, DeepCTR-Torch's compile/fit/predict on
-dicts of arrays (integer and string ids, padded sequences, dense values), and a DeepCTR-style
-script, run as a user would, whose saved model exports and serves predict()'s scores."""
+"""DeepCTR's MMOE API in both libraries' conventions: the seed document's (Keras) signature and
+DeepCTR-Torch's; compile/fit/predict on dicts of arrays (integer and string ids, padded sequences,
+dense values); Keras' labels and predictions one array per task, DeepCTR-Torch's [n, tasks]; and
+each library's own multi-task example script on census-income rows, run as a user would with
+only its import line changed."""
 
 from __future__ import annotations
 
 import inspect
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +18,8 @@ import httpx
 import numpy as np
 import pytest
 
-from mmoe.model.deepctr import (
+from mmoe.model import deepctr, deepctr_torch
+from mmoe.model.deepctr_torch import (
     MMOE,
     DenseFeat,
     SparseFeat,
@@ -25,7 +29,9 @@ from mmoe.model.deepctr import (
 from tests.cli import mmoe
 from tests.server import ServerProcess
 
-SCRIPT = Path(__file__).resolve().parents[1] / "data" / "deepctr" / "mmoe_census.py"
+DATA = Path(__file__).resolve().parents[1] / "data" / "deepctr"
+SCRIPT = DATA / "mmoe_census.py"
+CENSUS = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "census-income"
 
 # deepctr.models.multitask.mmoe.MMOE, as the seed document gives it
 SEED_SIGNATURE = (
@@ -36,13 +42,166 @@ SEED_SIGNATURE = (
 )
 
 
-def test_signature_and_defaults_are_deepctrs() -> None:
-    params = inspect.signature(MMOE).parameters.values()
+# deepctr_torch.models.multitask.mmoe.MMOE
+TORCH_SIGNATURE = (
+    "(dnn_feature_columns, num_experts=3, expert_dnn_hidden_units=(256, 128), "
+    "gate_dnn_hidden_units=(64,), tower_dnn_hidden_units=(64,), l2_reg_linear=1e-05, "
+    "l2_reg_embedding=1e-05, l2_reg_dnn=0, init_std=0.0001, seed=1024, dnn_dropout=0, "
+    "dnn_activation='relu', dnn_use_bn=False, task_types=('binary', 'binary'), "
+    "task_names=('ctr', 'ctcvr'), device='cpu', gpus=None)"
+)
+
+
+def signature(function: Any) -> str:
+    params = inspect.signature(function).parameters.values()
     text = ", ".join(
         p.name if p.default is inspect.Parameter.empty else f"{p.name}={p.default!r}"
         for p in params
     )
-    assert f"({text})" == SEED_SIGNATURE
+    return f"({text})"
+
+
+def test_signature_and_defaults_are_each_librarys() -> None:
+    assert signature(deepctr.MMOE) == SEED_SIGNATURE
+    assert signature(deepctr_torch.MMOE) == TORCH_SIGNATURE
+    # the feature columns too: DeepCTR-Torch's SparseFeat has no vocabulary_path (its 5th
+    # positional argument is dtype), its VarLenSparseFeat no weight_name
+    assert list(inspect.signature(deepctr_torch.SparseFeat).parameters)[4] == "dtype"
+    assert list(inspect.signature(deepctr.SparseFeat).parameters)[4] == "vocabulary_path"
+    assert "weight_name" not in inspect.signature(deepctr_torch.VarLenSparseFeat).parameters
+    # "auto" embedding_dim is 6 * int(vocabulary_size ** 0.25) in both
+    assert deepctr.SparseFeat("a", 10, "auto").embedding_dim == 6
+    assert deepctr_torch.SparseFeat("a", 100, "auto").embedding_dim == 18
+
+
+def conventions_data(n: int) -> tuple[dict[str, Any], np.ndarray]:
+    rng = np.random.default_rng(5)
+    x = {"user": rng.integers(0, 30, n), "price": rng.random(n)}
+    z = (x["user"] % 3 == 0) * 2.0 + x["price"] - 1
+    y = np.stack([rng.random(n) < 1 / (1 + np.exp(-z)), rng.random(n) < 0.3], axis=1)
+    return x, y.astype(int)
+
+
+def twin(module: Any) -> Any:
+    model = module.MMOE(
+        [module.SparseFeat("user", 30), module.DenseFeat("price", 1)],
+        num_experts=2,
+        expert_dnn_hidden_units=(8,),
+        gate_dnn_hidden_units=(),
+        tower_dnn_hidden_units=(4,),
+        task_names=("ctr", "cvr"),
+    )
+    model.compile("adam", loss="binary_crossentropy", metrics=["auc"])
+    return model
+
+
+def test_keras_and_torch_conventions_for_labels_predictions_and_history() -> None:
+    """The same model and rows through both: Keras takes one label array per task and predicts
+    one [n, 1] array per task (pred[0] is ctr); DeepCTR-Torch takes and predicts [n, tasks]."""
+    x, y = conventions_data(600)
+    keras, torch_style = twin(deepctr), twin(deepctr_torch)
+    kh = keras.fit(x, [y[:, 0], y[:, 1]], batch_size=64, epochs=2, verbose=0, validation_split=0.2)
+    th = torch_style.fit(x, y, batch_size=64, epochs=2, verbose=0, validation_split=0.2)
+    k_pred, t_pred = keras.predict(x), torch_style.predict(x)
+    assert isinstance(k_pred, list) and [p.shape for p in k_pred] == [(600, 1), (600, 1)]
+    assert k_pred[0].dtype == np.float32
+    assert (
+        isinstance(t_pred, np.ndarray) and t_pred.shape == (600, 2) and t_pred.dtype == np.float64
+    )
+    # one engine underneath: the same weights, so the same scores
+    np.testing.assert_allclose(k_pred[0][:, 0], t_pred[:, 0], atol=1e-6)
+    np.testing.assert_allclose(k_pred[1][:, 0], t_pred[:, 1], atol=1e-6)
+    assert set(kh.history) == {
+        "loss",
+        "ctr_loss",
+        "cvr_loss",
+        "val_loss",
+        "val_ctr_auc",
+        "val_cvr_auc",
+    }
+    assert {"loss", "val_auc", "val_auc_ctr", "val_auc_cvr"} <= set(th.history)
+    mean = (th.history["val_auc_ctr"][-1] + th.history["val_auc_cvr"][-1]) / 2
+    assert th.history["val_auc"][-1] == pytest.approx(mean)
+    # Keras also takes the labels as a dict by task (output) name
+    keras.fit(x, {"ctr": y[:, 0], "cvr": y[:, 1]}, batch_size=64, epochs=1, verbose=0)
+
+
+def test_each_library_refuses_the_others_labels() -> None:
+    x, y = conventions_data(50)
+    keras_says = (
+        r"an \[n, tasks\] array is DeepCTR-Torch's convention \(mmoe\.model\.deepctr_torch\)"
+    )
+    with pytest.raises(
+        ValueError, match=r"one per task \(Keras' multi-output fit\); " + keras_says
+    ):
+        twin(deepctr).fit(x, y, verbose=0)
+    torch_says = r"a list of arrays per task is DeepCTR's \(Keras\) convention"
+    with pytest.raises(ValueError, match=torch_says + r" \(mmoe\.model\.deepctr\)"):
+        twin(deepctr_torch).fit(x, [y[:, 0], y[:, 1]], verbose=0)
+
+
+def test_torch_mmoe_checks_what_deepctr_torch_checks() -> None:
+    columns = [deepctr_torch.SparseFeat("user", 30)]
+    with pytest.raises(ValueError, match="num_tasks must be greater than 1"):
+        deepctr_torch.MMOE(columns, task_types=("binary",), task_names=("ctr",))
+    with pytest.raises(ValueError, match="num_experts must be greater than 1"):
+        deepctr_torch.MMOE(columns, num_experts=1)
+    with pytest.raises(ValueError, match="device 'cuda:0'"):
+        deepctr_torch.MMOE(columns, device="cuda:0")
+    model = deepctr_torch.MMOE(columns)
+    assert model._model["gate_units"] == [64]  # DeepCTR-Torch's default gate DNN
+    model.compile("adagrad", loss="binary_crossentropy")
+    x, y = conventions_data(40)
+    model.fit({"user": x["user"]}, y, batch_size=20, verbose=0)
+    assert (model.config.train.optimizer, model.config.train.lr) == ("adagrad", 0.01)
+
+
+def write_census_sample(folder: Path, rows: int) -> None:
+    """`census-income.sample` as DeepCTR's example reads it: census-income rows, no header."""
+    import gzip
+
+    with gzip.open(CENSUS / "census-income.test.gz", "rt") as f:
+        lines = [next(f) for _ in range(rows)]
+    (folder / "census-income.sample").write_text("".join(lines))
+
+
+def run_example(script: str, folder: Path) -> str:
+    env = dict(os.environ, OMP_NUM_THREADS="1")  # a small model: one thread is fastest
+    proc = subprocess.run(
+        [sys.executable, str(DATA / script)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=folder,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("script", "income", "marital"),
+    [
+        ("run_mtl.py", "test income AUC", "test marital AUC"),
+        ("run_mtl_torch.py", "label_income test AUC", "label_marital test AUC"),
+    ],
+)
+def test_each_librarys_multitask_example_runs_to_its_last_line(
+    tmp_path: Path, script: str, income: str, marital: str
+) -> None:
+    """DeepCTR's run_mtl.py (`pred_ans[0]`, labels a list per task) and DeepCTR-Torch's
+    multi-task example (`pred_ans[:, i]`, labels `train[target].values`) on 2,000 census rows."""
+    text = (DATA / script).read_text()
+    module = "deepctr_torch" if "torch" in script else "deepctr"
+    imports = [line for line in text.splitlines() if line.startswith(("import ", "from "))]
+    assert [line for line in imports if "mmoe" in line] == [
+        f"from mmoe.model.{module} import MMOE, DenseFeat, SparseFeat, get_feature_names"
+    ]
+    write_census_sample(tmp_path, 2000)
+    out = run_example(script, tmp_path)
+    aucs = [float(out.split(f"{name} ")[1].split()[0]) for name in (income, marital)]
+    assert aucs[0] > 0.8 and aucs[1] > 0.9, out[-2000:]
 
 
 def test_one_name_for_the_module_even_from_a_checkout() -> None:
@@ -99,9 +258,9 @@ def test_compile_fit_predict_save(tmp_path: Path) -> None:
     x, y = data(800)
     history = model.fit(x, y, batch_size=64, epochs=2, verbose=0, validation_split=0.25)
     assert history.epoch == [0, 1]
-    assert {"loss", "ctr_loss", "cvr_loss", "val_auc_ctr", "val_auc_cvr", "val_loss"} == set(
-        history.history
-    )
+    assert {
+        "loss", "ctr_loss", "cvr_loss", "val_auc_ctr", "val_auc_cvr", "val_loss", "val_auc"
+    } == set(history.history)  # fmt: skip
     assert all(len(v) == 2 for v in history.history.values())
     config = model.config
     assert [f.kind for f in config.features] == [
@@ -113,7 +272,7 @@ def test_compile_fit_predict_save(tmp_path: Path) -> None:
     ]
     assert config.features[0].num_buckets == 40  # integer ids index the table
     assert config.features[1].vocab is not None  # string ids: a fitted vocabulary
-    assert config.features[1].embedding_dim == int(6 * 10**0.25)  # "auto"
+    assert config.features[1].embedding_dim == 6 * int(10**0.25)  # "auto", DeepCTR's rule
     assert config.model.gate_units == [4] and config.model.batch_norm
     assert config.model.embedding_l2 == 1e-5 and config.train.batch_size == 64
 
@@ -145,8 +304,8 @@ def test_regression_task_and_validation_data() -> None:
     model.compile("adam", loss=["binary_crossentropy", "mse"], metrics=["auc", "mse"])
     x, y = data(400)
     x = {k: x[k] for k in ("user", "city", "price")}
-    labels = [y[:, 0], x["price"] * 3]  # one array per task
-    valid = ({k: v[:100] for k, v in x.items()}, [labels[0][:100], labels[1][:100]])
+    labels = np.stack([y[:, 0], x["price"] * 3], axis=1)
+    valid = ({k: v[:100] for k, v in x.items()}, labels[:100])
     history = model.fit(x, labels, batch_size=50, epochs=1, verbose=0, validation_data=valid)
     assert {"val_auc_click", "val_mse_dwell"} <= set(history.history)
     assert model.config.tasks[1].kind == "regression"
@@ -166,7 +325,7 @@ def test_regression_task_and_validation_data() -> None:
             "length_name and weight_name are not supported",
         ),
         (lambda: MMOE([VarLenSparseFeat(SparseFeat("t", 3), 2, combiner="max")]), "mean or sum"),
-        (lambda: small_model().compile("sgd"), "'adam' or 'adamw'"),
+        (lambda: small_model().compile("sgd"), "'adam' or 'adagrad' here"),
         (lambda: small_model().compile("adam", loss="mse"), "trains 'binary_crossentropy'"),
         (lambda: small_model().compile("adam", metrics=["ndcg"]), "metric 'ndcg'"),
         (lambda: small_model().predict(data(3)[0]), "call fit"),
@@ -184,9 +343,14 @@ def test_deepctr_script_runs_exports_and_serves_its_scores(tmp_path: Path) -> No
     """The script changes only its imports from DeepCTR's; its saved model, exported, serves
     the scores predict() returned."""
     text = SCRIPT.read_text()
-    assert "from mmoe.model.deepctr import" in text and "deepctr_torch" not in text
+    assert "from mmoe.model.deepctr_torch import" in text
+    env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), str(tmp_path)], capture_output=True, text=True, timeout=900
+        [sys.executable, str(SCRIPT), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "label_income test AUC" in proc.stdout

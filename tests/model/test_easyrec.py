@@ -169,9 +169,13 @@ def test_builtin_form_translates_every_part() -> None:
         "decay_factor": 0.5,
         "staircase": True,
         "min_lr": 1e-07,
+        # EasyRec stops at num_steps (num_epochs unset: no bound of its own)
+        "num_steps": 5000,
+        "epochs": 5000,
     }
-    assert t.num_steps == 5000
-    assert any("--data, --valid and --out" in n for n in t.notes)
+    assert "train_input_path, eval_input_path, model_dir: not read; the rows come from --data" in (
+        "\n".join(t.notes)
+    )
 
 
 def test_component_form_multitask_model_with_senet_and_mmoe_blocks() -> None:
@@ -266,12 +270,23 @@ def test_raw_feature_plain_and_with_boundaries() -> None:
     assert feature(c, "price")["embedding_dim"] == 4
 
 
-def test_raw_feature_projection_is_refused() -> None:
-    message = refused(
-        small("feature_type: RawFeature }", "feature_type: RawFeature embedding_dim: 4 }")
+def test_raw_feature_options_easyrec_ignores_are_ignored_with_a_note() -> None:
+    """EasyRec hashes no raw value and uses embedding_dim only with boundaries (at most as a
+    learned vector scaled by the value, which the first layer already is): ignored, noted."""
+    text = small(
+        "feature_type: RawFeature }",
+        "feature_type: RawFeature embedding_dim: 4 hash_bucket_size: 400 }",
     )
-    assert f"p.config:{line_of(SMALL, 'RawFeature')}:" in message
-    assert "embedding_dim" in message and "projection" in message
+    t = translate(text, "p.config")
+    assert feature(t.config, "price") == {"name": "price", "kind": "numeric", "default": 0.0}
+    assert any(
+        n.startswith(
+            "RawFeature options ignored, as EasyRec ignores them: price "
+            "(hash_bucket_size, embedding_dim)"
+        )
+        for n in t.notes
+    )
+    parse_config(t.config)
 
 
 def test_tag_feature_separator_and_combiner() -> None:
@@ -336,23 +351,31 @@ def test_headerless_csv_is_read_by_the_columns_it_names(tmp_path: Path) -> None:
         DataSource(path, config)
 
 
-def test_num_steps_become_epochs_over_the_data(tmp_path: Path) -> None:
-    text = SMALL + "train_config { num_steps: 30 }\n"
+def test_num_steps_stop_training_after_that_many_steps(tmp_path: Path) -> None:
+    """EasyRec trains num_steps steps (or num_epochs, whichever ends first), not whole epochs:
+    30 steps of 9 per epoch are 3 epochs and 3 steps of a fourth."""
+    from mmoe.model.train import train
+
+    decay = (
+        "train_config {\n  num_steps: 30\n  optimizer_config { adam_optimizer { learning_rate {"
+        " exponential_decay_learning_rate { initial_learning_rate: 0.01 decay_steps: 1 "
+        "decay_factor: 0.9 } } } }\n}\n"
+    )
     path = tmp_path / "p.config"
-    path.write_text(text)
+    path.write_text(SMALL + decay)
+    config, _, _ = load_pipeline_config(path)
+    assert (config.train.num_steps, config.train.epochs) == (30, 30)  # epochs: an upper bound
     data = tmp_path / "d.csv"
-    data.write_text("".join(f"{i % 2},0,u{i},1.0,a\n" for i in range(640)))
-    with pytest.raises(EasyRecConfigError, match=r"p.config:\d+: train_config.num_steps.*--data"):
-        load_pipeline_config(path)
-    config, _, notes = load_pipeline_config(path, data=data)
-    # 640 rows - 10% held out = 576 = 9 batches of 64: 30 steps ~ 3 epochs
-    assert config.train.epochs == 3
-    assert any("num_steps 30: 3 epoch(s) of 9 steps" in n for n in notes)
-    config, _, _ = load_pipeline_config(path, data=data, valid=data)  # all rows train: 10/epoch
-    assert config.train.epochs == 3
-    path.write_text(text.replace("batch_size: 64", "batch_size: 64\n  num_epochs: 2"))
-    assert load_pipeline_config(path, data=data)[0].train.epochs == 2  # whichever ends first
-    assert load_pipeline_config(path, ["train.epochs=7"])[0].train.epochs == 7
+    data.write_text("".join(f"{i % 2},0,u{i % 50},1.0,a|b\n" for i in range(640)))
+    # 640 rows - 10% held out = 576 = 9 batches of 64
+    history = train(config, data, tmp_path / "run")
+    assert len(history.epochs) == 4
+    # the lr falls 0.9x a step: after the last epoch it tells the steps taken
+    assert history.epochs[-1]["lr"] == pytest.approx(0.01 * 0.9**30)
+    assert history.epochs[0]["lr"] == pytest.approx(0.01 * 0.9**9)
+    path.write_text(SMALL.replace("batch_size: 64", "batch_size: 64\n  num_epochs: 2") + decay)
+    assert load_pipeline_config(path)[0].train.epochs == 2  # whichever ends first
+    assert load_pipeline_config(path, ["train.epochs=1"])[0].train.epochs == 1
 
 
 # ------------------------------------------------------------------------------- train
@@ -488,11 +511,14 @@ def test_unsupported_fields_are_refused_by_name_and_line() -> None:
         f"p.config:{line_of(clipped, 'clipping')}:3: "
         "gradient_clipping_by_norm (in TrainConfig) is not supported"
     )
-    nested = small("num_expert: 2", "num_expert: 2\n    experts { expert_name: 'e1' }")
-    assert refused(nested).startswith(
-        f"p.config:{line_of(nested, 'expert_name')}:5: experts (in MMoE) is not supported"
+    nested = small(
+        'tower_name: "cvr"', 'tower_name: "cvr"\n      task_space_indicator_label: "clk"'
     )
-    assert "expert_dnn, num_expert, task_towers, l2_regularization" in refused(nested)
+    assert refused(nested).startswith(
+        f"p.config:{line_of(nested, 'task_space')}:7: task_space_indicator_label (in TaskTower) "
+        "is not supported"
+    )
+    assert "tower_name, label_name, metrics_set" in refused(nested)
     other = small('model_class: "MMoE"', 'model_class: "DeepFM"')
     assert refused(other).startswith(
         f"p.config:{line_of(other, 'DeepFM')}: model_config.model_class:"
@@ -528,8 +554,6 @@ def test_convert_config_writes_the_yaml_it_trains(tmp_path: Path) -> None:
 
 def test_convert_config_refusals(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "c.yaml"
-    assert main(["convert-config", str(BUILTIN), "--out", str(out)]) == 2
-    assert "train_config.num_steps" in capsys.readouterr().err  # needs --data or train.epochs
     assert main(["convert-config", str(BUILTIN), "train.epochz=1", "--out", str(out)]) == 2
     assert "train.epochz" in capsys.readouterr().err
     assert not out.exists()

@@ -51,7 +51,9 @@ def test_a_product_needs_a_binary_task_that_is_no_product(tiny_dict: dict[str, A
     with pytest.raises(ConfigError, match=r"tasks\[1\]\.multiply: 'ctr' must be a binary"):
         parse_config(esmm(tiny_dict))
     tiny_dict["tasks"][1]["product"] = None
-    assert TaskConfig(name="cvr", label="buy", multiply="ctr").product_name == "ctr_cvr"
+    # cvr x ctr is ctcvr, as EasyRec's and DeepCTR's ESMM name it; other pairs <multiply>_<name>
+    assert TaskConfig(name="cvr", label="buy", multiply="ctr").product_name == "ctcvr"
+    assert TaskConfig(name="buy", label="buy", multiply="click").product_name == "click_buy"
 
 
 def test_product_metrics_can_stop_early(tiny_dict: dict[str, Any]) -> None:

@@ -18,9 +18,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from mmoe.service.batching import INLINE_MAX_ROWS, Admission, DirectRunner
+from mmoe.service.cpu_share import CpuShare
 from mmoe.service.errors import ApiError
 from mmoe.service.metrics import ServiceMetrics
 from mmoe.service.predictor import Predictor, warmup_feeds
+from tests.metrics import scrape, value
 from tests.server import ServerProcess
 
 
@@ -72,10 +74,7 @@ def runtime_calls(server: ServerProcess) -> dict[str, float]:
 
 
 def shed(server: ServerProcess, reason: str) -> float:
-    for line in httpx.get(f"{server.url}/metrics").text.splitlines():
-        if line.startswith(f'mmoe_shed_total{{reason="{reason}"}}'):
-            return float(line.split()[-1])
-    return 0.0
+    return value(scrape(server), "mmoe_shed_total", reason=reason)
 
 
 def test_concurrent_requests_are_merged_and_split_back_in_order(
@@ -174,7 +173,9 @@ class ThreadRecordingPredictor(Predictor):
 
 
 def runner_for(predictor: Predictor, pool: ThreadPoolExecutor, timeout_ms: int) -> DirectRunner:
-    return DirectRunner(predictor, pool, 1, Admission(8, timeout_ms, 1), ServiceMetrics())
+    admission = Admission(8, timeout_ms, 1)
+    metrics = ServiceMetrics().for_model("tiny", "7")
+    return DirectRunner(predictor, pool, 1, admission, metrics, CpuShare.single_process())
 
 
 def test_a_small_request_runs_on_the_event_loop_thread(tiny_onnx: Path) -> None:

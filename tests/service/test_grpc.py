@@ -31,6 +31,7 @@ from mmoe.service.errors import ApiError
 from mmoe.service.grpc_service import status_code
 from mmoe.service.grpc_v2 import STOP_GRACE_S
 from mmoe.service.settings import Settings
+from tests.metrics import scrape, value
 from tests.server import ServerProcess, free_port
 from tests.service.test_kserve import MAX_TAGS, ROWS, predict_scores
 
@@ -415,10 +416,14 @@ def test_the_rest_of_the_protocol_is_unimplemented(server: GrpcServer) -> None:
 
 def test_grpc_calls_are_counted_and_logged_like_http(server: GrpcServer) -> None:
     stub_call(server, "ModelInfer", typed_request(ROWS), metadata=[("x-request-id", "trace-7")])
-    text = metrics(server)
-    assert 'mmoe_requests_total{route="grpc:ModelInfer",status="OK"}' in text
-    assert 'mmoe_requests_total{route="grpc:ModelInfer",status="INVALID_ARGUMENT"}' in text
-    assert 'mmoe_request_latency_seconds_count{route="grpc:ModelInfer"}' in text
+    grpc_error(lambda: stub_call(server, "ModelInfer", typed_request({"no_such_input": ["x"]})))
+    samples = scrape(server)
+    infer = {"route": "grpc:ModelInfer"}
+    assert value(samples, "mmoe_requests_total", **infer, status="OK") > 0
+    assert value(samples, "mmoe_requests_total", **infer, status="INVALID_ARGUMENT") > 0
+    assert value(samples, "mmoe_request_latency_seconds_count", **infer) > 0
+    # The answered calls carry the model that answered them.
+    assert value(samples, "mmoe_requests_total", **infer, model="tiny", version="7") > 0
     deadline = time.monotonic() + 10
     while '"request_id": "trace-7"' not in server.log() and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -517,12 +522,8 @@ def test_two_processes_share_the_grpc_port(tiny_onnx: Path, tmp_path: Path) -> N
                 stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
                 assert stub.ServerLive(pb.ServerLiveRequest(), timeout=30).live
         for server in (first, second):
-            counted = [
-                line
-                for line in metrics(server).splitlines()
-                if line.startswith('mmoe_requests_total{route="grpc:ServerLive",status="OK"}')
-            ]
-            assert counted and float(counted[0].split()[-1]) > 0, server.log()
+            counted = value(scrape(server), "mmoe_requests_total", route="grpc:ServerLive")
+            assert counted > 0, server.log()
 
 
 @pytest.mark.slow

@@ -21,8 +21,8 @@ from typing import Any
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
+from tests.metrics import scrape, value
 from tests.server import ServerProcess
 
 MAX_BODY = 4 * 1024 * 1024
@@ -635,14 +635,7 @@ def test_stalled_body_is_timed_out(hostile_server: ServerProcess) -> None:
 
 
 def _requests_counted(server: ServerProcess, status: str) -> float:
-    for family in text_string_to_metric_families(httpx.get(f"{server.url}/metrics").text):
-        for s in family.samples:
-            if s.name == "mmoe_requests_total" and s.labels == {
-                "route": "/predict",
-                "status": status,
-            }:
-                return s.value
-    return 0.0
+    return value(scrape(server), "mmoe_requests_total", route="/predict", status=status)
 
 
 def test_client_leaving_mid_body_is_counted_as_499_not_an_error(

@@ -6,7 +6,6 @@ MmoeServerErrors alert looks, and the server (and the connection) go on serving.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import httpx
 import pytest
 from tritonclient.grpc import service_pb2 as pb
 
+from tests.metrics import scrape, value
 from tests.onnx_files import fail_past_rows
 from tests.service.test_grpc import GrpcServer, grpc_error, stub_call
 
@@ -84,9 +84,8 @@ def test_a_runtime_failure_is_a_json_500_with_the_request_id(server: GrpcServer)
     assert logged["inputs"]["item_id"] == [FAULT_ROWS + 1, "object"]  # type: ignore[index]
     assert SECRET not in whole_log(server)
 
-    metrics = httpx.get(f"{server.url}/metrics").text
-    count = re.search(r'mmoe_requests_total\{route="/predict",status="500"\} (\S+)', metrics)
-    assert count is not None and float(count.group(1)) >= 1
+    counted = value(scrape(server), "mmoe_requests_total", route="/predict", status="500")
+    assert counted >= 1
 
 
 def test_a_runtime_failure_over_grpc_is_internal_with_the_request_id(server: GrpcServer) -> None:
@@ -97,7 +96,7 @@ def test_a_runtime_failure_over_grpc_is_internal_with_the_request_id(server: Grp
     err = grpc_error(lambda: stub_call(server, "ModelInfer", request))
     assert err.code() == grpc.StatusCode.INTERNAL
     assert "logged as request" in (err.details() or "")
-    metrics = httpx.get(f"{server.url}/metrics").text
-    assert re.search(r'mmoe_requests_total\{route="grpc:ModelInfer",status="INTERNAL"\}', metrics)
+    samples = scrape(server)
+    assert value(samples, "mmoe_requests_total", route="grpc:ModelInfer", status="INTERNAL") >= 1
     # Still serving.
     assert httpx.post(f"{server.url}/predict", json=body(2)).status_code == 200

@@ -26,7 +26,7 @@ def test_tag_tensors_get_the_tag_rule_in_bulk_or_not(width: int) -> None:
     rng = np.random.default_rng(width)
     for _ in range(200):
         arr = rng.choice(np.array(["", "", "b1", "b2", "b3"], dtype=object), size=(5, width))
-        got = feeds({"tags": TAGS}, {"tags": arr}, 100)[1]["tags"]
+        got = feeds({"tags": TAGS}, {"tags": arr}, 100).feeds["tags"]
         np.testing.assert_array_equal(got, _rule(arr))
         assert got.shape == (5, TAGS.max_len)
 

@@ -1,6 +1,6 @@
 """A request alone on the whole server runs on every core: each worker has a second session of the
 file on more threads (MMOE_LONE_REQUEST_THREADS), sharing the weights of the first, and a call
-takes it only while no other request is in progress anywhere on the server (ServerLoad)."""
+takes it only while no other request is in progress anywhere on the server (CpuShare)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from mmoe.service.observability import QUIET_S, ServerLoad
+from mmoe.service.cpu_share import QUIET_S, CpuShare
 from mmoe.service.predictor import Predictor, warmup_feeds
 from mmoe.service.weights import large_initializers
 from tests.server import ServerProcess
@@ -114,23 +114,29 @@ def test_two_sessions_hold_the_weights_once(heavy_onnx: Path) -> None:
 
 
 def test_alone_means_no_other_request_anywhere_on_the_server() -> None:
-    slots = multiprocessing.get_context("spawn").RawArray("d", 2 * 3)  # as workers.py makes it
-    me, sibling = ServerLoad(slots, 0), ServerLoad(slots, 2)
+    parent = CpuShare.for_supervisor(3, multiprocessing.get_context("spawn"))
+    me, sibling = CpuShare.for_worker(parent.slots, 0), CpuShare.for_worker(parent.slots, 2)
     assert me.alone()  # nothing in progress: a call made now would be the only one
-    me.enter()
-    assert me.alone() and not sibling.alone()  # the sibling sees this worker's request
-    me.enter()
-    assert not me.alone()  # two in this worker
-    me.leave()
-    sibling.enter()
-    assert not me.alone() and not sibling.alone()
-    sibling.leave()
-    assert not me.alone()  # the sibling was busy a moment ago: its next request may come
-    time.sleep(QUIET_S * 2)
+    with me.request():
+        assert me.alone() and not sibling.alone()  # the sibling sees this worker's request
+        with me.request():
+            assert not me.alone()  # two in this worker
+        with sibling.request():
+            assert not me.alone() and not sibling.alone()
+        assert not me.alone()  # the sibling was busy a moment ago: its next request may come
+        time.sleep(QUIET_S * 2)
+        assert me.alone()
+    assert list(parent.slots[:3]) == [0, 0, 0] and me.alone()
+    unfinished = sibling.request()  # a request the sibling never finishes: it dies with it
+    unfinished.__enter__()
+    assert not me.alone()
+    parent.forget(2)
     assert me.alone()
-    me.leave()
-    assert list(slots[:3]) == [0, 0, 0] and me.alone()
-    assert ServerLoad().alone()  # a single-process server: its own count only
+    with pytest.raises(RuntimeError, match="supervisor"):
+        parent.alone()
+    single = CpuShare.single_process()  # its own count only
+    with single.request():
+        assert single.alone()
 
 
 LONE = {"MMOE_WORKERS": "2", "MMOE_INTRA_OP_THREADS": "1", "MMOE_LONE_REQUEST_THREADS": "2"}

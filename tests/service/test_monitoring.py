@@ -21,36 +21,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from mmoe.contract.metadata import FeatureInfo, ModelMetadata, MonitorInfo, TaskInfo
 from mmoe.service.monitoring import SCORE_BUCKETS, MonitoringMetrics, Watched, observe_many
+from tests.metrics import by_labels, delta, scrape
 from tests.server import ServerProcess
 
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 FEATURE_SERIES = ("mmoe_feature_values_total", "mmoe_feature_reference_rate")
 GATE_SERIES = ("mmoe_gate_weight_total", "mmoe_gate_weight_reference")
 SCORE_SERIES = ("mmoe_score_count", "mmoe_score_bucket", "mmoe_score_mean_reference")
-
-
-def scrape(server: ServerProcess) -> Samples:
-    text = httpx.get(f"{server.url}/metrics").text
-    return {
-        (s.name, frozenset(s.labels.items())): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
-
-
-def by_labels(samples: Samples, metric: str, *keys: str) -> dict[tuple[str, ...], float]:
-    """{(label values in `keys` order): value} of one metric's samples."""
-    out = {}
-    for (name, labels), v in samples.items():
-        if name == metric:
-            d = dict(labels)
-            out[tuple(d[k] for k in keys)] = v
-    return out
-
-
-def delta(before: Samples, after: Samples, metric: str, *keys: str) -> dict[tuple[str, ...], float]:
-    old = by_labels(before, metric, *keys)
-    return {k: v - old.get(k, 0.0) for k, v in by_labels(after, metric, *keys).items()}
 
 
 def predict(server: ServerProcess, body: dict[str, Any]) -> dict[str, Any]:
@@ -388,7 +364,7 @@ def test_a_context_value_given_once_counts_once_per_row() -> None:
         ),
     )
     registry = CollectorRegistry()
-    recorder = MonitoringMetrics(registry, Watched()).monitor(meta)
+    recorder = MonitoringMetrics(registry, Watched()).monitor(meta, "m", "1")
     assert recorder.outputs == ["monitor/feature_values"]
     feeds = {
         "user": np.array(["u1"], dtype=object),  # context: one value for the 3 rows
@@ -405,12 +381,16 @@ def test_a_context_value_given_once_counts_once_per_row() -> None:
         for s in family.samples
         if s.name == "mmoe_feature_values_total"
     }
+    model = (("model", "m"), ("version", "1"))
+
+    def labels(feature: str, outcome: str) -> tuple[tuple[str, str], ...]:
+        return tuple(sorted((("feature", feature), ("outcome", outcome), *model)))
 
     def value(feature: str, outcome: str) -> float:
-        return samples[("mmoe_feature_values_total", (("feature", feature), ("outcome", outcome)))]
+        return samples[("mmoe_feature_values_total", labels(feature, outcome))]
 
     assert value("user", "oov") == 3
     assert value("user", "known") == value("user", "default") == 0
     assert (value("price", "known"), value("price", "default")) == (2, 1)
     # A feature without a vocabulary has no oov series.
-    assert not any(labels == (("feature", "price"), ("outcome", "oov")) for _, labels in samples)
+    assert not any(found == labels("price", "oov") for _, found in samples)

@@ -19,13 +19,12 @@ from typing import Any
 import httpx
 import onnxruntime as ort
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from mmoe.service.settings import Settings
 from tests.docs import documents
+from tests.metrics import scrape, value
 from tests.server import ServerProcess
 
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 ROWS = {"user_id": ["u1", "u2", "u3"], "category": ["c1", "c2", "c3"]}
 
 
@@ -44,21 +43,6 @@ def server(tiny_onnx: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     log = tmp_path_factory.mktemp("operations") / "server.log"
     with ServerProcess(tiny_onnx, env, args, log_path=log) as running:
         yield running
-
-
-def scrape(server: ServerProcess) -> Samples:
-    r = httpx.get(f"{server.url}/metrics")
-    assert r.status_code == 200
-    assert r.headers["content-type"].startswith("text/plain")
-    return {
-        (s.name, frozenset(s.labels.items())): s.value
-        for family in text_string_to_metric_families(r.text)
-        for s in family.samples
-    }
-
-
-def value(samples: Samples, metric: str, /, **labels: str) -> float:
-    return samples.get((metric, frozenset(labels.items())), 0.0)
 
 
 def log_lines(log_path: Path) -> list[dict[str, Any]]:

@@ -21,6 +21,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from mmoe.contract.metadata import METADATA_KEY
+from tests.metrics import scrape, value
 from tests.server import ServerProcess
 
 BODY = {"context": {"user_id": "u1", "age_level": 2}, "candidates": {"category": ["c1"] * 16}}
@@ -175,12 +176,12 @@ def test_bad_files_are_rejected_under_load_and_a_good_one_swaps_in(
     meta = httpx.get(f"{server.url}/metadata").json()
     assert meta["model"]["version"] == "8"
     assert meta["model"]["path"] == str(model_dir / "v8.onnx")
-    metrics = httpx.get(f"{server.url}/metrics").text
+    samples = scrape(server)
     workers = meta["batching"]["workers"]  # each loads the start's and v8's file
-    assert 'mmoe_reloads_total{result="failed"} 4.0' in metrics  # refused by the one asked
-    assert f'mmoe_reloads_total{{result="ok"}} {2.0 * workers}' in metrics
-    info = [line for line in metrics.splitlines() if line.startswith("mmoe_model_info{")]
-    assert len(info) == 1 and 'version="8"' in info[0]
+    assert value(samples, "mmoe_reloads_total", result="failed") == 4  # refused by the one asked
+    assert value(samples, "mmoe_reloads_total", result="ok") == 2 * workers
+    info = [labels for (name, labels) in samples if name == "mmoe_model_info"]
+    assert len(info) == 1 and ("version", "8") in info[0]
 
     # no path: the configured file again
     r = reload(server)
@@ -210,11 +211,7 @@ def test_sighup_reloads_the_file_and_keeps_the_old_model_if_it_is_bad(
 
     def reloads(result: str) -> float:
         """Loads by result, counted in every worker (each reloads on SIGHUP)."""
-        text = httpx.get(f"{server.url}/metrics").text
-        for line in text.splitlines():
-            if line.startswith(f'mmoe_reloads_total{{result="{result}"}}'):
-                return float(line.split()[-1])
-        return 0.0
+        return value(scrape(server), "mmoe_reloads_total", result=result)
 
     def wait(check: Callable[[], bool]) -> None:
         deadline = time.monotonic() + 30

@@ -15,30 +15,16 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
+from tests.metrics import scrape, value
 from tests.server import ServerProcess
 from tests.service.test_reload import replace, rewrite_metadata, version_8
 
 TWO = {"MMOE_WORKERS": "2", "MMOE_ACCESS_LOG": "true"}
 BODY = {"context": {"user_id": "u1", "age_level": 2}, "candidates": {"category": ["c1"] * 4}}
-
-
-def scrape(server: ServerProcess) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    text = httpx.get(f"{server.url}/metrics").text
-    return {
-        (s.name, frozenset(s.labels.items())): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
-
-
-def value(samples: dict[Any, float], name: str, /, **labels: str) -> float:
-    return samples.get((name, frozenset(labels.items())), 0.0)
 
 
 def workers_that_answered(server: ServerProcess) -> set[int]:

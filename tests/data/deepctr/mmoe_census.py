@@ -1,6 +1,7 @@
-"""A DeepCTR MMOE script in the shape of DeepCTR's multi-task example (census income: income
-and marital status), on generated data. Only the import of the model and its columns differs
-from DeepCTR: `from deepctr.models import MMOE` / `from deepctr.feature_column import ...`.
+"""A DeepCTR-Torch MMOE script in the shape of the multi-task examples (census income: income
+and marital status), on generated data: y as one [n, tasks] array, predictions indexed
+`pred_ans[:, i]`. Only the import differs from DeepCTR-Torch's: `from deepctr_torch.models
+import MMOE` / `from deepctr_torch.inputs import ...`.
 
     python mmoe_census.py OUT_DIR   # writes OUT_DIR/run (mmoe export takes it), test rows, scores
 """
@@ -13,7 +14,13 @@ from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import LabelEncoder, MinMaxScaler
 
-from mmoe.model.deepctr import MMOE, DenseFeat, SparseFeat, VarLenSparseFeat, get_feature_names
+from mmoe.model.deepctr_torch import (
+    MMOE,
+    DenseFeat,
+    SparseFeat,
+    VarLenSparseFeat,
+    get_feature_names,
+)
 
 
 def census_like(n, seed=2020):
