@@ -2,6 +2,6 @@
 
 import sys
 
-from mmoe.bench.run import main
+from mmoe.cli import main
 
-sys.exit(main(sys.argv[1:]))
+sys.exit(main(["bench", *sys.argv[1:]]))

@@ -17,6 +17,7 @@ import torch
 from fastapi import FastAPI, HTTPException
 from pydantic import BaseModel, ConfigDict, create_model, field_validator
 
+from mmoe.contract.outputs import output_names
 from mmoe.model.batches import encode_table
 from mmoe.model.checkpoint import Run, load_run
 from mmoe.model.evaluation import predict
@@ -62,7 +63,7 @@ def create_app(run: Run) -> FastAPI:
     app = FastAPI(title="baseline: FastAPI + pydantic rows + torch eager")
     Row = row_model(run)
     model = run.model.eval()
-    tasks = [t.name for t in run.config.tasks]
+    scores = {t.name: output_names(t.name, t.kind).score for t in run.config.tasks}
     arrow_types = {
         f.name: pa.float64()
         if f.kind == "numeric"
@@ -96,7 +97,7 @@ def create_app(run: Run) -> FastAPI:
         return {
             "model": {"name": run.config.name, "version": run.config.version},
             "n": n,
-            "scores": {t: out[f"probs_{t}"].tolist() for t in tasks},
+            "scores": {t: out[name].tolist() for t, name in scores.items()},
         }
 
     return app

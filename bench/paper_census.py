@@ -250,39 +250,50 @@ def table(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="mmoe bench paper-census",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--data", type=Path, required=True, help="census-income.test(.gz)")
-    p.add_argument("--train", type=Path, help="census-income.data(.gz): the paper's split")
+def _census_file(text: str) -> Path:
+    path = Path(text)
+    if not path.exists():
+        raise argparse.ArgumentTypeError(
+            f"{path} does not exist (docs/paper_census.md says where to download it)"
+        )
+    return path
+
+
+def _models(text: str) -> tuple[str, ...]:
+    models = tuple(m.strip() for m in text.split(","))
+    unknown = [m for m in models if m not in MODELS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown models {unknown}; choose from {list(MODELS)}")
+    return models
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """`mmoe bench paper-census`'s arguments (bench/run.py adds it under `mmoe bench`)."""
+    p.description = __doc__
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.add_argument("--data", type=_census_file, required=True, help="census-income.test(.gz)")
+    p.add_argument("--train", type=_census_file, help="census-income.data(.gz): the paper's split")
     p.add_argument("--seeds", type=int, help="runs per model (default 3)")
-    p.add_argument("--models", help="comma-separated, of: " + ", ".join(MODELS))
+    p.add_argument("--models", type=_models, help="comma-separated, of: " + ", ".join(MODELS))
     p.add_argument("--epochs", type=int, help="most epochs per run (default 30)")
     p.add_argument(
         "--train-fraction", type=float, help="train on this share of the training rows (0-1]"
     )
     p.add_argument("--quick", action="store_true", help="3000 rows, 1 seed, 2 epochs, 2 models")
     p.add_argument("--json", type=Path, help="also write the results here")
-    args = p.parse_args(argv)
+    p.set_defaults(func=command)
+
+
+def command(args: argparse.Namespace) -> int:
+    """Runs the experiment `add_arguments` parsed, prints the table (and writes --json)."""
     setting = QUICK if args.quick else Setting()
     changes: dict[str, Any] = {
         "seeds": args.seeds,
         "epochs": args.epochs,
         "train_fraction": args.train_fraction,
+        "models": args.models,
     }
-    if args.models:
-        models = tuple(m.strip() for m in args.models.split(","))
-        unknown = [m for m in models if m not in MODELS]
-        if unknown:
-            p.error(f"unknown models {unknown}; choose from {list(MODELS)}")
-        changes["models"] = models
     setting = Setting(**(asdict(setting) | {k: v for k, v in changes.items() if v is not None}))
-    for path in (args.data, args.train):
-        if path is not None and not path.exists():
-            p.error(f"{path} does not exist (docs/paper_census.md says where to download it)")
     results = run(setting, args.data, args.train)
     print()
     print(table(results))
@@ -290,6 +301,13 @@ def main(argv: list[str] | None = None) -> int:
         payload = {"setting": asdict(setting), "results": [asdict(r) for r in results]}
         args.json.write_text(json.dumps(payload, indent=1))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="mmoe bench paper-census")
+    add_arguments(p)
+    args = p.parse_args(argv)
+    return command(args)
 
 
 if __name__ == "__main__":

@@ -100,7 +100,7 @@ def test_mse(setting: Setting, correlation: float, seed: int, name: str) -> floa
         order = torch.randperm(setting.train_rows, generator=gen)
         for start in range(0, setting.train_rows, setting.batch_size):
             idx = order[start : start + setting.batch_size]
-            out = model(x_train[idx])
+            out = model(x_train[idx]).logits
             pred = torch.cat([out["y1"], out["y2"]], dim=1)
             loss = ((pred - y_train[idx]) ** 2).mean()
             opt.zero_grad(set_to_none=True)
@@ -108,7 +108,7 @@ def test_mse(setting: Setting, correlation: float, seed: int, name: str) -> floa
             opt.step()
     model.eval()
     with torch.no_grad():
-        out = model(x_test)
+        out = model(x_test).logits
         pred = torch.cat([out["y1"], out["y2"]], dim=1)
         return float(((pred - y_test) ** 2).mean())
 

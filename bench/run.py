@@ -21,6 +21,9 @@ one run on the same weights and the same request bodies (docs/benchmarks.md says
 - cold start (process start to /readyz 200) and memory of each server.
 
 Results go to results/<time>/: report.md, results.json, latency_throughput.png.
+
+`mmoe bench paper-census ...` runs the MMoE paper's census-income experiment instead
+(bench/paper_census.py, docs/paper_census.md).
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mmoe.bench import monitoring, protocols, report
+from mmoe.bench import monitoring, paper_census, protocols, report
 from mmoe.bench.floor import Floor, FloorPoint
 from mmoe.bench.load import run_load, wrk_available
 from mmoe.bench.models import MODELS, BenchModel, prepare
@@ -67,10 +70,10 @@ def _variant(text: str) -> tuple[str, dict[str, str]]:
     return name, env
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="mmoe bench", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
-    )
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """`mmoe bench`'s arguments (mmoe/cli.py's command table)."""
+    p.description = __doc__
+    p.formatter_class = argparse.RawTextHelpFormatter
     p.add_argument("--models", default="demo,easyrec", help="of: " + ", ".join(MODELS))
     p.add_argument("--run", type=Path, help="benchmark this training run instead of --models")
     p.add_argument("--onnx", type=Path, help="its exported model.onnx (with --run)")
@@ -134,7 +137,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--cold-starts", type=int, help="cold starts to time per server (default 3)")
     p.add_argument("--out", type=Path, default=Path("results"), help="results folder")
-    return p
+    p.set_defaults(func=run)
+    # Experiments of their own, run instead of the service benchmark when named.
+    experiments = p.add_subparsers(dest="experiment", metavar="EXPERIMENT")
+    paper_census.add_arguments(
+        experiments.add_parser(
+            "paper-census",
+            help="the MMoE paper's census-income experiment (docs/paper_census.md)",
+        )
+    )
+
+
+def main(argv: list[str]) -> int:
+    """`mmoe bench ARGS` without the command table (the tests call it)."""
+    p = argparse.ArgumentParser(prog="mmoe bench")
+    add_arguments(p)
+    args = p.parse_args(argv)
+    result: int = args.func(args)
+    return result
 
 
 def _say(msg: str) -> None:
@@ -372,12 +392,7 @@ def bench_model(
     return result
 
 
-def main(argv: list[str]) -> int:
-    if argv[:1] == ["paper-census"]:  # the MMoE paper's census-income experiment
-        from mmoe.bench.paper_census import main as paper_census
-
-        return paper_census(argv[1:])
-    args = build_parser().parse_args(argv)
+def run(args: argparse.Namespace) -> int:
     if args.seconds is None:
         args.seconds = 0.5 if args.quick else 5.0
     if args.warmup is None:
@@ -422,9 +437,10 @@ def main(argv: list[str]) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     import onnxruntime
 
+    argv = sys.argv[1:]  # the bench's own arguments, after `mmoe bench` or `python -m mmoe.bench`
     results: dict[str, Any] = {
         "started": started,
-        "argv": argv,
+        "argv": argv[1:] if argv[:1] == ["bench"] else argv,
         "client": args.client,
         "seconds": args.seconds,
         "warmup": args.warmup,
@@ -448,7 +464,3 @@ def main(argv: list[str]) -> int:
     print(text)
     _say(f"results: {out_dir}/report.md, results.json, latency_throughput.png")
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main(sys.argv[1:]))

@@ -1,14 +1,14 @@
-"""`mmoe export`, `mmoe inspect` and `mmoe verify`."""
+"""The arguments of `mmoe export` and `mmoe inspect` (mmoe/cli.py's command table); torch and
+onnx are imported only when they run. `mmoe verify` is the serving install's: service/cli.py."""
 
 from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
 
 
-def register(sub: Any) -> None:
-    ex = sub.add_parser("export", help="RUN_DIR -> one self-contained model.onnx (parity-checked)")
+def export(parser: argparse.ArgumentParser) -> None:
+    ex = parser
     ex.add_argument("run_dir", help="a RUN_DIR written by mmoe train")
     ex.add_argument("--out", required=True, help="the model.onnx to write")
     ex.add_argument(
@@ -44,9 +44,11 @@ def register(sub: Any) -> None:
         help="leave out the monitoring outputs (feature-value counts, gate weights)",
     )
     ex.set_defaults(func=_export)
-    ins = sub.add_parser("inspect", help="print a model.onnx's schema, tasks, inputs and outputs")
-    ins.add_argument("model", help="a model.onnx written by mmoe export")
-    ins.set_defaults(func=_inspect)
+
+
+def inspect(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="a model.onnx written by mmoe export")
+    parser.set_defaults(func=_inspect)
 
 
 def _export(args: argparse.Namespace) -> int:

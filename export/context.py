@@ -12,7 +12,7 @@ outputs from the same weights with the context at batch 1:
 - where SENet mixes context and candidate fields per row before the first layer, the context
   fields are broadcast to the N rows right after their lookup, and the rest is the model's own.
 
-Training is untouched: this is an export-time view of the trained weights (`export/exporter.py`
+Training is untouched: this is an export-time view of the trained weights (`export/network.py`
 traces it with the context inputs at batch 1; the graph accepts 1 or N, and the export's parity
 check runs both).
 """
@@ -20,18 +20,17 @@ check runs both).
 from __future__ import annotations
 
 from collections.abc import Collection
-from typing import Any
 
 import torch
 from torch import nn
 
-from mmoe.model.network import PLE, MMoE, RankingModel
+from mmoe.model.network import PLE, MMoE, NetOutput, RankingModel
 
 
 class ContextSplit(nn.Module):
-    """`forward(inputs)`: RankingModel's per-task logits, for context inputs of batch 1 (or N)
-    and the other inputs of batch N. The weight split is taken when this is built: build it
-    from the trained model, after training."""
+    """`forward(inputs)`: RankingModel's, for context inputs of batch 1 (or N) and the other
+    inputs of batch N. The weight split is taken when this is built: build it from the trained
+    model, after training."""
 
     def __init__(self, model: RankingModel, context: Collection[str]) -> None:
         super().__init__()
@@ -49,19 +48,17 @@ class ContextSplit(nn.Module):
         if not self.split:
             return
         assert isinstance(net, MMoE | PLE)
-        widths = [model.embedding.table(f.table).embedding_dim if f.table else 1 for f in features]
-        starts = [sum(widths[:i]) for i in range(len(widths))]
-        rows = [range(s, s + w) for s, w in zip(starts, widths, strict=True)]
-        ctx_rows = [r for i, span in enumerate(rows) if self.is_context[i] for r in span]
-        cand_rows = [r for i, span in enumerate(rows) if not self.is_context[i] for r in span]
+        layout = model.embedding.layout
+        ctx_rows = layout.columns(set(context))
+        cand_rows = layout.columns({f.name for f in features} - set(context))
         for w, b in net.input_layers():
             frozen = {"requires_grad": False}
             self.ctx_weights.append(nn.Parameter(w.detach()[ctx_rows].clone(), **frozen))
             self.cand_weights.append(nn.Parameter(w.detach()[cand_rows].clone(), **frozen))
             self.biases.append(nn.Parameter(b.detach().clone(), **frozen))
 
-    def forward(self, inputs: dict[str, torch.Tensor], with_gates: bool = False) -> Any:
-        """Per-task logits; with `with_gates`, also the gate weights (RankingModel's forward)."""
+    def forward(self, inputs: dict[str, torch.Tensor], gates: bool = False) -> NetOutput:
+        """Per-task logits; with `gates`, also the gate weights (RankingModel's forward)."""
         fields, _ = self.model.embedding(inputs)  # each field at its own input's batch
         ctx = [f for f, c in zip(fields, self.is_context, strict=True) if c]
         cand = [f for f, c in zip(fields, self.is_context, strict=True) if not c]
@@ -70,7 +67,8 @@ class ContextSplit(nn.Module):
             fields = [
                 f.expand(n, -1) if c else f for f, c in zip(fields, self.is_context, strict=True)
             ]
-            return self.model.net(self.model.join_fields(fields), with_gates=with_gates)
+            out: NetOutput = self.model.net(self.model.join_fields(fields), gates=gates)
+            return out
         x_ctx, x_cand = torch.cat(ctx, dim=1), torch.cat(cand, dim=1)
         h = [
             torch.addmm(torch.addmm(b, x_ctx, w_ctx), x_cand, w_cand)  # [1 or N, H] as the bias
@@ -80,4 +78,4 @@ class ContextSplit(nn.Module):
         ]
         net = self.model.net
         assert isinstance(net, MMoE | PLE)
-        return net.forward_from_input_layers(h, with_gates)
+        return net.from_input_layers(h, gates)

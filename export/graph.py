@@ -5,11 +5,9 @@ Implements the index layout documented in `model/schema.py` with standard operat
 op, the same 32-bit murmur3 training uses via `mmh3`) for hash buckets, arithmetic for
 numeric transforms and comparisons for bucket boundaries.
 
-Names: in the assembled file only the graph's inputs (named after the features) and outputs
-(`probs_<task>`, ...) have plain names; everything inside the preprocessing gets PRE_PREFIX and
-everything inside the network NET_PREFIX (`with_plain_io`), and the preprocessing's own names
-contain "/" too. Feature and output names are identifiers, so a feature named `cat`, `relu`,
-`input` or `encoded` cannot meet a tensor of the same name.
+Names: the inputs are named after the features and the outputs are `encoded/<feature>`; the
+names inside contain "/", which a feature's name (an identifier) cannot. export/assemble.py puts
+this graph in front of the network's.
 
 Beside the encoded values, the graph counts what it is given (FEATURE_VALUES): per feature, its
 values that are known, out of vocabulary or defaulted (the rule: model/evaluation.py's
@@ -24,7 +22,7 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import TensorProto, compose, helper, numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
 from mmoe.contract.metadata import FeatureInfo
 from mmoe.model.schema import (
@@ -45,9 +43,6 @@ OPSET_IMPORTS = [
     helper.make_opsetid("com.microsoft", 1),
 ]
 
-
-PRE_PREFIX = "pre/"
-NET_PREFIX = "net/"
 # The batch dimension of the graph's inputs: N candidates, and the request context (1, or N).
 BATCH_DIM = "batch"
 CONTEXT_DIM = "context"
@@ -327,40 +322,6 @@ def feature_info(f: FittedFeature, context: bool = False) -> FeatureInfo:
         encoding=encoding_text(f),
         context=context,
     )
-
-
-def rename_edges(graph: onnx.GraphProto, names: dict[str, str]) -> None:
-    """Renames tensors everywhere they appear: nodes (and their subgraphs), the graph's inputs,
-    outputs, initializers and value infos."""
-    for node in graph.node:
-        node.input[:] = [names.get(n, n) for n in node.input]
-        node.output[:] = [names.get(n, n) for n in node.output]
-        for attr in node.attribute:
-            for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
-                rename_edges(sub, names)
-    for entries in (graph.input, graph.output, graph.value_info, graph.initializer):
-        for entry in entries:
-            entry.name = names.get(entry.name, entry.name)
-
-
-def with_plain_io(
-    pre: onnx.ModelProto, net: onnx.ModelProto, features: list[str]
-) -> onnx.ModelProto:
-    """The preprocessing and the network merged into one model: every name prefixed
-    (PRE_PREFIX, NET_PREFIX), the preprocessing's `encoded/<feature>` outputs feeding the
-    network's inputs, then the raw inputs and the outputs given back their plain names."""
-    pre = compose.add_prefix(pre, PRE_PREFIX)
-    net = compose.add_prefix(net, NET_PREFIX)
-    io_map = [(PRE_PREFIX + encoded_name(n), NET_PREFIX + encoded_name(n)) for n in features]
-    merged = compose.merge_models(pre, net, io_map=io_map)
-    plain = {PRE_PREFIX + n: n for n in features}
-    # The outputs: the network's, and the preprocessing's own (its monitoring output).
-    plain |= {
-        o.name: o.name.removeprefix(NET_PREFIX).removeprefix(PRE_PREFIX)
-        for o in merged.graph.output
-    }
-    rename_edges(merged.graph, plain)
-    return merged
 
 
 def preprocessing_graph(

@@ -12,7 +12,7 @@ onnxruntime gets arrays built by the contract's rules (`contract/values.py`, wha
 does with a request); PyTorch gets the same values read as training reads a data file
 (`FeatureSchema.encode`). So the check covers both the graph and the request rules. A file with
 context inputs is also run as ranking requests: the context given once ([1]-shaped) for a block
-of rows.
+of rows. The monitoring outputs are checked on the same rows (`check_monitoring`).
 """
 
 from __future__ import annotations
@@ -31,12 +31,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from mmoe.contract.metadata import GoldenRows, read_metadata
+from mmoe.contract.metadata import OUTCOMES, GoldenRows, read_metadata
 from mmoe.contract.values import graph_inputs, json_value
-from mmoe.export.graph import feature_info
+from mmoe.export.graph import FEATURE_VALUES, GATE_WEIGHTS, feature_info
+from mmoe.export.network import has_gates
 from mmoe.model.batches import Batch, encode_table
-from mmoe.model.checkpoint import VALID_SAMPLE
-from mmoe.model.evaluation import predict
+from mmoe.model.checkpoint import VALID_SAMPLE, Run
+from mmoe.model.evaluation import feature_outcomes, predict
 from mmoe.model.network import RankingModel
 from mmoe.model.schema import (
     FeatureSchema,
@@ -363,7 +364,7 @@ def check_parity(
     names = [o.name for o in session.get_outputs()]
     expected, allowed = _reference(model, schema, cols, tolerance)
     got = dict(zip(names, session.run(names, to_onnx_inputs(schema, cols)), strict=True))
-    worst, fraction = _compare(expected, allowed, got, cols, "")
+    worst, fraction = _check_within_allowed(expected, allowed, got, cols, "")
     meta = read_metadata(session.get_modelmeta().custom_metadata_map)
     context = [f.name for f in meta.features if f.context]
     if context:
@@ -385,7 +386,7 @@ def check_parity(
         got = {k: np.concatenate(v) for k, v in parts.items()}
         want, limit = _reference(model, schema, requests, tolerance)
         where = " with the context inputs given once per request"
-        w, f = _compare(want, limit, got, requests, where)
+        w, f = _check_within_allowed(want, limit, got, requests, where)
         worst, fraction = max(worst, w), max(fraction, f)
     rows = len(next(iter(cols.values())))
     return Parity(rows, expected, allowed, worst, fraction)
@@ -407,7 +408,7 @@ def _reference(
     return expected, allowed
 
 
-def _compare(
+def _check_within_allowed(
     expected: dict[str, np.ndarray],
     allowed: dict[str, np.ndarray],
     got: dict[str, np.ndarray],
@@ -437,6 +438,38 @@ def _compare(
                 f"{row}: {raw}"
             )
     return worst, fraction
+
+
+def check_monitoring(run: Run, onnx_bytes: bytes, cols: dict[str, RawColumn]) -> None:
+    """The monitoring outputs on the parity rows: the graph counts each feature's values by
+    outcome exactly as training's rule does (the reference rates are computed that way), and
+    its gate-weight sums are PyTorch's. ParityError naming the output otherwise."""
+    schema = run.schema
+    session = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
+    names = [FEATURE_VALUES, *([GATE_WEIGHTS] if has_gates(run.model) else [])]
+    got = dict(zip(names, session.run(names, to_onnx_inputs(schema, cols)), strict=True))
+    table = to_arrow(schema, cols)
+    for f, counts in zip(
+        by_feature_name(schema).features, got[FEATURE_VALUES].tolist(), strict=True
+    ):
+        want = feature_outcomes(f, table.column(f.name))
+        if counts != [want[k] for k in OUTCOMES]:
+            raise ParityError(
+                f"{FEATURE_VALUES} of {f.name}: the graph counts "
+                f"{dict(zip(OUTCOMES, counts, strict=True))}, training's rule {want}"
+            )
+    if GATE_WEIGHTS in got:
+        batch = encode_table(table, by_feature_name(schema), [], with_labels=False)
+        with torch.no_grad():
+            gates = run.model.eval()(batch.inputs, gates=True).gates
+        want_sums = gates.sum(dim=1).double().numpy()
+        # Sums of float32 probabilities over the rows: within float32 rounding of their size.
+        allowed = 1e-5 * max(1.0, float(np.abs(want_sums).max()))
+        worst = float(np.abs(got[GATE_WEIGHTS] - want_sums).max())
+        if worst > allowed:
+            raise ParityError(
+                f"{GATE_WEIGHTS} differs from PyTorch by {worst:.3g} (> {allowed:.3g})"
+            )
 
 
 def golden_rows(cols: dict[str, RawColumn], parity: Parity, picks: Sequence[int]) -> GoldenRows:

@@ -25,7 +25,15 @@ import torch
 import yaml
 
 from mmoe.model.config import RunConfig, parse_config
-from mmoe.model.network import PLE, FeatureSpec, LabelScale, MMoE, RankingModel, TaskHead
+from mmoe.model.network import (
+    PLE,
+    FeatureSpec,
+    InputLayout,
+    LabelScale,
+    MMoE,
+    RankingModel,
+    TaskHead,
+)
 from mmoe.model.schema import FeatureSchema
 
 
@@ -45,7 +53,7 @@ def build_model(config: RunConfig, schema: FeatureSchema) -> RankingModel:
         for t in config.tasks
     ]
     m = config.model
-    input_dim = sum(schema.tables[s.table][1] if s.table else 1 for s in specs)
+    input_dim = InputLayout.of(specs, schema.tables).width
     common: dict[str, Any] = dict(
         expert_units=m.expert_units,
         tasks=tasks,

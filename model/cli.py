@@ -1,17 +1,14 @@
-"""`mmoe data`, `mmoe train`, `mmoe report` (torch is imported only when they run)."""
+"""The arguments of `mmoe data`, `mmoe train`, `mmoe convert-config` and `mmoe report`
+(mmoe/cli.py's command table); torch is imported only when they run."""
 
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
 import sys
-from typing import Any
 
 
-def register(sub: Any) -> None:
-    data = sub.add_parser("data", help="write a synthetic data set (or bring your own CSV/Parquet)")
-    kinds = data.add_subparsers(dest="dataset", required=True, metavar="DATASET")
+def data(parser: argparse.ArgumentParser) -> None:
+    kinds = parser.add_subparsers(dest="dataset", required=True, metavar="DATASET")
     rank = kinds.add_parser(
         "synthetic-ranking",
         help="a click/conversion log with ids, numbers and tags (the demo config's columns)",
@@ -64,50 +61,51 @@ def register(sub: Any) -> None:
     paper.add_argument("--out", required=True, help="FILE.parquet or FILE.csv to write")
     paper.set_defaults(func=_data)
 
-    train = sub.add_parser("train", help="fit the feature schema and train the model")
-    train.add_argument(
+
+def train(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
         "--config",
         required=True,
         help="the training config: YAML (e.g. configs/demo.yaml), or an EasyRec pipeline.config",
     )
-    train.add_argument(
+    parser.add_argument(
         "--data", required=True, help="training data (.parquet, .csv, or a directory)"
     )
-    train.add_argument("--valid", help="validation data (default: hold out train.valid_fraction)")
-    train.add_argument(
+    parser.add_argument("--valid", help="validation data (default: hold out train.valid_fraction)")
+    parser.add_argument(
         "--out", required=True, help="RUN_DIR to write: weights, fitted schema, config, metrics"
     )
-    train.add_argument("--nproc", type=int, default=1, help="processes (DDP via torchrun)")
-    train.add_argument(
+    parser.add_argument("--nproc", type=int, default=1, help="processes (DDP via torchrun)")
+    parser.add_argument(
         "--overwrite",
         action="store_true",
         help="clear RUN_DIR first if it exists and is not empty (else that is refused)",
     )
-    train.add_argument(
+    parser.add_argument(
         "overrides",
         nargs="*",
         metavar="KEY=VALUE",
         help="config overrides after the options, e.g. train.epochs=1 model.experts=8",
     )
-    train.set_defaults(func=_train)
+    parser.set_defaults(func=_train)
 
-    convert = sub.add_parser(
-        "convert-config", help="write an EasyRec pipeline.config as this project's YAML config"
-    )
-    convert.add_argument("config", help="EasyRec pipeline.config (protobuf text format)")
-    convert.add_argument("--out", required=True, help="config.yaml to write")
-    convert.add_argument(
+
+def convert_config(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="EasyRec pipeline.config (protobuf text format)")
+    parser.add_argument("--out", required=True, help="config.yaml to write")
+    parser.add_argument(
         "overrides",
         nargs="*",
         metavar="KEY=VALUE",
         help="as for mmoe train, right after CONFIG (or all options first)",
     )
-    convert.set_defaults(func=_convert_config)
+    parser.set_defaults(func=_convert_config)
 
-    report = sub.add_parser("report", help="plot a run's curves and gate utilisation")
-    report.add_argument("run_dir", help="a RUN_DIR written by mmoe train")
-    report.add_argument("--out", help="directory for PNGs (default RUN_DIR/report)")
-    report.set_defaults(func=_report)
+
+def report(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", help="a RUN_DIR written by mmoe train")
+    parser.add_argument("--out", help="directory for PNGs (default RUN_DIR/report)")
+    parser.set_defaults(func=_report)
 
 
 def _data(args: argparse.Namespace) -> int:
@@ -133,70 +131,10 @@ def _data(args: argparse.Namespace) -> int:
     return 0
 
 
-def _resolve_config(args: argparse.Namespace) -> tuple[Any, dict[str, Any], list[str]]:
-    """The validated config of `--config` (YAML, or an EasyRec pipeline.config translated)
-    with the overrides applied, its YAML form, and what a translation decided (notes)."""
-    from mmoe.model.config import load_config
-    from mmoe.model.easyrec import is_easyrec_config, load_pipeline_config
-
-    if is_easyrec_config(args.config):
-        return load_pipeline_config(args.config, args.overrides)
-    config = load_config(args.config, args.overrides)
-    return config, config.model_dump(mode="json", exclude_none=True), []
-
-
 def _train(args: argparse.Namespace) -> int:
-    from mmoe.model.checkpoint import prepare_run_dir
-    from mmoe.model.config import ConfigError
+    from mmoe.model.train import recipe_main
 
-    try:
-        config, _, notes = _resolve_config(args)
-        prepare_run_dir(args.out, args.overwrite)  # after the config: a bad one clears nothing
-    except (ConfigError, ValueError, FileNotFoundError) as err:  # RunDirError too
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    for note in notes:
-        print(f"note: {note}", file=sys.stderr)
-    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        return _torchrun(args, config)
-    from mmoe.model.train import train
-
-    try:
-        train(config, args.data, args.out, args.valid)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
-
-
-def _torchrun(args: argparse.Namespace, config: Any) -> int:
-    """Train in `args.nproc` processes; they read the resolved config from a YAML file."""
-    import tempfile
-
-    import yaml
-
-    with tempfile.TemporaryDirectory(prefix="mmoe-config-") as tmp:
-        path = os.path.join(tmp, "config.yaml")
-        with open(path, "w") as f:
-            yaml.safe_dump(config.model_dump(mode="json", exclude_none=True), f, sort_keys=False)
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc_per_node={args.nproc}",
-            "-m",
-            "mmoe.model.train",
-            "--config",
-            path,
-            "--data",
-            args.data,
-            "--out",
-            args.out,
-        ]
-        if args.valid:
-            cmd += ["--valid", args.valid]
-        return subprocess.call(cmd)
+    return recipe_main(args)
 
 
 def _convert_config(args: argparse.Namespace) -> int:
@@ -205,13 +143,13 @@ def _convert_config(args: argparse.Namespace) -> int:
     import yaml
 
     from mmoe.model.config import ConfigError
-    from mmoe.model.easyrec import is_easyrec_config
+    from mmoe.model.easyrec import is_easyrec_config, load_pipeline_config
 
     if not is_easyrec_config(args.config):
         print(f"error: {args.config} is not an EasyRec pipeline.config", file=sys.stderr)
         return 2
     try:
-        _, mapping, notes = _resolve_config(args)
+        _, mapping, notes = load_pipeline_config(args.config, args.overrides)
     except (ConfigError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -24,6 +24,9 @@ Name = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
 
 
 class _Strict(BaseModel):
+    # Each field's description is the string under it: model/config_reference.py reads them
+    # into docs/training.md. (pydantic's use_attribute_docstrings would read the source of
+    # every class at import, 40-60 ms of every `mmoe train` and `mmoe export`.)
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
@@ -31,7 +34,9 @@ class VocabConfig(_Strict):
     """Vocabulary fitted from the training data; values outside it share one OOV bucket."""
 
     min_count: int = Field(1, ge=1)
+    """Ids seen fewer times than this in the training rows are out of vocabulary."""
     max_size: int | None = Field(None, ge=1)
+    """At most this many ids, the most frequent (default: no limit)."""
 
 
 # Most integer ids `num_buckets` may declare: each is one vocabulary entry in the exported graph.
@@ -46,22 +51,30 @@ class _IdFeature(_Strict):
     """
 
     name: Name
-    column: str | None = None  # source column in the data; defaults to `name`
+    """The feature's name, an identifier: the served input's name."""
+    column: str | None = None
+    """The data column it reads (default: `name`); two features may read one column."""
     vocab: VocabConfig | None = None
+    """A vocabulary fitted on the training rows (the default when no other mapping is set);
+    unknown ids share the out-of-vocabulary row."""
     hash_buckets: int | None = Field(None, ge=1)
-    # A fixed vocabulary, in this order; any other value is out of vocabulary.
+    """Instead of a vocabulary: row 1 + murmur3(id) % hash_buckets."""
     vocab_list: list[Annotated[str, Field(min_length=1)]] | None = Field(None, min_length=1)
-    # Integer ids 0..num_buckets-1 (as EasyRec's and DeepCTR's label-encoded ids): the fixed
-    # vocabulary "0", "1", ...; other values (out of range, not integers) are out of vocabulary.
+    """A fixed vocabulary, in this order; any other value is out of vocabulary."""
     num_buckets: int | None = Field(None, ge=1, le=MAX_NUM_BUCKETS)
+    """Integer ids 0..num_buckets-1 (as EasyRec's and DeepCTR's label-encoded ids): the fixed
+    vocabulary "0", "1", ...; other values (out of range, not integers) are out of vocabulary."""
     embedding_dim: int = Field(16, ge=1)
-    # Features with the same embedding_name share one table (and one vocabulary).
+    """Width of the feature's embedding."""
     embedding_name: Name | None = None
+    """Features with the same embedding_name share one table (and one vocabulary)."""
     group: str = "all"
-    # Request context: the same value for every candidate of a ranking request (the user, the
-    # placement). Training is unchanged; the exported graph takes it once per request and
-    # computes its share of the network once (docs/context.md).
+    """Its feature group (EasyRec's feature_groups); `model.groups` picks the groups the
+    network reads."""
     context: bool = False
+    """Request context: the same value for every candidate of a ranking request (the user, the
+    placement). Training is unchanged; the exported graph takes it once per request and
+    computes its share of the network once (docs/context.md)."""
 
     @field_validator("vocab_list")
     @classmethod
@@ -108,31 +121,54 @@ class _IdFeature(_Strict):
 
 
 class CategoricalFeature(_IdFeature):
+    """An id: one value per row (a string, or an integer read as its decimal string)."""
+
     kind: Literal["categorical"]
-    # Value used when a request omits the feature; without one the feature is required.
+    """`categorical`."""
     default: str | None = None
+    """Value used when a row or a request has none; without one the feature is required."""
 
 
 class TagsFeature(_IdFeature):
+    """Several ids per row: a list, or one string split on `separator`; their embeddings are
+    pooled."""
+
     kind: Literal["tags"]
+    """`tags`."""
     separator: str = Field("|", min_length=1)
+    """Splits ids given as one string."""
     pooling: Literal["mean", "sum"] = "mean"
+    """How the ids' embeddings are pooled (padding ignored)."""
     max_len: int = Field(20, ge=1)
+    """The first max_len ids of a row are kept."""
     default: list[str] | None = None
+    """Value used when a row or a request has none (e.g. []); without one it is required."""
 
 
 class NumericFeature(_Strict):
+    """A number (ints or floats), fed to the network as it is or transformed, or bucketised and
+    embedded."""
+
     kind: Literal["numeric"]
+    """`numeric`."""
     name: Name
+    """The feature's name, an identifier: the served input's name."""
     column: str | None = None
-    # Used for missing values (null/NaN); without one the feature is required when serving.
+    """The data column it reads (default: `name`)."""
     default: float | None = None
+    """Used for missing values (null/NaN); without one a missing value is an error, in training
+    and serving."""
     transform: Literal["none", "log1p", "standard"] = "none"
-    # With boundaries the value is bucketised (searchsorted, right) and embedded.
+    """`log1p`: log(1 + max(x, 0)); `standard`: (x - mean) / std, both fitted on the training
+    rows."""
     boundaries: list[float] | None = None
+    """E.g. [10, 50, 200]: the value is bucketised (searchsorted, right) and embedded."""
     embedding_dim: int = Field(8, ge=1)
+    """Width of the buckets' embedding (with `boundaries`)."""
     group: str = "all"
-    context: bool = False  # request context, as for categorical and tags features
+    """Its feature group, as for categorical features."""
+    context: bool = False
+    """Request context, as for categorical features."""
 
     @field_validator("boundaries")
     @classmethod
@@ -159,8 +195,11 @@ class LossTerm(_Strict):
     batch's rows in the task whose labels differ, i the higher (EasyRec's PAIR_WISE_LOSS)."""
 
     kind: Literal["pointwise", "pairwise"]
+    """`pointwise` or `pairwise`."""
     weight: float = Field(1.0, ge=0)
-    margin: float = 0.0  # pairwise only
+    """The term's weight in the task's loss."""
+    margin: float = 0.0
+    """pairwise only: the margin the higher-labelled row's logit should lead by."""
 
     @model_validator(mode="after")
     def _margin(self) -> LossTerm:
@@ -170,26 +209,42 @@ class LossTerm(_Strict):
 
 
 class TaskConfig(_Strict):
+    """One task: a label column, a tower on the mixed experts, a loss and its metrics."""
+
     name: Name
+    """The task's name, an identifier: its outputs are probs_<name> and logits_<name> (binary,
+    multiclass) or y_<name> (regression); its metrics <metric>_<name>."""
     label: str = Field(min_length=1)
+    """The label column; an empty or NaN label leaves the row out of this task."""
     kind: Literal["binary", "regression", "multiclass"] = "binary"
+    """binary (labels 0/1), regression, or multiclass (class ids 0..num_class-1)."""
     num_class: int | None = Field(None, ge=2)
+    """Classes of a multiclass task (multiclass only)."""
     weight: float = Field(1.0, ge=0)
+    """This task's weight in the total loss."""
     tower: Units = Field(default_factory=lambda: [64])
+    """The task tower's hidden units."""
     metrics: list[Literal["auc", "logloss", "mse", "mae", "accuracy"]] = Field(default_factory=list)
-    # Column with a per-row loss weight for this task.
+    """Validation metrics; none listed: auc and logloss (binary), mse (regression), accuracy
+    (multiclass)."""
     sample_weight: str | None = None
-    # ESMM-style task space: only rows where every listed column equals its value count,
-    # e.g. {clk: 1} for a conversion task trained on clicked rows.
+    """Column with a per-row loss weight for this task."""
     only_where: dict[str, float] = Field(default_factory=dict)
+    """A task space: only rows where every listed column equals its value count, e.g.
+    {clk: 1} for a conversion task trained on clicked rows (loss and metrics)."""
     # ESMM on the entire space (Ma et al., SIGIR 2018): `multiply: ctr` makes this tower's
     # output pCVR and trains pCTCVR = pCTR x pCVR against this task's label over all rows;
     # the product is also served, as `probs_<product>` (default `ctcvr` for cvr x ctr, else
     # `<multiply>_<name>`).
     multiply: Name | None = None
+    """ESMM: the binary task this one's probability is multiplied by (e.g. ctr): this tower
+    gives pCVR, and the loss is on the product pCTR x pCVR over every row."""
     product: Name | None = None
-    # The loss as a weighted sum of terms (EasyRec's `losses`); default: the pointwise loss alone.
+    """The name of the served product, `probs_<product>`; unset, `ctcvr` for cvr x ctr, else
+    `<multiply>_<name>` (see ESMM below)."""
     losses: list[LossTerm] = Field(default_factory=list)
+    """The loss as a weighted sum of terms (EasyRec's `losses`), e.g. [{kind: pointwise},
+    {kind: pairwise, weight: 0.5}]; default: the pointwise loss alone."""
 
     @model_validator(mode="after")
     def _check(self) -> TaskConfig:
@@ -242,32 +297,49 @@ class TaskConfig(_Strict):
 
 
 class SENetConfig(_Strict):
+    """SENet (FiBiNET): each field's vector reweighted by a squeeze-and-excitation of all
+    fields, in front of the experts."""
+
     reduction_ratio: int = Field(4, ge=1)
+    """The excitation's hidden width is the number of fields divided by this."""
 
 
 class ModelConfig(_Strict):
-    # mmoe: one gate per task over shared experts; ple: CGC/PLE layers with task-specific and
-    # shared experts.
+    """The network."""
+
     kind: Literal["mmoe", "ple"] = "mmoe"
+    """mmoe: one gate per task over shared experts; ple: CGC/PLE layers with task-specific and
+    shared experts."""
     experts: int = Field(4, ge=1)
+    """mmoe: the experts (1 = Shared-Bottom); ple: the shared experts per layer."""
     expert_units: Units = Field(default_factory=lambda: [128, 64], min_length=1)
+    """Hidden units of every expert."""
     gate_units: Units = Field(default_factory=list)
-    # per_task: MMoE. shared: one gate for all tasks (OMoE). With experts: 1 either is the
-    # Shared-Bottom baseline.
+    """An MLP before each softmax gate (DeepCTR's gate_dnn_hidden_units)."""
     gate: Literal["per_task", "shared"] = "per_task"
+    """per_task: MMoE. shared: one gate for all tasks (OMoE). With experts: 1 either is the
+    Shared-Bottom baseline (mmoe only)."""
     activation: Literal["relu", "gelu", "silu", "tanh", "sigmoid", "leaky_relu"] = "relu"
+    """In experts, gates' MLPs and towers."""
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    """In experts and towers."""
     batch_norm: bool = False
+    """In experts and towers."""
     l2: float = Field(0.0, ge=0.0)
+    """L2 on the dense weight matrices (not biases or embeddings)."""
     embedding_l2: float = Field(0.0, ge=0.0)
+    """L2 on the embeddings looked up in each batch."""
     senet: SENetConfig | None = None
-    # ple only: task-specific experts per task and the number of extraction layers.
+    """E.g. {reduction_ratio: 4}: SENet field reweighting before the experts."""
     task_experts: int = Field(1, ge=1)
+    """ple only: task-specific experts per task and layer."""
     ple_layers: int = Field(1, ge=1)
-    # ple only: each extraction layer's expert units (default: expert_units for every layer).
+    """ple only: extraction layers (1 = CGC)."""
     ple_expert_units: list[Annotated[Units, Field(min_length=1)]] | None = None
-    # Feature groups (each feature's `group`) that feed the experts; default: all of them.
+    """ple only: each extraction layer's expert units, one list per layer (default:
+    expert_units in every layer)."""
     groups: list[str] | None = None
+    """Feature groups (each feature's `group`) that feed the network; default: all of them."""
 
 
 # Metrics where larger is better; every other metric (and `loss`) is minimised.
@@ -280,12 +352,16 @@ def higher_is_better(metric: str) -> bool:
 
 
 class EarlyStoppingConfig(_Strict):
-    # A validation metric (`auc_ctr`, `logloss_cvr`) or `loss` (the weighted sum of task losses
-    # on validation rows; the training loss when there is no validation data).
+    """Stop when a metric has not improved for `patience` epochs; the best epoch's weights are
+    kept either way."""
+
     metric: str
+    """A validation metric (`auc_ctr`, `logloss_cvr`) or `loss` (the weighted sum of task
+    losses on validation rows; the training loss when there is no validation data)."""
     patience: int = Field(2, ge=1)
-    # Default: max for auc/accuracy, min for everything else.
+    """Epochs without improvement before stopping."""
     mode: Literal["max", "min"] | None = None
+    """Default: max for auc/accuracy, min for everything else."""
 
     @property
     def maximise(self) -> bool:
@@ -301,11 +377,12 @@ class LossWeightingConfig(_Strict):
     In both, tasks[i].weight stays a constant factor on its task's term."""
 
     kind: Literal["fixed", "uncertainty", "gradnorm"] = "fixed"
-    # gradnorm only: the restoring force's strength (the paper's alpha; default 1.5).
+    """The method; `loss_weighting: uncertainty` is short for {kind: uncertainty}."""
     alpha: float | None = Field(None, ge=0.0)
-    # uncertainty and gradnorm: the Adam learning rate of the learned weights (both learn in
-    # log space, so 0.025, the default, moves a weight by about 2.5% a step).
+    """gradnorm only: the restoring force's strength (the paper's alpha; default 1.5)."""
     lr: float | None = Field(None, gt=0.0)
+    """uncertainty and gradnorm: the Adam learning rate of the learned weights (both learn in
+    log space, so 0.025, the default, moves a weight by about 2.5% a step)."""
 
     @model_validator(mode="before")
     @classmethod
@@ -316,11 +393,11 @@ class LossWeightingConfig(_Strict):
 class DataConfig(_Strict):
     """How CSV files are read (Parquet files carry their own column names)."""
 
-    # One character; default "," (tab for .tsv files). EasyRec's CSVInput separator.
     separator: str | None = Field(None, min_length=1, max_length=1)
-    # The files have no header line: these name their columns, in file order (EasyRec's
-    # data_config.input_fields). Unset: the first line is the header.
+    """One character; default "," (tab for .tsv files). EasyRec's CSVInput separator."""
     columns: list[Annotated[str, Field(min_length=1)]] | None = Field(None, min_length=1)
+    """The files have no header line: these name their columns, in file order (EasyRec's
+    data_config.input_fields). Unset: the first line is the header."""
 
     @field_validator("columns")
     @classmethod
@@ -333,57 +410,81 @@ class DataConfig(_Strict):
 
 
 class TrainConfig(_Strict):
-    # Rows per optimiser step; with N processes (torchrun) each takes its share of them.
+    """The training loop."""
+
     batch_size: int = Field(1024, ge=1)
+    """Rows per optimiser step, the global batch: with N processes (torchrun) each takes its
+    share of them."""
     epochs: int = Field(3, ge=1)
-    # Stop after this many optimiser steps, or after `epochs`, whichever comes first (EasyRec's
-    # train_config.num_steps); the epoch it stops in is validated like any other.
+    """Passes over the training rows."""
     num_steps: int | None = Field(None, ge=1)
+    """Stop after this many optimiser steps, or after `epochs`, whichever comes first (EasyRec's
+    train_config.num_steps); the epoch it stops in is validated like any other, and the
+    schedule spans these steps."""
     lr: float = Field(1e-3, gt=0)
+    """The learning rate (before the schedule)."""
     optimizer: Literal["adam", "adamw", "adagrad"] = "adam"
+    """The optimiser."""
     weight_decay: float = Field(0.0, ge=0.0)
+    """The optimiser's weight decay."""
     lr_schedule: Literal["constant", "cosine", "step", "exponential"] = "constant"
+    """constant; cosine (to 0 over the run); step (x step_gamma per epoch); exponential (the
+    decay_* keys below)."""
     warmup_steps: int = Field(0, ge=0)
-    step_gamma: float = Field(0.5, gt=0, le=1)  # lr multiplier per epoch for `step`
-    # `exponential` (EasyRec's exponential_decay_learning_rate): lr * decay_factor ** (s /
-    # decay_steps) after s steps past the warm-up, s / decay_steps rounded down with
-    # `staircase`, never below min_lr.
+    """A linear warm-up over this many steps before the schedule."""
+    step_gamma: float = Field(0.5, gt=0, le=1)
+    """The lr multiplier per epoch of `step`."""
     decay_steps: int = Field(1000, ge=1)
+    """`exponential` (EasyRec's exponential_decay_learning_rate) only: lr * decay_factor **
+    (s / decay_steps) after s steps past the warm-up."""
     decay_factor: float = Field(0.5, gt=0, le=1)
+    """`exponential` only: the factor per decay_steps."""
     staircase: bool = True
+    """`exponential` only: s / decay_steps rounded down (the rate falls in steps)."""
     min_lr: float = Field(0.0, ge=0.0)
+    """`exponential` only: the rate never goes below this."""
     seed: int = 1024
-    # Rows read from the file at a time (memory stays bounded whatever the file size); with
-    # `shuffle`, rows are shuffled within each chunk, else batches follow the file order.
+    """The same seed and data give the same weights."""
     read_rows: int = Field(262144, ge=1)
+    """Rows read from the file at a time: memory stays bounded whatever the file size."""
     shuffle: bool = True
-    # Fraction of the training file held out for validation when no --valid file is given
-    # (picked by a hash of the row number and the seed; held in memory).
+    """Shuffle rows within each chunk of read_rows (false: batches follow the file order)."""
     valid_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    """Fraction of the training file held out for validation when no --valid file is given
+    (picked by a hash of the row number and the seed; held in memory)."""
     early_stopping: EarlyStoppingConfig | None = None
+    """E.g. {metric: auc_ctr, patience: 2}; unset: every epoch runs."""
     loss_weighting: LossWeightingConfig = Field(default_factory=LossWeightingConfig)
-    # Encoded training rows are kept in memory after the first epoch while they take at most
-    # this many MiB (later epochs then skip reading and encoding); past it every epoch streams
-    # from the file. 0: always stream.
+    """How the task losses are balanced: fixed, uncertainty or gradnorm."""
     cache_mb: float = Field(2048, ge=0)
-    # A progress bar on stderr with the running loss per task, when stderr is a terminal (else
-    # the line per epoch on stdout only).
+    """Encoded training rows are kept in memory after the first epoch while they take at most
+    this many MiB (later epochs then skip reading and encoding); past it every epoch streams
+    from the file. 0: always stream."""
     progress: bool = True
-    # torch intra-op threads while training (default: torch's choice, one per core). Small
-    # models train fastest with 1, and far faster when other processes share the cores.
+    """A progress bar on stderr with the running loss per task, when stderr is a terminal
+    (else the line per epoch on stdout only)."""
     threads: int | None = Field(None, ge=1)
+    """torch intra-op threads while training (default: torch's choice, one per core). Small
+    models train fastest with 1, and far faster when other processes share the cores."""
 
 
 class RunConfig(_Strict):
     """The whole YAML file."""
 
     name: str = "mmoe"
+    """The model's name: in the ONNX metadata and /predict replies."""
     version: str = "1"
+    """The model's version, beside its name."""
     features: list[FeatureConfig] = Field(min_length=1)
+    """The network's inputs, in this order; each is categorical, numeric or tags (`kind`)."""
     tasks: list[TaskConfig] = Field(min_length=1)
+    """The tasks, each with its tower and outputs."""
     model: ModelConfig = Field(default_factory=ModelConfig)
+    """The network."""
     train: TrainConfig = Field(default_factory=TrainConfig)
+    """The training loop."""
     data: DataConfig = Field(default_factory=DataConfig)
+    """How CSV files are read."""
 
     @model_validator(mode="after")
     def _cross_checks(self) -> RunConfig:

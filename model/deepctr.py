@@ -405,15 +405,14 @@ class ArrayModel:
 
     def _scores(self, x: Mapping[str, Any] | Sequence[Any], batch_size: int) -> np.ndarray:
         """Scores [n, tasks] (float64): probabilities of binary tasks, values of regressions."""
+        from mmoe.contract.outputs import output_names
         from mmoe.model.batches import encode_table
         from mmoe.model.evaluation import predict
 
         if self._run is None:
             raise RuntimeError("call fit() first")
         table = self._table(x)
-        names = [
-            f"probs_{t['name']}" if t["kind"] == "binary" else f"y_{t['name']}" for t in self._tasks
-        ]
+        names = [output_names(t["name"], t["kind"]).score for t in self._tasks]
         parts = []
         for start in range(0, table.num_rows, max(1, batch_size)):
             rows = table.slice(start, batch_size)

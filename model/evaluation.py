@@ -12,11 +12,12 @@ import pyarrow.compute as pc
 import torch
 import torch.nn.functional as F
 
+from mmoe.contract.outputs import output_names
 from mmoe.model.batches import Batch
 from mmoe.model.config import RunConfig
 from mmoe.model.losses import task_loss
 from mmoe.model.metrics import task_metrics
-from mmoe.model.network import PLE, MMoE, RankingModel, model_outputs, output_names
+from mmoe.model.network import PLE, MMoE, RankingModel, model_outputs
 from mmoe.model.schema import (
     FeatureSchema,
     FittedFeature,
@@ -36,7 +37,7 @@ def _logits(model: RankingModel, batch: Batch) -> dict[str, torch.Tensor]:
     parts: dict[str, list[torch.Tensor]] = {t.name: [] for t in model.tasks}
     for start in range(0, len(batch), EVAL_ROWS):
         out = model({k: v[start : start + EVAL_ROWS] for k, v in batch.inputs.items()})
-        for name, z in out.items():
+        for name, z in out.logits.items():
             parts[name].append(z)
     model.train(was_training)
     return {k: torch.cat(v) for k, v in parts.items()}
@@ -64,7 +65,7 @@ def evaluate(model: RankingModel, config: RunConfig, data: Batch) -> dict[str, f
         y, w = data.labels[t.name], data.weights[t.name]
         multiplier = logits[t.multiply] if t.multiply else None
         total += t.weight * float(task_loss(t, logits[t.name], y, w, multiplier))
-        names = output_names(head)
+        names = output_names(head.name, head.kind, head.product)
         mask = data.masks[t.name].numpy()
         labels = y.numpy().astype(np.float64)
         if t.multiply is not None and t.product_name and names.product:
@@ -242,7 +243,7 @@ def mean_scores(model: RankingModel, data: Batch) -> dict[str, list[float]]:
     out = predict(model, data)
     means: dict[str, list[float]] = {}
     for task in model.tasks:
-        names = output_names(task)
+        names = output_names(task.name, task.kind, task.product)
         served = [(task.name, names.score)]
         if task.product and names.product:  # an ESMM product is served as a task of its own
             served.append((task.product, names.product))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-from sklearn import metrics as skm
 
 
 def task_metrics(
@@ -14,6 +13,10 @@ def task_metrics(
     Rows whose label is NaN are left out. A metric that is undefined on this data (AUC with a
     single class) is reported as NaN rather than failing the run.
     """
+    # Imported here: scikit-learn takes about a second to import, which `mmoe train` would
+    # otherwise spend before its first step and `mmoe export` for nothing.
+    from sklearn import metrics as skm
+
     keep = ~np.isnan(labels)
     y, s = labels[keep], scores[keep]
     out: dict[str, float] = {}

@@ -5,21 +5,31 @@
     task input f_t(x) = sum_k gate_t(x)_k * expert_k(x)  ->  tower_t  ->  logits_t
 
 `MMoE` and `PLE` take a dense input vector and return per-task logits; they know nothing of
-features. `RankingModel` puts the feature embeddings (and optional SENet) in front and the
-output heads (sigmoid / softmax / identity) behind, and is what training and export use.
+features. `RankingModel` puts the feature embeddings (and optional SENet) in front, and is what
+training and export use. Each returns a `NetOutput`: the logits, the gate weights when asked
+for, and the embedding penalty. `model_outputs` turns logits into the exported outputs (sigmoid /
+softmax / identity), named by `mmoe.contract.outputs`.
+
+The input layers: every module that reads the dense input (`ExpertBank`, `Gate`, `CGCLayer`,
+`MMoE`, `PLE`) gives the linear layers that read it (`input_layers()`: weight [in, out], bias
+[out] each) and computes its output from theirs (`from_input_layers(h)`), so that `m(x)` equals
+`m.from_input_layers([x @ w + b for w, b in m.input_layers()])`. Export splits those layers by
+input columns to compute a ranking request's context once (export/context.py).
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any, cast
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from mmoe.contract.outputs import output_names
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,
@@ -47,6 +57,18 @@ class TaskHead:
     @property
     def out_dim(self) -> int:
         return self.num_class if self.kind == "multiclass" and self.num_class else 1
+
+
+@dataclass(frozen=True)
+class NetOutput:
+    """What a network computes for a batch of B rows."""
+
+    logits: dict[str, torch.Tensor]  # per task: [B, out_dim]
+    # [tasks, B, experts]: the gate weights that mixed the experts, when asked for (`gates=True`)
+    gates: torch.Tensor | None = None
+    # The squared norm of the embeddings looked up for the batch, per row (the embedding L2
+    # term); 0 in eval mode, and from a network without embeddings.
+    penalty: torch.Tensor | float = 0.0
 
 
 def mlp(
@@ -114,33 +136,34 @@ class ExpertBank(nn.Module):
         self.act = ACTIVATIONS[activation]()
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
-    def input_layer(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def input_layers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Layer 0 of all experts as one matrix: weight [in, K*out] and bias [K*out]."""
         w, b = self.weights[0], self.biases[0]
-        return w.permute(1, 0, 2).reshape(w.shape[1], -1), b.reshape(-1)
+        return [(w.permute(1, 0, 2).reshape(w.shape[1], -1), b.reshape(-1))]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w, b = self.input_layer()
+        ((w, b),) = self.input_layers()
         # [B, in] @ [in, K*out] + [K*out]: one Gemm (fused with its bias in onnxruntime).
-        return self.after_input_layer(torch.addmm(b, x, w))
+        return self.from_input_layers([torch.addmm(b, x, w)])
 
-    def after_input_layer(self, h: torch.Tensor) -> torch.Tensor:
-        """The rest of the experts, from layer 0's output before its norm and activation
-        ([B, K*out], `x @ weight + bias` of `input_layer()`)."""
+    def from_input_layers(self, h: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The experts' outputs [K, B, units[-1]] from layer 0's output before its norm and
+        activation ([B, K*out])."""
+        (x,) = h
         k = self.num_experts
         out = self.weights[0].shape[2]
         if self.norms:
-            h = self.norms[0](h)
-        h = self.dropout(self.act(h)).view(-1, k, out).transpose(0, 1)  # [K, B, out]
+            x = self.norms[0](x)
+        x = self.dropout(self.act(x)).view(-1, k, out).transpose(0, 1)  # [K, B, out]
         for i in range(1, len(self.weights)):
             w, b = self.weights[i], self.biases[i]
-            h = torch.baddbmm(b.unsqueeze(1), h, w)
+            x = torch.baddbmm(b.unsqueeze(1), x, w)
             if self.norms:
-                _, batch, out = h.shape
-                h = self.norms[i](h.transpose(0, 1).reshape(batch, k * out))
-                h = h.view(batch, k, out).transpose(0, 1)
-            h = self.dropout(self.act(h))
-        return h
+                _, batch, out = x.shape
+                x = self.norms[i](x.transpose(0, 1).reshape(batch, k * out))
+                x = x.view(batch, k, out).transpose(0, 1)
+            x = self.dropout(self.act(x))
+        return x
 
     def as_modules(self) -> list[nn.Sequential]:
         """The same experts as K separate MLPs (for equivalence tests and benchmarks)."""
@@ -184,20 +207,21 @@ class Gate(nn.Module):
         assert isinstance(first, nn.Linear)
         return first
 
-    def input_layer(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def input_layers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The layer that reads the input (the MLP's first, else the output layer): weight
         [in, out] and bias [out]."""
         first = self._input_linear()
-        return first.weight.T, first.bias
+        return [(first.weight.T, first.bias)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.after_input_layer(self._input_linear()(x))
+        return self.from_input_layers([self._input_linear()(x)])
 
-    def after_input_layer(self, h: torch.Tensor) -> torch.Tensor:
-        """The gate from its input layer's output (`x @ weight + bias` of `input_layer()`)."""
+    def from_input_layers(self, h: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The gate weights [B, experts] from its input layer's output."""
+        (x,) = h
         if len(self.hidden):
-            h = self.out(self.hidden[1:](h))
-        return F.softmax(h, dim=-1)
+            x = self.out(self.hidden[1:](x))
+        return F.softmax(x, dim=-1)
 
 
 def _mix(gate: torch.Tensor, experts: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -253,7 +277,7 @@ class MMoE(nn.Module):
 
     >>> net = MMoE(input_dim=32, num_experts=4, expert_units=[64, 32],
     ...            tasks=[TaskHead("ctr"), TaskHead("cvr")])
-    >>> {name: tuple(v.shape) for name, v in net(torch.randn(8, 32)).items()}
+    >>> {name: tuple(v.shape) for name, v in net(torch.randn(8, 32)).logits.items()}
     {'ctr': (8, 1), 'cvr': (8, 1)}
     """
 
@@ -311,34 +335,33 @@ class MMoE(nn.Module):
         return self.experts(x)
 
     def input_layers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(weight [in, out], bias [out]) of each layer that reads the input: the experts' first
-        layer, then each gate's. `forward(x)` equals `forward_from_input_layers([x @ w + b for
-        w, b in input_layers()])`; export uses it to split the input into parts."""
+        """The layers that read the input: the experts' first layer, then each gate's."""
         gates = cast(list[Gate], list(self.gates))
-        return [self.experts.input_layer(), *(gate.input_layer() for gate in gates)]
+        return [*self.experts.input_layers(), *(g.input_layers()[0] for g in gates)]
 
-    def forward_from_input_layers(self, h: Sequence[torch.Tensor], with_gates: bool = False) -> Any:
-        """Per-task logits from the outputs of `input_layers()` (same order); `with_gates` as
-        in forward."""
-        experts = self.experts.after_input_layer(h[0])
+    def from_input_layers(self, h: Sequence[torch.Tensor], gates: bool = False) -> NetOutput:
+        """`forward` from the outputs of `input_layers()` (same order)."""
+        experts = self.experts.from_input_layers(h[:1])
         mods = cast(list[Gate], list(self.gates))
-        gates = [gate.after_input_layer(g) for gate, g in zip(mods, h[1:], strict=True)]
-        return self._heads(experts, gates, with_gates)
+        weights = [gate.from_input_layers([g]) for gate, g in zip(mods, h[1:], strict=True)]
+        return self._heads(experts, weights, gates)
 
-    def forward(self, x: torch.Tensor, with_gates: bool = False) -> Any:
-        """Per-task logits; with `with_gates`, also the gate weights that mixed them, [tasks, B,
-        K] as gate_weights gives."""
-        return self._heads(self.experts(x), [gate(x) for gate in self.gates], with_gates)
+    def forward(self, x: torch.Tensor, gates: bool = False) -> NetOutput:
+        """Per-task logits; with `gates`, also the gate weights that mixed them, [tasks, B, K]
+        as gate_weights gives."""
+        return self._heads(self.experts(x), [gate(x) for gate in self.gates], gates)
 
-    def _heads(self, experts: torch.Tensor, gates: list[torch.Tensor], with_gates: bool) -> Any:
+    def _heads(self, experts: torch.Tensor, weights: list[torch.Tensor], gates: bool) -> NetOutput:
         out = {}
         for i, (task, head) in enumerate(zip(self.tasks, self.towers, strict=True)):
-            if not gates:
+            if not weights:
                 h = experts[0]
             else:
-                h = _mix(gates[0] if len(gates) == 1 else gates[i], experts.unbind(0))
+                h = _mix(weights[0] if len(weights) == 1 else weights[i], experts.unbind(0))
             out[task.name] = head(h)
-        return (out, self._task_gates(gates, experts.shape[1])) if with_gates else out
+        if not gates:
+            return NetOutput(out)
+        return NetOutput(out, self._task_gates(weights, experts.shape[1]))
 
 
 class CGCLayer(nn.Module):
@@ -374,13 +397,18 @@ class CGCLayer(nn.Module):
             else Gate(in_dim, num_tasks * num_specific + num_shared, gate_units, activation)
         )
 
-    def input_modules(self) -> list[ExpertBank | Gate]:
-        """What reads the input when every task's input is the same x (the first layer): the
-        shared experts, each task's experts, each task's gate, then the shared gate if any."""
+    def _input_modules(self) -> list[ExpertBank | Gate]:
+        """What reads the input: the shared experts, each task's experts, each task's gate, then
+        the shared gate if any."""
         shared_gate = [] if self.shared_gate is None else [self.shared_gate]
         return cast(
             list[ExpertBank | Gate], [self.shared, *self.specific, *self.task_gates, *shared_gate]
         )
+
+    def input_layers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The layers that read the input, when every task's input is the same x (the first
+        layer), in `_input_modules()` order."""
+        return [m.input_layers()[0] for m in self._input_modules()]
 
     def forward(
         self, task_in: list[torch.Tensor], shared_in: torch.Tensor
@@ -394,11 +422,11 @@ class CGCLayer(nn.Module):
             gates.append(self.shared_gate(shared_in))
         return self._mix_experts(shared, specific, gates)
 
-    def forward_from_input_layers(
+    def from_input_layers(
         self, h: Sequence[torch.Tensor]
     ) -> tuple[list[torch.Tensor], torch.Tensor | None, list[torch.Tensor]]:
-        """`forward` from the outputs of the input layers of `input_modules()` (same order)."""
-        outs = [m.after_input_layer(x) for m, x in zip(self.input_modules(), h, strict=True)]
+        """`forward` of one input x from the outputs of `input_layers()` (same order)."""
+        outs = [m.from_input_layers([x]) for m, x in zip(self._input_modules(), h, strict=True)]
         n = len(self.specific)
         return self._mix_experts(outs[0], outs[1 : 1 + n], outs[1 + n :])
 
@@ -480,7 +508,8 @@ class PLE(nn.Module):
     def gate_weights(self, x: torch.Tensor) -> torch.Tensor:
         """[tasks, B, experts] gate distributions of the last layer over `expert_names`
         (0 for another task's experts, which a task's gate cannot choose)."""
-        _, gates = self.forward(x, with_gates=True)
+        gates = self.forward(x, gates=True).gates
+        assert gates is not None
         return gates
 
     def _task_gates(self, gates: list[torch.Tensor]) -> torch.Tensor:
@@ -505,41 +534,38 @@ class PLE(nn.Module):
         return torch.cat([*own, last.shared(shared_in)])
 
     def input_layers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(weight [in, out], bias [out]) of each layer that reads the input (the first CGC
-        layer's banks and gates). `forward(x)` equals `forward_from_input_layers([x @ w + b for
-        w, b in input_layers()])`; export uses it to split the input into parts."""
+        """The layers that read the input: the first CGC layer's banks and gates."""
         first = self.layers[0]
         assert isinstance(first, CGCLayer)
-        return [m.input_layer() for m in first.input_modules()]
+        return first.input_layers()
 
-    def forward_from_input_layers(self, h: Sequence[torch.Tensor], with_gates: bool = False) -> Any:
-        """Per-task logits from the outputs of `input_layers()` (same order); `with_gates` as
-        in forward."""
+    def from_input_layers(self, h: Sequence[torch.Tensor], gates: bool = False) -> NetOutput:
+        """`forward` from the outputs of `input_layers()` (same order)."""
         first = self.layers[0]
         assert isinstance(first, CGCLayer)
-        return self._upper_layers(*first.forward_from_input_layers(h), with_gates)
+        return self._upper_layers(*first.from_input_layers(h), gates)
 
-    def forward(self, x: torch.Tensor, with_gates: bool = False) -> Any:
-        """Per-task logits; with `with_gates`, also the last layer's gate weights that mixed
-        them, [tasks, B, experts] as gate_weights gives."""
+    def forward(self, x: torch.Tensor, gates: bool = False) -> NetOutput:
+        """Per-task logits; with `gates`, also the last layer's gate weights that mixed them,
+        [tasks, B, experts] as gate_weights gives."""
         first = self.layers[0]
         assert isinstance(first, CGCLayer)
-        task_in, shared_in, gates = first([x] * len(self.tasks), x)
-        return self._upper_layers(task_in, shared_in, gates, with_gates)
+        task_in, shared_in, weights = first([x] * len(self.tasks), x)
+        return self._upper_layers(task_in, shared_in, weights, gates)
 
     def _upper_layers(
         self,
         task_in: list[torch.Tensor],
         shared_in: torch.Tensor | None,
-        gates: list[torch.Tensor],
-        with_gates: bool,
-    ) -> Any:
+        weights: list[torch.Tensor],
+        gates: bool,
+    ) -> NetOutput:
         """The layers above the first, and the towers."""
         for layer in self.layers[1:]:
             assert shared_in is not None  # every layer but the last has a shared output
-            task_in, shared_in, gates = layer(task_in, shared_in)
+            task_in, shared_in, weights = layer(task_in, shared_in)
         out = {t.name: head(h) for t, head, h in zip(self.tasks, self.towers, task_in, strict=True)}
-        return (out, self._task_gates(gates)) if with_gates else out
+        return NetOutput(out, self._task_gates(weights) if gates else None)
 
 
 class SENet(nn.Module):
@@ -568,6 +594,37 @@ class FeatureSpec:
     pooling: str = "mean"  # tags
 
 
+@dataclass(frozen=True)
+class InputLayout:
+    """Where each feature lies in the network's dense input: the features in order, each as wide
+    as its embedding (a dense numeric value: 1 column)."""
+
+    names: tuple[str, ...]
+    widths: tuple[int, ...]
+
+    @classmethod
+    def of(
+        cls, features: Sequence[FeatureSpec], tables: Mapping[str, tuple[int, int]]
+    ) -> InputLayout:
+        """`tables`: each embedding table's (rows, dim)."""
+        widths = (tables[f.table][1] if f.table is not None else 1 for f in features)
+        return cls(tuple(f.name for f in features), tuple(widths))
+
+    @property
+    def width(self) -> int:
+        return sum(self.widths)
+
+    def columns(self, features: Collection[str]) -> list[int]:
+        """The dense input's columns that hold these features, in input order."""
+        out: list[int] = []
+        start = 0
+        for name, width in zip(self.names, self.widths, strict=True):
+            if name in features:
+                out.extend(range(start, start + width))
+            start += width
+        return out
+
+
 class FeatureEmbedding(nn.Module):
     """Encoded inputs -> one vector per field: embeddings (tags pooled, padding ignored), and
     each dense numeric value as a 1-d field. Features naming the same table share it."""
@@ -575,6 +632,7 @@ class FeatureEmbedding(nn.Module):
     def __init__(self, features: Sequence[FeatureSpec], tables: dict[str, tuple[int, int]]):
         super().__init__()
         self.features = list(features)
+        self.layout = InputLayout.of(self.features, tables)
         # Keys are prefixed: a table called `items` or `type` must not clash with the
         # ModuleDict's own attributes.
         self.tables = nn.ModuleDict(
@@ -583,9 +641,6 @@ class FeatureEmbedding(nn.Module):
         for emb in self.tables.values():
             assert isinstance(emb, nn.Embedding)
             nn.init.normal_(emb.weight, std=0.05)
-        self.output_dim = sum(
-            tables[f.table][1] if f.table is not None else 1 for f in self.features
-        )
 
     def table(self, name: str) -> nn.Embedding:
         emb = self.tables[f"emb_{name}"]
@@ -641,45 +696,17 @@ class RankingModel(nn.Module):
             fields = self.senet(fields)
         return torch.cat(fields, dim=1)
 
-    def forward(
-        self,
-        inputs: dict[str, torch.Tensor],
-        with_embedding_l2: bool = False,
-        with_gates: bool = False,
-    ) -> Any:
-        """Per-task logits; with `with_embedding_l2`, also the squared norm of the embeddings
-        looked up for this batch (the embedding L2 term, computed in one pass); with
-        `with_gates` (MMoE, PLE), the logits and the gate weights that mixed them, [tasks, B,
-        experts], instead."""
-        x, sq = self.dense_input(inputs)
-        if with_gates:
-            return self.net(x, with_gates=True)
-        logits = self.net(x)
-        return (logits, sq) if with_embedding_l2 else logits
-
-
-@dataclass(frozen=True)
-class OutputNames:
-    """The names one task's outputs are exported under (EasyRec's naming)."""
-
-    score: str  # probs_<task> (binary, multiclass) or y_<task> (regression)
-    logits: str | None  # logits_<task>; None for regression
-    product: str | None = None  # probs_<product> of an ESMM task (`multiply`)
-
-
-def output_names(task: TaskHead) -> OutputNames:
-    """The one place that names exported outputs: export's graph and metadata, and evaluation,
-    all read it."""
-    if task.kind == "regression":
-        return OutputNames(f"y_{task.name}", None)
-    product = f"probs_{task.product}" if task.product else None
-    return OutputNames(f"probs_{task.name}", f"logits_{task.name}", product)
+    def forward(self, inputs: dict[str, torch.Tensor], gates: bool = False) -> NetOutput:
+        """Per-task logits and the embedding penalty (training mode); with `gates` (MMoE,
+        PLE), also the gate weights that mixed the experts, [tasks, B, experts]."""
+        x, penalty = self.dense_input(inputs)
+        return replace(self.net(x, gates=gates), penalty=penalty)
 
 
 def task_outputs(task: TaskHead, logits: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The exported outputs of one task by the names of `output_names`, the product of an ESMM
-    task aside (see `model_outputs`)."""
-    names = output_names(task)
+    """The exported outputs of one task (named by mmoe.contract.outputs), the product of an
+    ESMM task aside (see `model_outputs`)."""
+    names = output_names(task.name, task.kind, task.product)
     if task.kind == "regression":
         return {names.score: logits[:, 0]}
     assert names.logits is not None
@@ -698,7 +725,7 @@ def model_outputs(
     for task in tasks:
         own = task_outputs(task, logits[task.name])
         out.update(own)
-        names = output_names(task)
+        names = output_names(task.name, task.kind, task.product)
         if names.product is not None:
             assert task.multiply is not None
             out[names.product] = own[names.score] * torch.sigmoid(logits[task.multiply][:, 0])

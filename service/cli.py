@@ -1,5 +1,6 @@
 """`mmoe serve` (one flag per setting, service/settings.py; flags override MMOE_* environment
-variables) and `mmoe verify` (a file's golden rows, run as the server runs them at load)."""
+variables), `mmoe verify` (a file's golden rows, run as the server runs them at load) and
+`mmoe items build|push` (service/item_build.py, service/item_push.py)."""
 
 from __future__ import annotations
 
@@ -13,23 +14,32 @@ _FLAG_NAMES = {"model_path": "--model"}
 _NO_FLAG = {"api_key"}  # a secret on the command line is visible to every user of the machine
 
 
-def register(sub: Any) -> None:
-    from mmoe.service.settings import Settings
-
-    ver = sub.add_parser(
-        "verify",
-        help="run a model.onnx's golden rows as a server does at load; exit 1 if any answer "
-        "changed (needs only the serving install)",
-    )
-    ver.add_argument("model", help="the model.onnx to check")
-    ver.add_argument(
+def verify(parser: argparse.ArgumentParser) -> None:
+    """`mmoe verify`'s arguments (mmoe/cli.py's command table)."""
+    parser.add_argument("model", help="the model.onnx to check")
+    parser.add_argument(
         "--provider",
         choices=["auto", "cpu", "cuda"],
         default="auto",
         help="onnxruntime execution provider, as MMOE_PROVIDER (default auto)",
     )
-    ver.set_defaults(func=_verify)
-    p = sub.add_parser("serve", help="serve model.onnx over HTTP (FastAPI + onnxruntime)")
+    parser.set_defaults(func=_verify)
+
+
+def items(parser: argparse.ArgumentParser) -> None:
+    """`mmoe items build|push`'s arguments (mmoe/cli.py's command table): the serving install
+    runs both (pyarrow, and redis for push), no training code."""
+    from mmoe.service import item_build, item_push
+
+    commands = parser.add_subparsers(dest="items_command", required=True, metavar="COMMAND")
+    item_build.register(commands)
+    item_push.register(commands)
+
+
+def serve(p: argparse.ArgumentParser) -> None:
+    """`mmoe serve`'s arguments (mmoe/cli.py's command table)."""
+    from mmoe.service.settings import Settings
+
     for name, field in Settings.model_fields.items():
         if name in _NO_FLAG:
             continue

@@ -1,5 +1,6 @@
-"""`mmoe --help` says what the tool does and lists the path in order, and every argument of every
-subcommand (and of `mmoe bench`, which parses its own) has a help text."""
+"""`mmoe --help` says what the tool does and lists the path in order; every argument of every
+subcommand has a help text; the command table (mmoe/cli.py) is every command, and what the
+serving commands import stays light."""
 
 from __future__ import annotations
 
@@ -9,9 +10,9 @@ import subprocess
 import sys
 from collections.abc import Iterator
 
-from mmoe.bench.run import build_parser as bench_parser
-from mmoe.cli import TRAINING_COMMANDS, build_parser
-from mmoe.service import cli as service_cli
+import pytest
+
+from mmoe.cli import COMMANDS, TRAINING_COMMANDS, TRAINING_PACKAGES, build_parser
 
 
 def _subcommands(parser: argparse.ArgumentParser) -> argparse._SubParsersAction | None:
@@ -41,7 +42,7 @@ def _undocumented(parser: argparse.ArgumentParser) -> list[str]:
 
 
 def test_every_argument_of_every_subcommand_has_help() -> None:
-    parsers = [*_walk(build_parser()), bench_parser()]
+    parsers = list(_walk(build_parser()))
     assert len(parsers) > 8, [p.prog for p in parsers]  # the walk reached the subcommands
     missing = [name for p in parsers for name in _undocumented(p)]
     assert not missing, f"arguments without a help text: {missing}"
@@ -69,9 +70,54 @@ def test_help_says_what_the_tool_does_and_lists_the_path_in_order() -> None:
     assert in_listing == steps, f"commands listed as {listed}, the path is {steps}"
 
 
-def test_training_commands_are_those_the_training_packages_register() -> None:
-    # A serving-only install names these without importing them (mmoe/cli.py).
-    listed = set(_subcommands(build_parser()).choices)  # type: ignore[union-attr]
-    serving = argparse.ArgumentParser().add_subparsers()
-    service_cli.register(serving)
-    assert set(TRAINING_COMMANDS) == listed - set(serving.choices) - {"items"}
+def _runs(parser: argparse.ArgumentParser) -> bool:
+    """Whether the parser sets what runs (`func`), itself or in every subcommand it has."""
+    sub = _subcommands(parser)
+    if sub is not None:
+        return all(_runs(child) for child in sub.choices.values())
+    return callable(parser.get_default("func"))
+
+
+def test_the_command_table_is_every_command_and_each_sets_what_runs() -> None:
+    listed = _subcommands(build_parser())
+    assert listed is not None
+    assert list(listed.choices) == list(COMMANDS)
+    for name, parser in listed.choices.items():
+        assert _runs(parser), f"mmoe {name} runs nothing"
+    # Arguments are added only for the command being parsed: its module alone is imported.
+    lone = _subcommands(build_parser(["inspect"]))
+    assert lone is not None
+    assert [n for n, p in lone.choices.items() if _runs(p)] == ["inspect"]
+
+
+def test_training_commands_are_those_in_the_training_packages() -> None:
+    # A serving-only install lists these as not installed (tests/e2e/test_install.py).
+    packages = {name: COMMANDS[name].package for name in COMMANDS}
+    assert set(TRAINING_COMMANDS) == {n for n, p in packages.items() if p in TRAINING_PACKAGES}
+    assert {packages[n] for n in set(COMMANDS) - set(TRAINING_COMMANDS)} == {"mmoe.service"}
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--help"],
+        ["serve", "--help"],
+        ["verify", "--help"],
+        ["export", "--help"],
+        ["items", "build", "--help"],
+        ["items", "push", "--help"],
+    ],
+)
+def test_parsing_a_command_imports_no_torch(argv: list[str]) -> None:
+    code = (
+        "import sys\n"
+        "from mmoe.cli import main\n"
+        "try:\n"
+        f"    main({argv!r})\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "heavy = [m for m in ('torch', 'onnx', 'sklearn', 'mmoe.model') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]

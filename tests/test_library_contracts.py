@@ -36,7 +36,7 @@ BOUNDED = {
     "onnxruntime": (
         "training/pyproject.toml",
         None,
-        "export/exporter.py: onnxruntime.transformers.float16, the quantizer's log line",
+        "export/variants.py: onnxruntime.transformers.float16, the quantizer's log line",
     ),
     "onnx": ("training/pyproject.toml", None, "export/: the exporter's opset and IR version"),
     "torch": ("training/pyproject.toml", None, "export/: torch.onnx.export's graph"),
@@ -263,7 +263,7 @@ def test_schemathesis_private_config_the_fuzz_test_imports() -> None:
     )
 
 
-# ---- onnxruntime: export/exporter.py's float16 variant ----------------------------------------
+# ---- onnxruntime: export/variants.py's float16 variant ----------------------------------------
 
 
 def test_onnxruntime_float16_converter_takes_the_arguments_the_export_passes() -> None:
@@ -273,5 +273,5 @@ def test_onnxruntime_float16_converter_takes_the_arguments_the_export_passes() -
     missing = {"keep_io_types", "op_block_list"} - set(params)
     assert not missing, (
         f"onnxruntime {version('onnxruntime')}: convert_float_to_float16 takes no {missing}; "
-        "export/exporter.py's _float16 passes them"
+        "export/variants.py's float16 passes them"
     )

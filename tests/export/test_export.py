@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ import pytest
 from mmoe.contract.metadata import FORMAT_VERSION, METADATA_KEY, format_text, read_metadata
 from mmoe.export.exporter import export_run
 from mmoe.export.graph import IR_VERSION, OPSET
+from mmoe.export.network import quiet_exporter
 from mmoe.export.parity import ParityError, check_parity, generate_rows, torch_outputs
 from mmoe.model.checkpoint import load_run
 from mmoe.model.config import load_config
@@ -172,7 +174,7 @@ def test_file_versions_and_metadata(all_kinds_onnx: Path) -> None:
 
 def test_parity_check_refuses_a_graph_that_differs(tiny_run: Path, tmp_path: Path) -> None:
     run = load_run(tiny_run)
-    from mmoe.export.exporter import assemble
+    from mmoe.export.assemble import assemble
 
     data = assemble(run).SerializeToString()
     cols = generate_rows(run.schema, 64)
@@ -237,3 +239,19 @@ def test_inspect_prints_schema_tasks_and_io(tiny_onnx: Path) -> None:
         "-> probs_ctr ",
     ):
         assert expected in text, expected
+
+
+def test_the_exporter_is_kept_quiet_and_logging_left_as_it_was(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    logger = logging.getLogger("torch.onnx")
+    before = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        with quiet_exporter():
+            print("[torch.onnx] Run decompositions...")
+            assert logger.level == logging.ERROR
+        assert logger.level == logging.INFO
+        assert capsys.readouterr().out == ""
+    finally:
+        logger.setLevel(before)

@@ -1,5 +1,5 @@
 """`mmoe export --int8` prints its own report, not onnxruntime's quantization advice (which does
-not fit these graphs: export/exporter.py says why)."""
+not fit these graphs: export/variants.py says why)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from onnxruntime.quantization import QuantType, quantize_dynamic
 
-from mmoe.export.exporter import PRE_PROCESS_ADVICE
+from mmoe.export.variants import PRE_PROCESS_ADVICE
 
 
 @pytest.mark.slow
@@ -41,6 +41,6 @@ def test_onnxruntime_still_gives_the_advice_the_export_drops(
         )
     messages = [r.getMessage() for r in caplog.records]
     assert any(PRE_PROCESS_ADVICE in m for m in messages), (
-        "onnxruntime's quantizer no longer logs the advice export/exporter.py filters out "
+        "onnxruntime's quantizer no longer logs the advice export/variants.py filters out "
         f"(it logged {messages}): update or remove _skip_pre_process_advice"
     )

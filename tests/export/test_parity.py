@@ -13,7 +13,8 @@ import pyarrow as pa
 import pytest
 import yaml
 
-from mmoe.export.exporter import assemble, export_run
+from mmoe.export.assemble import assemble
+from mmoe.export.exporter import export_run
 from mmoe.export.parity import (
     ParityError,
     check_parity,

@@ -1,10 +1,13 @@
-"""`mmoe data`, `mmoe train` and `mmoe report` through the command line entry point, and the
-generated data sets."""
+"""`mmoe data`, `mmoe train` (also under torchrun) and `mmoe report` through the command line
+entry point, and the generated data sets."""
 
 from __future__ import annotations
 
 import json
+import os
 import struct
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -188,3 +191,22 @@ def test_train_refuses_a_non_empty_out_dir_unless_overwrite(
     assert main([*args, "--overwrite"]) == 0
     assert not (out / "report").exists() and (out / "weights.pt").exists()
     assert main([*args, "--overwrite"]) == 0  # again over its own run: the Makefile's case
+
+
+def test_torchrun_runs_mmoe_train(tiny_data: Path, tmp_path: Path) -> None:
+    """`torchrun -m mmoe train ARGS` is `mmoe train ARGS` in each process (one here: the
+    two-process run is tests/model/test_ddp.py's)."""
+    out = tmp_path / "run"
+    command = [
+        *("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1"),
+        *("-m", "mmoe", "train", "--config", str(TINY_CONFIG), "--data", str(tiny_data)),
+        *("--out", str(out), "train.epochs=1"),
+    ]
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK")}
+    proc = subprocess.run(
+        [sys.executable, *command], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "run written to" in proc.stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["world_size"] == 1 and len(metrics["epochs"]) == 1

@@ -66,7 +66,7 @@ def test_mmoe_outputs_and_gates() -> None:
     torch.manual_seed(0)
     net = MMoE(20, 4, [16, 8], TASKS, gate_units=[6], activation="gelu")
     x = torch.randn(10, 20)
-    out = net(x)
+    out = net(x).logits
     assert {k: tuple(v.shape) for k, v in out.items()} == {
         "ctr": (10, 1),
         "dwell": (10, 1),
@@ -90,7 +90,7 @@ def test_mmoe_task_input_is_the_gated_sum_of_experts() -> None:
     experts = net.experts(x)  # [K, B, H]
     g = net.gate_weights(x)[0]  # [B, K]
     mixed = sum(g[:, k : k + 1] * experts[k] for k in range(3))
-    torch.testing.assert_close(net(x)["a"], net.towers[0](mixed))
+    torch.testing.assert_close(net(x).logits["a"], net.towers[0](mixed))
 
 
 def test_shared_gate_is_omoe_and_one_expert_is_shared_bottom() -> None:
@@ -103,7 +103,7 @@ def test_shared_gate_is_omoe_and_one_expert_is_shared_bottom() -> None:
     assert len(shared_bottom.gates) == 0
     x = torch.randn(5, 8)
     bottom = shared_bottom.experts(x)[0]
-    torch.testing.assert_close(shared_bottom(x)["ctr"], shared_bottom.towers[0](bottom))
+    torch.testing.assert_close(shared_bottom(x).logits["ctr"], shared_bottom.towers[0](bottom))
     with pytest.raises(ValueError, match="gate must be"):
         MMoE(8, 3, [4], TASKS, gate="per_expert")
 
@@ -115,9 +115,9 @@ def test_dropout_and_batch_norm_act_in_training_only() -> None:
     assert nn.Dropout in kinds and nn.BatchNorm1d in kinds
     x = torch.randn(32, 8)
     net.train()
-    assert not torch.allclose(net(x)["a"], net(x)["a"])
+    assert not torch.allclose(net(x).logits["a"], net(x).logits["a"])
     net.eval()
-    torch.testing.assert_close(net(x)["a"], net(x)["a"])
+    torch.testing.assert_close(net(x).logits["a"], net(x).logits["a"])
 
 
 @pytest.mark.parametrize("activation", ["relu", "gelu", "silu", "tanh", "sigmoid", "leaky_relu"])
@@ -125,14 +125,14 @@ def test_activations(activation: str) -> None:
     net = MMoE(4, 2, [3], [TaskHead("a")], activation=activation)
     names = {type(m).__name__.lower() for m in net.modules()}
     assert activation.replace("_", "") in names
-    assert net(torch.randn(2, 4))["a"].shape == (2, 1)
+    assert net(torch.randn(2, 4)).logits["a"].shape == (2, 1)
 
 
 def test_ple_gates_choose_own_and_shared_experts() -> None:
     torch.manual_seed(0)
     net = PLE(10, 2, 3, [8, 4], TASKS[:2], num_layers=2, gate_units=[4])
     x = torch.randn(7, 10)
-    out = net(x)
+    out = net(x).logits
     assert out["ctr"].shape == (7, 1) and out["dwell"].shape == (7, 1)
     own = ["ctr.0", "ctr.1", "ctr.2", "dwell.0", "dwell.1", "dwell.2"]
     assert net.expert_names == [*own, "shared.0", "shared.1"]
@@ -164,7 +164,8 @@ def test_feature_embedding_pools_tags_and_shares_tables() -> None:
         FeatureSpec("price", "numeric"),
     ]
     emb = FeatureEmbedding(specs, {"items": (10, 4)})
-    assert len(emb.tables) == 1 and emb.output_dim == 4 + 4 + 4 + 1
+    assert len(emb.tables) == 1 and emb.layout.width == 4 + 4 + 4 + 1
+    assert emb.layout.columns({"price", "history_sum"}) == [8, 9, 10, 11, 12]
     history = torch.tensor([[3, 5, 0, 0], [0, 0, 0, 0]])
     inputs = {
         "item": torch.tensor([3, 7]),
@@ -187,8 +188,42 @@ def test_ranking_model_with_senet_in_front_of_ple() -> None:
     net = PLE(5, 1, 1, [4], [TaskHead("ctr")])
     model = RankingModel(specs, {"a": (6, 4)}, net, senet_reduction=1)
     assert model.senet is not None and model.tasks == [TaskHead("ctr")]
-    logits, sq = model({"a": torch.tensor([1, 2]), "x": torch.tensor([0.5, 1.0])}, True)
-    assert logits["ctr"].shape == (2, 1) and sq.item() > 0
+    inputs = {"a": torch.tensor([1, 2]), "x": torch.tensor([0.5, 1.0])}
+    out = model(inputs)
+    assert out.logits["ctr"].shape == (2, 1) and out.gates is None
+    assert isinstance(out.penalty, torch.Tensor) and out.penalty.item() > 0
+    with_gates = model.eval()(inputs, gates=True)
+    assert with_gates.gates is not None and with_gates.gates.shape == (1, 2, 2)
+    assert with_gates.penalty == 0  # the embedding penalty is a training term
+
+
+@pytest.mark.parametrize(
+    "module",
+    [
+        ExpertBank(6, 3, [5, 4], batch_norm=True),
+        Gate(6, 3, [4], "relu"),
+        Gate(6, 3, [], "relu"),
+        MMoE(6, 3, [5], TASKS, gate_units=[4]),
+        MMoE(6, 1, [5], TASKS),
+        PLE(6, 2, 2, [5, 4], TASKS[:2], num_layers=2),
+    ],
+    ids=["experts", "gate_mlp", "gate", "mmoe", "shared_bottom", "ple"],
+)
+def test_a_module_from_its_input_layers_is_the_module(module: nn.Module) -> None:
+    """`m(x)` equals `m.from_input_layers([x @ w + b for w, b in m.input_layers()])`: export
+    splits those layers to compute a request's context once."""
+    torch.manual_seed(0)
+    module.eval()
+    x = torch.randn(5, 6)
+    h = [x @ w + b for w, b in module.input_layers()]  # type: ignore[operator]
+    whole, split = module(x), module.from_input_layers(h)  # type: ignore[operator]
+    if isinstance(whole, torch.Tensor):
+        torch.testing.assert_close(split, whole)
+        return
+    for name, logits in whole.logits.items():
+        torch.testing.assert_close(split.logits[name], logits)
+    gated = module.from_input_layers(h, gates=True).gates  # type: ignore[operator]
+    torch.testing.assert_close(gated, module(x, gates=True).gates)
 
 
 def test_task_outputs_are_named_as_in_easyrec() -> None:
@@ -211,13 +246,13 @@ def test_mmoe_learns_two_tasks_in_a_plain_training_loop() -> None:
     net = MMoE(10, 4, [16], [TaskHead("click"), TaskHead("dwell", "regression")])
     opt = torch.optim.Adam(net.parameters(), lr=0.01)
     for _ in range(150):
-        out = net(x)
+        out = net(x).logits
         loss = nn.functional.binary_cross_entropy_with_logits(out["click"][:, 0], y_click)
         loss = loss + nn.functional.mse_loss(out["dwell"][:, 0], y_dwell)
         opt.zero_grad()
         loss.backward()
         opt.step()
-    out = net(x)
+    out = net(x).logits
     accuracy = ((out["click"][:, 0] > 0).float() == y_click).float().mean()
     assert accuracy > 0.9
     assert nn.functional.mse_loss(out["dwell"][:, 0], y_dwell) < 0.2

@@ -192,17 +192,27 @@ def test_chunk_size_changes_neither_split_nor_row_count_when_shuffling(
     assert a["steps_per_epoch"] == b["steps_per_epoch"] == -(-a["train_rows"] // 256)
 
 
-@pytest.mark.parametrize("suffix", [".parquet", ".csv"])
+@pytest.mark.parametrize("suffix", [".parquet", ".csv", "/"])
 def test_data_source_reads_bounded_chunks(tiny_data: Path, tmp_path: Path, suffix: str) -> None:
+    """A Parquet or CSV file, or a directory of Parquet files, in chunks of the rows asked for
+    (across the files of a directory), with only the columns the config reads."""
     from mmoe.model.config import load_config
     from tests.conftest import TINY_CONFIG
 
+    table = pq.read_table(tiny_data)
     path = tmp_path / f"data{suffix}"
-    write_table(pq.read_table(tiny_data), path)
+    if suffix == "/":
+        for i, start in enumerate(range(0, table.num_rows, 2500)):
+            write_table(table.slice(start, 2500), path / f"part-{i}.parquet")
+    else:
+        write_table(table, path)
     source = DataSource(path, load_config(TINY_CONFIG))
-    sizes = [t.num_rows for t in source.batches(1000)]
-    assert sizes == [1000] * 6
+    chunks = list(source.batches(1000))
+    assert [t.num_rows for t in chunks] == [1000] * 6 and source.count_rows() == 6000
     assert "clk" in source.columns and "gender" not in source.columns  # only what is needed
+    assert chunks[0].column_names == source.columns
+    read = pa.concat_tables(chunks)
+    assert read.column("user_id").to_pylist() == table.column("user_id").to_pylist()
 
 
 def test_held_out_rows_do_not_depend_on_chunking() -> None:
