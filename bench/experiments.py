@@ -225,7 +225,9 @@ def items(
     return summary
 
 
-def report(versions_: dict[str, Any], memory_: dict[str, float], items_: dict[str, Any]) -> str:
+def report(
+    versions_: dict[str, Any], memory_: dict[str, float], items_: dict[str, Any] | None
+) -> str:
     lines = ["## Experiments: versions side by side", ""]
     one = versions_["one"]
     lines += [
@@ -240,6 +242,8 @@ def report(versions_: dict[str, Any], memory_: dict[str, float], items_: dict[st
         )
     lines += ["", "| versions loaded | RSS MB |", "|---|---|"]
     lines += [f"| {k} | {v:.0f} |" for k, v in memory_.items()]
+    if items_ is None:
+        return "\n".join(lines) + "\n"
     lines += ["", "## Item features: ids alone against every feature inline", ""]
     inline = items_["inline"]
     lines += ["| | c=8 req/s | vs inline | c=1 p50 ms | vs inline |", "|---|---|---|---|---|"]
@@ -252,4 +256,42 @@ def report(versions_: dict[str, Any], memory_: dict[str, float], items_: dict[st
         )
     sizes = items_["body_bytes"]
     lines += ["", f"Body: {sizes['inline']:.0f} bytes inline, {sizes['ids']:.0f} with ids alone."]
+    return "\n".join(lines) + "\n"
+
+
+def generators(
+    model: Path, bodies: list[bytes], seconds: float, out: Path, concurrency: tuple[int, ...]
+) -> list[dict[str, Any]]:
+    """The service at each concurrency under both load generators, wrk (2 threads) and the
+    built-in asyncio client, one after the other on one server: their p50 and p99 side by
+    side (docs/benchmarks.md says why they may differ)."""
+    rows = []
+    with ServerProc.service(model, None, out / "generators.log") as server:
+        run_load("python", server.port, "/predict", bodies, 8, 2.0, 0.5)  # warm
+        for c in concurrency:
+            for client in ("python", "wrk"):
+                server.wait_idle()
+                r = run_load(client, server.port, "/predict", bodies, c, seconds, 1.0)
+                rows.append(
+                    {
+                        "concurrency": c,
+                        "client": client,
+                        "rps": r.rps,
+                        "p50_ms": r.p50_ms,
+                        "p99_ms": r.p99_ms,
+                        "errors": r.errors,
+                    }
+                )
+    return rows
+
+
+def generators_report(rows: list[dict[str, Any]]) -> str:
+    lines = ["## The two load generators side by side", ""]
+    lines += ["| c | generator | req/s | p50 ms | p99 ms | p99/p50 | errors |"]
+    lines += ["|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r['concurrency']} | {r['client']} | {r['rps']:.0f} | {r['p50_ms']:.1f} | "
+            f"{r['p99_ms']:.1f} | {r['p99_ms'] / r['p50_ms']:.2f} | {r['errors']} |"
+        )
     return "\n".join(lines) + "\n"

@@ -26,6 +26,8 @@ class BenchModel:
     # The same run exported without context declarations (every row recomputes the context, as
     # any other exporter's graph does): the naive floor. None: `onnx` is the only graph.
     naive_onnx: Path | None = None
+    # The item key and the item features (the key's per-item columns), for item-feature runs.
+    items: tuple[str, tuple[str, ...]] | None = None
 
     @property
     def naive(self) -> Path:
@@ -49,6 +51,7 @@ MODELS = {
         _synthetic_ranking,
         200_000,
         Path("models/demo.naive.onnx"),
+        ("item_id", ("category", "price", "tag_brand_list")),
     ),
     "easyrec": BenchModel(
         "easyrec_taobao",
@@ -60,6 +63,7 @@ MODELS = {
         taobao.taobao_like,
         300_000,
         Path("models/easyrec_taobao.naive.onnx"),
+        ("adgroup_id", ("cate_id", "campaign_id", "customer", "brand", "price")),
     ),
 }
 

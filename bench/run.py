@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mmoe.bench import monitoring, paper_census, protocols, report
+from mmoe.bench import experiments, monitoring, paper_census, protocols, report
 from mmoe.bench.floor import Floor, FloorPoint
 from mmoe.bench.load import run_load, wrk_available
 from mmoe.bench.models import MODELS, BenchModel, prepare
@@ -130,6 +130,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "export, and servers with monitoring on and off, interleaved (bench/monitoring.py)",
     )
     p.add_argument(
+        "--experiments",
+        action="store_true",
+        help="also measure versions side by side (A/B, 100%% shadow, memory with 1, 2 and 4 "
+        "versions) and item features (ids alone against every feature inline, file and "
+        "Redis) (bench/experiments.py)",
+    )
+    p.add_argument(
+        "--redis",
+        help="with --experiments: a Redis (redis://host:port/db) for the item-store run",
+    )
+    p.add_argument(
         "--profile",
         action="store_true",
         help="record a py-spy flame graph of each server at 256 candidates, concurrency 8 "
@@ -139,9 +150,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=Path("results"), help="results folder")
     p.set_defaults(func=run)
     # Experiments of their own, run instead of the service benchmark when named.
-    experiments = p.add_subparsers(dest="experiment", metavar="EXPERIMENT")
+    named = p.add_subparsers(dest="experiment", metavar="EXPERIMENT")
     paper_census.add_arguments(
-        experiments.add_parser(
+        named.add_parser(
             "paper-census",
             help="the MMoE paper's census-income experiment (docs/paper_census.md)",
         )
@@ -372,6 +383,35 @@ def bench_model(
     if args.monitoring:
         _say(f"{spec.name}: monitoring")
         result["monitoring"] = monitoring.measure(spec, bodies, floors.context, args, out_dir, _say)
+    n = experiments.CANDIDATES
+    if wrk_available() and not args.quick and n in bodies:
+        _say(f"{spec.name}: the two load generators")
+        result["generators"] = experiments.generators(
+            spec.onnx, bodies[n], args.seconds, out_dir, (32, 64)
+        )
+    if args.experiments and n in bodies:
+        rounds = 1 if args.quick else 2
+        _say(f"{spec.name}: versions side by side")
+        result["experiments"] = {
+            "versions": experiments.versions(
+                spec.onnx, bodies[n], args.client, args.seconds, rounds, out_dir
+            ),
+            "memory": experiments.memory(spec.onnx, out_dir),
+        }
+        key, held = spec.items or ("", ())
+        if key:
+            _say(f"{spec.name}: item features")
+            result["experiments"]["items"] = experiments.items(
+                spec.onnx,
+                bodies[n],
+                key,
+                list(held),
+                args.client,
+                args.seconds,
+                rounds,
+                out_dir,
+                args.redis,
+            )
     # Measured again after the servers: the faster of the two is the floor (the harder one to
     # meet), and the difference shows how much the machine's speed moved during the run.
     _say(f"{spec.name}: floors again")
@@ -459,6 +499,12 @@ def run(args: argparse.Namespace) -> int:
     results["environment"]["load_after"] = _load()
     (out_dir / "results.json").write_text(json.dumps(results, indent=1))
     text = report.markdown(results) + protocols.markdown(results) + monitoring.markdown(results)
+    for model in results["models"]:
+        if "generators" in model:
+            text += "\n" + experiments.generators_report(model["generators"])
+        if "experiments" in model:
+            e = model["experiments"]
+            text += "\n" + experiments.report(e["versions"], e["memory"], e.get("items"))
     (out_dir / "report.md").write_text(text)
     report.plot(results, out_dir / "latency_throughput.png")
     print(text)
