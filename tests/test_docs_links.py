@@ -71,3 +71,10 @@ def test_documents_named_in_code_exist() -> None:
                 if not (ROOT / name).exists():
                     missing.append(f"{path.relative_to(ROOT)}: {name}")
     assert not missing
+
+
+def test_the_architecture_names_files_that_exist() -> None:
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    named = re.findall(r"`((?:contract|service|model|export|bench|mmoe)/[\w/]+\.py)", text)
+    assert len(named) > 20
+    assert [n for n in named if not (ROOT / n).exists()] == []
