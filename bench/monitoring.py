@@ -49,11 +49,13 @@ SERVERS: tuple[tuple[str, bool, dict[str, str]], ...] = (
 
 
 def unmonitored_file(spec: BenchModel, out_dir: Path, say: Callable[[str], None]) -> Path:
-    """The model's run exported with `--no-monitor`, exported now if missing or older than the
-    model file."""
-    known = spec in MODELS.values()
-    folder = spec.onnx.parent if known else out_dir
-    path = folder / f"{spec.onnx.stem}.no-monitor.onnx"
+    """The model's run exported with `--no-monitor`: `<model>.no-monitor.onnx` beside the model
+    file where it is there and newer than the model; else exported now (beside the bench's own
+    models, into `out_dir` for any other)."""
+    beside = spec.onnx.parent / f"{spec.onnx.stem}.no-monitor.onnx"
+    if beside.exists() and beside.stat().st_mtime >= spec.onnx.stat().st_mtime:
+        return beside
+    path = beside if spec in MODELS.values() else out_dir / beside.name
     if not path.exists() or path.stat().st_mtime < spec.onnx.stat().st_mtime:
         from mmoe.export.exporter import export_run
 
@@ -232,7 +234,7 @@ def measure(
     plain = unmonitored_file(spec, out_dir, say)
     files = {False: spec.onnx, True: plain}
     t0 = time.perf_counter()
-    budget = 0.1 if args.quick else 0.5
+    budget = min(0.5, args.seconds / 5)  # 0.1 s with --quick
     graph = [_graph(floor, files, bodies[n][0], budget, say) for n in args.candidates]
     service = [
         _service(files, bodies[n], n, c, args, out_dir, spec.name, say)

@@ -244,7 +244,7 @@ def _measure_server(
     def window(edge: str) -> None:
         edges[edge] = (time.perf_counter(), server.usage())
 
-    budget = 0.05 if args.quick else 0.2
+    budget = min(0.2, args.seconds / 10)  # 0.05 s with --quick
     try:
         for n, c in grid:
             before = floors.point(bodies[n][0], budget)
@@ -334,7 +334,7 @@ def bench_model(
     _say(f"{spec.name}: building request bodies")
     sizes = sorted(set(FLOOR_ROWS) | set(args.candidates))
     bodies = _bodies(spec, sizes, count=2 if args.quick else 8)
-    budget = 0.2 if args.quick else 1.0
+    budget = min(1.0, args.seconds / 2.5)  # 0.2 s with --quick
     _say(f"{spec.name}: floors")
     floors = Floors(spec)
     before = [floors.point(bodies[n][0], budget) for n in FLOOR_ROWS]

@@ -43,6 +43,17 @@ def tiny_onnx(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def tiny_plain_onnx(tiny_run: Path, tiny_onnx: Path) -> Path:
+    """tiny_run exported with --no-monitor, beside tiny_onnx (where `mmoe bench --monitoring`
+    looks for it)."""
+    from mmoe.export.exporter import export_run
+
+    out = tiny_onnx.parent / f"{tiny_onnx.stem}.no-monitor.onnx"
+    export_run(tiny_run, out, parity_rows=64, monitor=False)
+    return out
+
+
 @pytest.fixture
 def start_server(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
     """start_server(model, env={...}, wait_ready=True) -> a running ServerProcess."""

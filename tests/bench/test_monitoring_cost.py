@@ -16,11 +16,24 @@ from mmoe.bench.monitoring import SERVERS, SERVICE_ROUNDS
 
 @pytest.mark.slow
 def test_monitoring_cost_runs_without_errors(
-    tiny_run: Path, tiny_onnx: Path, tiny_data: Path, tmp_path: Path
+    tiny_run: Path, tiny_onnx: Path, tiny_plain_onnx: Path, tiny_data: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "results"
     args = ["--run", str(tiny_run), "--onnx", str(tiny_onnx), "--data", str(tiny_data)]
-    args += ["--context", "user_id,age_level", "--quick", "--client", "python", "--no-baseline"]
+    args += [
+        "--context",
+        "user_id,age_level",
+        "--quick",
+        "--seconds",
+        "0.2",
+        "--warmup",
+        "0.05",
+        "--client",
+        "python",
+        "--no-baseline",
+        "--no-tuned",
+        "--no-flat",
+    ]
     args += ["--monitoring", "--candidates", "16", "--concurrency", "2", "--out", str(out)]
     proc = subprocess.run(
         [sys.executable, "-m", "mmoe", "bench", *args], capture_output=True, text=True, timeout=600
@@ -49,13 +62,9 @@ def test_monitoring_cost_runs_without_errors(
 
 
 def test_a_file_without_monitoring_outputs_is_refused(
-    tiny_run: Path, tiny_data: Path, tmp_path: Path
+    tiny_run: Path, tiny_plain_onnx: Path, tiny_data: Path, tmp_path: Path
 ) -> None:
-    from mmoe.export.exporter import export_run
-
-    plain = tmp_path / "plain.onnx"
-    export_run(tiny_run, plain, monitor=False)
-    args = ["--run", str(tiny_run), "--onnx", str(plain), "--data", str(tiny_data)]
+    args = ["--run", str(tiny_run), "--onnx", str(tiny_plain_onnx), "--data", str(tiny_data)]
     args += ["--quick", "--no-baseline", "--monitoring", "--out", str(tmp_path / "results")]
     proc = subprocess.run(
         [sys.executable, "-m", "mmoe", "bench", *args], capture_output=True, text=True, timeout=600

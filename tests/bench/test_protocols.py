@@ -19,7 +19,20 @@ def test_protocol_comparison_runs_without_errors(
 ) -> None:
     out = tmp_path / "results"
     args = ["--run", str(tiny_run), "--onnx", str(tiny_onnx), "--data", str(tiny_data)]
-    args += ["--context", "user_id,age_level", "--quick", "--client", "python", "--no-baseline"]
+    args += [
+        "--context",
+        "user_id,age_level",
+        "--quick",
+        "--seconds",
+        "0.2",
+        "--warmup",
+        "0.05",
+        "--client",
+        "python",
+        "--no-baseline",
+        "--no-tuned",
+        "--no-flat",
+    ]
     args += ["--protocols", "--candidates", "16,64", "--concurrency", "1,4", "--out", str(out)]
     proc = subprocess.run(
         [sys.executable, "-m", "mmoe", "bench", *args], capture_output=True, text=True, timeout=600

@@ -17,7 +17,19 @@ def test_quick_benchmark_writes_report_and_plot(
 ) -> None:
     out = tmp_path / "results"
     args = ["--run", str(tiny_run), "--onnx", str(tiny_onnx), "--data", str(tiny_data)]
-    args += ["--context", "user_id,age_level", "--quick", "--client", "python", "--out", str(out)]
+    args += [
+        "--context",
+        "user_id,age_level",
+        "--quick",
+        "--seconds",
+        "0.2",
+        "--warmup",
+        "0.05",
+        "--client",
+        "python",
+        "--out",
+        str(out),
+    ]
     proc = subprocess.run(
         [sys.executable, "-m", "mmoe", "bench", *args],
         capture_output=True,

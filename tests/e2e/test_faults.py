@@ -95,7 +95,13 @@ def test_model_directory_missing_at_start_then_created(
     assert httpx.get(server.url + "/livez").status_code == 200
     r = httpx.get(server.url + "/readyz")
     assert r.status_code == 503
-    assert "not found" in r.json()["reason"] and str(model) in r.json()["reason"]
+
+    # Until its first attempt, a worker says only that no model is loaded yet.
+    def says_not_found() -> bool:
+        reason: str = httpx.get(server.url + "/readyz").json()["reason"]
+        return "not found" in reason and str(model) in reason
+
+    wait_until(says_not_found, timeout=10)
     for path in ("/predict", "/v2/models/tiny/infer"):
         r = httpx.post(server.url + path, json=BODY)
         assert r.status_code == 503 and r.headers["retry-after"], (path, r.text)

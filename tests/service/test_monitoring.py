@@ -298,14 +298,9 @@ def test_each_piece_turned_off_removes_its_series(
 @pytest.mark.slow
 def test_a_file_without_monitoring_outputs_is_served_with_scores_watched(
     start_server: Callable[..., ServerProcess],
-    tiny_run: Path,
-    tmp_path: Path,
+    tiny_plain_onnx: Path,
 ) -> None:
-    from mmoe.export.exporter import export_run
-
-    plain = tmp_path / "plain.onnx"
-    export_run(tiny_run, plain, parity_rows=64, monitor=False)
-    server = start_server(plain)
+    server = start_server(tiny_plain_onnx)
     assert httpx.get(f"{server.url}/metadata").json()["monitor"] is None
     body = {"candidates": {"user_id": ["u1", "u2"], "category": ["c1", "c2"]}}
     assert predict(server, body)["n"] == 2
