@@ -87,7 +87,7 @@ def test_a_model_on_the_paper_synthetic_data_exports(tmp_path: Path) -> None:
     """Ma et al.'s data (100 inputs ~ N(0, 1), two regression tasks): refused before parity
     rows were drawn from what training saw ("y_t2 differs by 1.81e-05 (> 1e-05)")."""
     data = tmp_path / "paper.parquet"
-    mmoe("data", "paper-synthetic", "--correlation", "0.5", "--rows", "10000", "--out", str(data))
+    mmoe("data", "paper-synthetic", "--correlation", "0.5", "--rows", "4000", "--out", str(data))
     config = {
         "name": "paper",
         "version": "1",
@@ -97,7 +97,7 @@ def test_a_model_on_the_paper_synthetic_data_exports(tmp_path: Path) -> None:
             {"name": "t2", "label": "y2", "kind": "regression", "tower": [8]},
         ],
         "model": {"experts": 8, "expert_units": [16]},
-        "train": {"batch_size": 128, "epochs": 5, "lr": 0.005, "seed": 2, "progress": False},
+        "train": {"batch_size": 128, "epochs": 3, "lr": 0.005, "seed": 2, "progress": False},
     }
     (tmp_path / "paper.yaml").write_text(yaml.safe_dump(config))
     run = tmp_path / "run"

@@ -48,7 +48,7 @@ def test_easyrec_config_trains_exports_and_serves(pipeline: Path, tmp_path: Path
 
     columns = translate_file(pipeline).config["data"]["columns"]
     data = tmp_path / "taobao.csv"
-    table = write_headerless_csv(data, 6000, columns)
+    table = write_headerless_csv(data, 3000, columns)
     run = tmp_path / "run"
     out = mmoe(
         "train", "--config", str(pipeline), "--data", str(data), "--out", str(run),
