@@ -19,6 +19,7 @@ import json
 import shutil
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -201,7 +202,19 @@ def items(
         }
         if redis_url is not None:
             subprocess.run(
-                ["mmoe", "items", "push", "--data", str(path), "--key", key, "--redis", redis_url],
+                [
+                    sys.executable,
+                    "-m",
+                    "mmoe",
+                    "items",
+                    "push",
+                    "--data",
+                    str(path),
+                    "--key",
+                    key,
+                    "--redis",
+                    redis_url,
+                ],
                 check=True,
                 capture_output=True,
             )
