@@ -72,19 +72,16 @@ def train_step(module: nn.Module, x: torch.Tensor) -> Callable[[], None]:
 
 
 def onnx_session(module: nn.Module, x: torch.Tensor, path: Path) -> ort.InferenceSession:
-    batch = torch.export.Dim("batch", min=1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(
+        torch.onnx.export(  # the exporter export/network.py uses
             module.eval(),
             (x,),
             str(path),
             input_names=["x"],
             output_names=["h"],
-            dynamic_shapes=({0: batch},),
-            dynamo=True,
-            external_data=False,
-            verbose=False,
+            dynamic_axes={"x": {0: "batch"}, "h": {0: "batch"}},
+            dynamo=False,
         )
     so = ort.SessionOptions()
     so.intra_op_num_threads = torch.get_num_threads()
