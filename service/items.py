@@ -106,6 +106,17 @@ class ItemSource(Protocol):
         ...
 
 
+def described(source: ItemSource) -> dict[str, Any]:
+    """What /metadata shows of any item source; each adds its own fields."""
+    return {
+        "source": source.source,
+        "key": source.key,
+        "features": [f.name for f in source.features],
+        "rows": source.rows,
+        "loaded_at": source.loaded_at.isoformat(),
+    }
+
+
 # ------------------------------------------------------------------------ checking columns
 
 # Arrow types by what the contract makes of them.
@@ -520,13 +531,7 @@ class ItemTable:
         return self._signature
 
     def describe(self) -> dict[str, Any]:
-        return {
-            "source": self.source,
-            "key": self.key,
-            "features": [f.name for f in self.features],
-            "rows": self.rows,
-            "loaded_at": self.loaded_at.isoformat(),
-        }
+        return described(self)
 
     def lookup(self, ids: np.ndarray) -> ItemRows:
         """The held features for `ids` (strings): a hash lookup per id, a take per column."""
@@ -820,12 +825,7 @@ class RedisItemStore:
         await self._client.aclose()
 
     def describe(self) -> dict[str, Any]:
-        return {
-            "source": self.source,
-            "key": self.key,
-            "features": [f.name for f in self.features],
-            "rows": self.rows,
-            "loaded_at": self.loaded_at.isoformat(),
+        return described(self) | {
             "pushed_at": self.pushed_at,
             "cache_items": self.cache_items,
             "ttl_s": self.ttl_s,

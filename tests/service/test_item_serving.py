@@ -7,6 +7,7 @@ answer no 5xx."""
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 import time
@@ -53,6 +54,27 @@ def same(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
     assert a.keys() == b.keys()
     for task in a:
         np.testing.assert_allclose(a[task], b[task], rtol=0, atol=1e-5)
+
+
+@contextlib.contextmanager
+def posting(server: ServerProcess, body: dict[str, Any]) -> Iterator[Counter[int]]:
+    """/predict with `body` sent in a closed loop on one connection while the block runs: the
+    count of each status code, complete once the block has left."""
+    stop = threading.Event()
+    outcomes: Counter[int] = Counter()
+
+    def load() -> None:
+        with httpx.Client(timeout=60) as client:
+            while not stop.is_set():
+                outcomes[client.post(f"{server.url}/predict", json=body).status_code] += 1
+
+    thread = threading.Thread(target=load)
+    thread.start()
+    try:
+        yield outcomes
+    finally:
+        stop.set()
+        thread.join()
 
 
 @pytest.fixture(scope="module")
@@ -152,17 +174,7 @@ def test_a_new_table_swaps_in_under_load_and_a_bad_one_is_refused(
     server = start_server(tiny_context_onnx, env=env)
     ids = {"context": CONTEXT, "candidates": {"item_id": ["i1", "i2"]}}
     first = scores(server, ids)
-    stop = threading.Event()
-    outcomes: Counter[int] = Counter()
-
-    def load() -> None:
-        with httpx.Client(timeout=60) as client:
-            while not stop.is_set():
-                outcomes[client.post(f"{server.url}/predict", json=ids).status_code] += 1
-
-    thread = threading.Thread(target=load)
-    thread.start()
-    try:
+    with posting(server, ids) as outcomes:
         write_table(table, {**ITEMS, "price": [99.0, 98.0, 97.0, 96.0]})
         r = httpx.post(f"{server.url}/admin/reload", timeout=120)
         assert r.status_code == 200 and r.json()["items_error"] is None, r.text
@@ -175,9 +187,6 @@ def test_a_new_table_swaps_in_under_load_and_a_bad_one_is_refused(
         same(scores(server, ids), changed)
         server.signal(signal.SIGHUP)  # the same refusal
         time.sleep(0.5)
-    finally:
-        stop.set()
-        thread.join()
     assert set(outcomes) == {200}, outcomes
     meta = httpx.get(f"{server.url}/metadata").json()["items"]
     assert "colour" in meta["error"]
@@ -199,26 +208,13 @@ def test_redis_killed_and_restarted_under_load_answers_no_5xx(
     inline = scores(server, {"context": CONTEXT, "candidates": ITEMS})
     ids = {"context": CONTEXT, "candidates": {"item_id": ITEMS["item_id"]}}
     same(scores(server, ids), inline)
-    stop = threading.Event()
-    outcomes: Counter[int] = Counter()
-
-    def load() -> None:
-        with httpx.Client(timeout=60) as client:
-            while not stop.is_set():
-                outcomes[client.post(f"{server.url}/predict", json=ids).status_code] += 1
-
-    thread = threading.Thread(target=load)
-    thread.start()
-    try:
+    with posting(server, ids) as outcomes:
         time.sleep(0.5)
         redis_server.kill()
         time.sleep(1.0)
         redis_server.start()  # empty: what it held is gone
         mmoe("items", "push", "--data", str(table), "--key", "item_id", "--redis", redis_server.url)
         time.sleep(1.5)
-    finally:
-        stop.set()
-        thread.join()
     assert set(outcomes) == {200}, outcomes
     samples = scrape(server)
     assert value(samples, "mmoe_item_lookups_total", outcome="hit") > 0
