@@ -20,10 +20,19 @@ def free_port() -> int:
 
 
 def process_tree(pid: int) -> list[int]:
-    """`pid` and its descendants (Linux /proc)."""
+    """`pid` and its descendants (Linux /proc). A thread or a process that ends while it is
+    read (a worker's threads come and go) is passed over."""
     out = [pid]
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        for child in (task / "children").read_text().split():
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except FileNotFoundError:
+        return out
+    for task in tasks:
+        try:
+            children = (task / "children").read_text().split()
+        except FileNotFoundError:
+            continue
+        for child in children:
             out += process_tree(int(child))
     return out
 
